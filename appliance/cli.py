@@ -1,0 +1,230 @@
+"""The `appliance` command line.
+
+argparse rather than typer/click: the CLI is started hundreds of times by tests and
+scripts, and the stdlib parser adds no import time and no dependency. Every
+ApplianceError becomes one line on stderr and the error's exit code; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from appliance.errors import ApplianceError, DamageFound
+from appliance.progress import Progress, human_bytes
+from appliance.store import init_store, open_store
+from appliance.store.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    if not args.store:
+        raise ApplianceError("no store given: pass --store DIR or set APPLIANCE_STORE")
+    return Path(args.store)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    config = init_store(_store_path(args), chunk_size=args.chunk_size, compression_level=args.compression_level)
+    print(f"initialised store {args.store} (id {config.store_id}, chunk size {human_bytes(config.chunk_size)})")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from appliance.ingest.backup import backup
+
+    config_files = {suffix: Path(path) for suffix, path in ((".vmx", args.vmx), (".nvram", args.nvram)) if path}
+    with open_store(_store_path(args)) as store, Progress(f"backup {args.vm}") as progress:
+        point = backup(
+            store,
+            args.vm,
+            [Path(d) for d in args.disks],
+            config_files=config_files,
+            parent_ref=args.parent,
+            changed_areas=[Path(c) for c in args.changed_areas] if args.changed_areas else None,
+            progress=progress,
+        )
+    stats = point.stats
+    seconds = max(stats["seconds"], 1e-6)
+    print(
+        f"read {human_bytes(stats['read_bytes'])} in {seconds:.1f}s "
+        f"({human_bytes(stats['read_bytes'] / seconds)}/s), {int(stats['new_chunks'])} new chunks, "
+        f"{human_bytes(stats['new_stored_bytes'])} newly stored",
+        file=sys.stderr,
+    )
+    print(point.id)
+    return 0
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    with open_store(_store_path(args)) as store, store.env.begin() as txn:
+        points = store.catalog.vm_points(txn, args.vm) if args.vm else store.catalog.points(txn)
+    if args.json:
+        print(json.dumps([p.to_json() for p in points], indent=2))
+        return 0
+    print(f"{'VM':<20} {'POINT':<22} {'CREATED (UTC)':<20} {'DISKS':>5} {'SIZE':>10}  PARENT")
+    for p in points:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created))
+        size = human_bytes(sum(d.size for d in p.disks))
+        print(f"{p.vm:<20} {p.id:<22} {created:<20} {len(p.disks):>5} {size:>10}  {p.parent or '-'}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from appliance.restore import restore_disk
+
+    with open_store(_store_path(args)) as store:
+        with store.env.begin() as txn:
+            point = store.catalog.resolve(txn, args.vm, args.point)
+        with Progress(f"restore {args.vm} disk {args.disk}") as progress:
+            restore_disk(store, point, args.disk, Path(args.output), overwrite=args.force, progress=progress)
+    print(f"restored {args.vm} point {point.id} disk {args.disk} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from appliance.store.verify import MAX_LISTED_PROBLEMS, verify
+
+    with open_store(_store_path(args)) as store, Progress("verify") as progress:
+        report = verify(store, full=args.full, progress=progress)
+    for problem in report.problems[:MAX_LISTED_PROBLEMS]:
+        print(f"damage: {problem}", file=sys.stderr)
+    summary = (
+        f"{report.packs} packs, {report.records} records, {report.chunks} chunks, "
+        f"{report.map_entries} map entries checked"
+    )
+    if report.problems:
+        raise DamageFound(f"store {args.store} is damaged: {len(report.problems)} problems ({summary})")
+    print(f"store {args.store} is sound: {summary}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from appliance.store.gc import prune
+
+    with open_store(_store_path(args)) as store:
+        removed, report = prune(store, args.vm, args.keep_last)
+    for point in removed:
+        print(f"removed {point.vm} {point.id}")
+    print(
+        f"gc: {report.removed_chunks} chunks dropped, {report.repacked_packs} packs repacked, "
+        f"{report.deleted_packs} packs deleted, {human_bytes(report.reclaimed_bytes)} reclaimed"
+        + (f", {report.deferred_packs} packs deferred (readers active)" if report.deferred_packs else "")
+    )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from appliance.store.gc import collect_garbage
+
+    with open_store(_store_path(args)) as store:
+        report = collect_garbage(store)
+    print(json.dumps(dataclasses.asdict(report)))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from appliance.store.stats import store_statistics
+
+    with open_store(_store_path(args)) as store:
+        stats = store_statistics(store)
+    if args.json:
+        print(json.dumps(stats.to_json(), indent=2))
+        return 0
+    rows = [
+        ("VMs", str(stats.vms)),
+        ("restore points", str(stats.points)),
+        ("logical bytes", human_bytes(stats.logical_bytes)),
+        ("referenced bytes", human_bytes(stats.referenced_bytes)),
+        ("unique chunk bytes", human_bytes(stats.unique_bytes)),
+        ("stored bytes", human_bytes(stats.stored_bytes)),
+        ("chunks", str(stats.chunks)),
+        ("packs", str(stats.packs)),
+        ("dedup ratio", f"{stats.dedup_ratio:.2f}x"),
+        ("compression ratio", f"{stats.compression_ratio:.2f}x"),
+        ("logical / stored", f"{stats.total_ratio:.2f}x"),
+    ]
+    for name, value in rows:
+        print(f"{name:<20} {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Instant-recovery NFS datastore appliance")
+    parser.add_argument("--store", default=os.environ.get("APPLIANCE_STORE"), help="store directory")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("init", cmd_init, "create an empty store")
+    sub.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes, power of two")
+    sub.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, help="zstd level")
+
+    sub = command("backup", cmd_backup, "ingest disk images as a new restore point")
+    sub.add_argument("--vm", required=True)
+    sub.add_argument("--vmx", help="the VM's .vmx file to keep with the point")
+    sub.add_argument("--nvram", help="the VM's .nvram file to keep with the point")
+    sub.add_argument("--parent", help="parent point (id, prefix or latest) for an incremental backup")
+    sub.add_argument("--changed-areas", action="append", help="changed-areas JSON, one per disk, in disk order")
+    sub.add_argument("disks", nargs="+", metavar="DISK", help="raw image, VMDK descriptor or sparse VMDK")
+
+    sub = command("points", cmd_points, "list restore points")
+    sub.add_argument("--vm")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("restore", cmd_restore, "write a disk of a restore point to a sparse file")
+    sub.add_argument("--vm", required=True)
+    sub.add_argument("--point", required=True, help="point id, unique prefix, or latest")
+    sub.add_argument("--disk", type=int, default=0)
+    sub.add_argument("--output", required=True)
+    sub.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    sub = command("verify", cmd_verify, "check every record checksum and every reference")
+    sub.add_argument("--full", action="store_true", help="also decompress and re-hash every chunk")
+
+    sub = command("prune", cmd_prune, "keep the newest N points of a VM, then collect garbage")
+    sub.add_argument("--vm", required=True)
+    sub.add_argument("--keep-last", type=int, required=True)
+
+    command("gc", cmd_gc, "reclaim space of chunks no restore point references")
+
+    sub = command("stats", cmd_stats, "space used, dedup and compression ratios")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("demo", cmd_demo, "generate a disk image, back it up, list, restore and compare")
+    sub.add_argument("--dir", help="work directory (default: a new temporary directory)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ApplianceError as exc:
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"appliance: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("appliance: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The appliance's one exception hierarchy.
+
+Every error an operator can cause or meet carries a complete, one-line message
+(naming the store, VM, restore point, path or offset involved) and the exit code
+the CLI returns for it, so the CLI never has to guess and never prints a traceback.
+Protocol adapters (FUSE, NFS) map these classes to errno / nfsstat3 in one place.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance reports to a user."""
+
+    exit_code: int = 1
+
+
+class UsageError(ApplianceError):
+    """The command line or an argument value is wrong."""
+
+    exit_code = 2
+
+
+class StoreError(ApplianceError):
+    """The store is missing, not initialised, of another version, or busy."""
+
+
+class StoreBusy(StoreError):
+    """Another process holds the lock this operation needs."""
+
+    exit_code = 75
+
+
+class NotFound(ApplianceError):
+    """An unknown VM, restore point or disk was named."""
+
+
+class InvalidName(ApplianceError):
+    """A VM or session name that cannot be a single path component."""
+
+    exit_code = 2
+
+
+class SourceError(ApplianceError):
+    """A disk image given to ingest is unreadable, truncated or malformed."""
+
+
+class ChangedAreasError(ApplianceError):
+    """A changed-areas file is malformed or names ranges outside its disk."""
+
+
+class IntegrityError(ApplianceError):
+    """Stored bytes fail their checksum or a reference points at nothing.
+
+    Readers must never see wrong bytes: this error replaces them.
+    """
+
+    exit_code = 3
+
+
+class DamageFound(ApplianceError):
+    """`verify` found damage; the message summarises it."""

@@ -1,0 +1,1 @@
+"""Ingest: reading disk images (raw, VMDK flat/sparse/streamOptimized) into the store."""

@@ -1,0 +1,240 @@
+"""Ingest: disk images in, one atomic restore point out.
+
+The pipeline per disk: the calling thread reads chunk-size slots in disk order and
+hands them to a worker pool that detects zeros, hashes (BLAKE3) and, for chunks the
+store does not hold yet, compresses (zstd); both release the GIL. Results come back in
+order and new chunks are appended to a pack being written.
+
+Atomicity: packs are written under temporary names and sealed (fsync + rename) before
+the single LMDB transaction that adds their chunks, the packs and the restore point.
+A crash or an error before that commit leaves no trace in the index; sealed packs of
+the failed ingest are deleted at once, or by the next GC if the process died.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import zstandard
+
+from appliance.errors import SourceError, UsageError
+from appliance.ingest.changed_areas import chunks_touched, load_changed_areas
+from appliance.ingest.sources import DiskSource, open_source
+from appliance.names import check_name
+from appliance.store import formats
+from appliance.store.catalog import DiskInfo, RestorePoint, disk_name, new_point_id
+from appliance.store.index import ChunkLocation
+from appliance.store.repository import Store
+from appliance.store.writer import PackSink
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Processed:
+    """A worker's verdict on one slot: its id, and the record when it must be stored."""
+
+    index: int
+    cid: bytes
+    record: bytes | None
+
+
+class _ChunkProcessor:
+    """Zero check, hash and compress one slot; runs in worker threads."""
+
+    def __init__(self, store: Store, chunk_size: int, pending: dict[bytes, ChunkLocation]) -> None:
+        self._store = store
+        self._zeros = bytes(chunk_size)
+        self._pending = pending
+        self._level = store.config.compression_level
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(
+                level=self._level, write_content_size=True
+            )
+        return compressor
+
+    def _known(self, cid: bytes) -> bool:
+        if cid in self._pending:
+            return True
+        with self._store.env.begin() as txn:
+            return self._store.index.lookup(txn, cid) is not None
+
+    def __call__(self, index: int, data: bytes) -> _Processed:
+        if data == self._zeros[: len(data)]:
+            return _Processed(index, formats.ZERO_CHUNK_ID, None)
+        cid = formats.chunk_id(data)
+        if self._known(cid):
+            return _Processed(index, cid, None)
+        compressed = self._compressor().compress(data)
+        if len(compressed) < len(data):
+            return _Processed(index, cid, formats.encode_record(cid, formats.COMPRESSION_ZSTD, compressed, len(data)))
+        return _Processed(index, cid, formats.encode_record(cid, formats.COMPRESSION_NONE, data, len(data)))
+
+
+def _ingest_disk(
+    source: DiskSource,
+    slots: list[int],
+    chunk_map: bytearray,
+    chunk_size: int,
+    pool: ThreadPoolExecutor,
+    depth: int,
+    process: _ChunkProcessor,
+    sink: PackSink,
+    progress: Callable[[int], None],
+) -> None:
+    """Read `slots` of `source`, filling `chunk_map` and storing new chunks in `sink`."""
+    window: deque[Future[_Processed]] = deque()
+
+    def drain_one() -> None:
+        done = window.popleft().result()
+        slot = done.index * formats.CHUNK_ID_SIZE
+        chunk_map[slot : slot + formats.CHUNK_ID_SIZE] = done.cid
+        if done.record is not None and done.cid not in sink.locations:
+            raw_length = min(chunk_size, source.size - done.index * chunk_size)
+            sink.add(done.cid, done.record, raw_length)
+
+    for index in slots:
+        offset = index * chunk_size
+        length = min(chunk_size, source.size - offset)
+        if source.is_unallocated(offset, length):
+            chunk_map[index * formats.CHUNK_ID_SIZE : (index + 1) * formats.CHUNK_ID_SIZE] = formats.ZERO_CHUNK_ID
+        else:
+            window.append(pool.submit(process, index, source.read(offset, length)))
+            if len(window) >= depth:
+                drain_one()
+        progress(length)
+    while window:
+        drain_one()
+
+
+def _slots_to_read(
+    source: DiskSource,
+    chunk_size: int,
+    parent_map: bytes | None,
+    parent_size: int,
+    changed: list[tuple[int, int]] | None,
+) -> tuple[bytearray, list[int]]:
+    """The new disk's map pre-filled from the parent, and the slots that must be read."""
+    count = -(-source.size // chunk_size)
+    chunk_map = bytearray(count * formats.CHUNK_ID_SIZE)
+    if parent_map is None or changed is None:
+        return chunk_map, list(range(count))
+    inherited = min(count, parent_size // chunk_size)  # whole chunks the parent has
+    chunk_map[: inherited * formats.CHUNK_ID_SIZE] = parent_map[: inherited * formats.CHUNK_ID_SIZE]
+    touched = chunks_touched(changed, chunk_size) | set(range(inherited, count))
+    return chunk_map, sorted(touched)
+
+
+def _read_config_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SourceError(f"cannot read VM config file {path}: {exc.strerror}") from None
+
+
+def backup(
+    store: Store,
+    vm: str,
+    disks: list[Path],
+    config_files: dict[str, Path] | None = None,
+    parent_ref: str | None = None,
+    changed_areas: list[Path] | None = None,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> RestorePoint:
+    """Ingest `disks` as a new restore point of `vm`; returns it once committed."""
+    check_name("VM", vm)
+    if not disks:
+        raise UsageError("backup needs at least one disk image")
+    if changed_areas and parent_ref is None:
+        raise UsageError("--changed-areas needs --parent")
+    if changed_areas is not None and len(changed_areas) != len(disks):
+        raise UsageError(f"got {len(changed_areas)} --changed-areas files for {len(disks)} disks; give one per disk")
+    chunk_size = store.config.chunk_size
+    started = time.monotonic()
+    with store.writer_lock():
+        parent = None
+        if parent_ref is not None:
+            with store.env.begin() as txn:
+                parent = store.catalog.resolve(txn, vm, parent_ref)
+        files = {f"{vm}{suffix}": _read_config_file(path) for suffix, path in (config_files or {}).items()}
+        sources: list[DiskSource] = []
+        try:
+            for path in disks:
+                sources.append(open_source(str(path)))
+            plans = []
+            for number, source in enumerate(sources):
+                parent_map, parent_size, changed = None, 0, None
+                if parent is not None and number < len(parent.disks):
+                    with store.env.begin() as txn:
+                        parent_map = store.catalog.chunk_map(txn, parent, number)
+                    parent_size = parent.disks[number].size
+                    if changed_areas is not None:
+                        changed = load_changed_areas(changed_areas[number], source.size)
+                plans.append(_slots_to_read(source, chunk_size, parent_map, parent_size, changed))
+            if parent is not None:
+                for name in parent.files:
+                    if name not in files:
+                        with store.env.begin() as txn:
+                            files[name] = store.catalog.file(txn, parent, name)
+            total = sum(len(slots) for _, slots in plans) * chunk_size
+            done = 0
+
+            def advance(length: int) -> None:
+                nonlocal done
+                done += length
+                if progress is not None:
+                    progress(done, total)
+
+            sink = PackSink(store)
+            processor = _ChunkProcessor(store, chunk_size, sink.locations)
+            try:
+                workers = workers or os.cpu_count() or 2
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    for source, (chunk_map, slots) in zip(sources, plans):
+                        _ingest_disk(
+                            source, slots, chunk_map, chunk_size, pool, 2 * (workers + 1), processor, sink, advance
+                        )
+                sink.seal()
+                now = time.time()
+                point = RestorePoint(
+                    id=new_point_id(now),
+                    vm=vm,
+                    created=now,
+                    parent=parent.id if parent else None,
+                    disks=tuple(
+                        DiskInfo(disk_name(vm, n), s.size, s.format, len(m) // formats.CHUNK_ID_SIZE)
+                        for n, (s, (m, _)) in enumerate(zip(sources, plans))
+                    ),
+                    files=tuple(sorted(files)),
+                    stats={
+                        "read_bytes": float(done),
+                        "new_chunks": float(len(sink.locations)),
+                        "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+                with store.env.begin(write=True) as txn:
+                    for info in sink.sealed:
+                        store.index.add_pack(txn, info)
+                    for cid, location in sink.locations.items():
+                        store.index.add(txn, cid, location)
+                    store.catalog.add_point(txn, point, [bytes(m) for m, _ in plans], files)
+                return point
+            except BaseException:
+                sink.discard()
+                raise
+        finally:
+            for source in sources:
+                source.close()

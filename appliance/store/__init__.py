@@ -1,0 +1,41 @@
+"""The deduplicated, compressed, checksummed chunk store and its catalog.
+
+Formats (all defined in `formats`): a store directory holds a `config` file (magic,
+version, JSON settings), an LMDB environment `index/`, and immutable pack files
+`packs/XX/<id>.pack` of checksummed records. Chunks are fixed-size slots of a disk
+aligned to disk offsets (1 MiB by default, set at `init`), identified by BLAKE3-256 of
+their bytes; all-zero slots are never stored. See `formats` for byte layouts.
+
+Module map: `repository` (open/init/locks), `packs` (pack files behind a backend
+interface), `writer` (new packs for one operation), `index` (chunk -> pack location),
+`catalog` (VMs, points, chunk maps), `chunks` (verified loads), `cache` + `reader`
+(the read path), `gc` (prune + garbage collection), `verify`, `stats`.
+
+Which lock or transaction guards what:
+
+=========================  ===============================================================
+guard                      protects
+=========================  ===============================================================
+write.lock (flock EX)      one writer at a time: backup, prune, gc. GC's mark phase relies
+                           on it: no ingest can add a reference to a chunk being dropped.
+gc.lock (flock SH)         held by every reader of packs (restore, verify, serve) while it
+                           may open a pack.
+gc.lock (flock EX, try)    GC deleting pack files; if readers hold it, deletion is deferred
+                           to the next GC (the files are already unlisted, so harmless).
+one LMDB write txn         an ingest's commit: its packs, chunk locations and restore point
+                           appear together or not at all; GC's relocation + drop likewise.
+LMDB read txn (snapshot)   readers see a consistent catalog + index while writers commit.
+fsync before commit        pack data and the directory entry are durable before any LMDB
+                           transaction references them (`PackWriter.seal`).
+=========================  ===============================================================
+
+Garbage collection is described in `gc`; crash behaviour: an interrupted ingest leaves
+only temporary or unlisted packs, which no reader can see and the next GC deletes.
+"""
+
+from appliance.store.catalog import DiskInfo as DiskInfo
+from appliance.store.catalog import RestorePoint as RestorePoint
+from appliance.store.reader import ReadPath as ReadPath
+from appliance.store.repository import Store as Store
+from appliance.store.repository import init_store as init_store
+from appliance.store.repository import open_store as open_store

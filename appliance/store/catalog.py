@@ -1,0 +1,179 @@
+"""The catalog: VMs, their restore points, each disk's chunk map, and VM config files.
+
+A chunk map is the list of chunk IDs of a disk, one per chunk-size slot from offset 0;
+an all-zero slot is `ZERO_CHUNK_ID`. Maps are stored whole (32 bytes per chunk: 32 KiB
+per GiB of disk at 1 MiB chunks), so a point never depends on its parent's map and
+pruning a parent never breaks a child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import lmdb
+
+from appliance.errors import NotFound
+from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
+
+_DISK_KEY = struct.Struct(">H")
+
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    """One disk of a restore point."""
+
+    name: str  # ESXi-style: "<vm>" for disk 0, "<vm>_N" after
+    size: int  # bytes
+    source_format: str  # raw | vmdk-flat | vmdk-sparse | vmdk-stream
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePoint:
+    id: str
+    vm: str
+    created: float  # UNIX time, seconds
+    parent: str | None
+    disks: tuple[DiskInfo, ...]
+    files: tuple[str, ...] = ()  # names of stored VM config files (.vmx, .nvram)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        doc = asdict(self)
+        doc["created_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> "RestorePoint":
+        disks = tuple(DiskInfo(**d) for d in doc["disks"])  # type: ignore[arg-type, union-attr]
+        return cls(
+            id=str(doc["id"]),
+            vm=str(doc["vm"]),
+            created=float(doc["created"]),  # type: ignore[arg-type]
+            parent=doc.get("parent"),  # type: ignore[arg-type]
+            disks=disks,
+            files=tuple(doc.get("files", ())),  # type: ignore[arg-type]
+            stats=dict(doc.get("stats", {})),  # type: ignore[arg-type]
+        )
+
+
+def new_point_id(now: float) -> str:
+    """Time-ordered, human-readable, unique enough: 20261122T032050Z-3fa1."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + os.urandom(2).hex()
+
+
+def disk_name(vm: str, index: int) -> str:
+    return vm if index == 0 else f"{vm}_{index}"
+
+
+class Catalog:
+    """Typed access to the `vms`, `points`, `maps` and `files` tables."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self._vms = env.open_db(b"vms")
+        self._points = env.open_db(b"points")
+        self._maps = env.open_db(b"maps")
+        self._files = env.open_db(b"files")
+
+    def add_point(
+        self,
+        txn: lmdb.Transaction,
+        point: RestorePoint,
+        maps: list[bytes],
+        files: dict[str, bytes],
+    ) -> None:
+        vm_key = point.vm.encode()
+        if txn.get(vm_key, db=self._vms) is None:
+            txn.put(vm_key, json.dumps({"created": point.created}).encode(), db=self._vms)
+        key = point.id.encode()
+        txn.put(key, json.dumps(point.to_json()).encode(), db=self._points, overwrite=False)
+        for index, chunk_map in enumerate(maps):
+            txn.put(key + b"/" + _DISK_KEY.pack(index), chunk_map, db=self._maps)
+        for name, data in files.items():
+            txn.put(key + b"/" + name.encode(), data, db=self._files)
+
+    def delete_point(self, txn: lmdb.Transaction, point: RestorePoint) -> None:
+        key = point.id.encode()
+        txn.delete(key, db=self._points)
+        for index in range(len(point.disks)):
+            txn.delete(key + b"/" + _DISK_KEY.pack(index), db=self._maps)
+        for name in point.files:
+            txn.delete(key + b"/" + name.encode(), db=self._files)
+
+    def vms(self, txn: lmdb.Transaction) -> list[str]:
+        with txn.cursor(db=self._vms) as cursor:
+            return [bytes(key).decode() for key in cursor.iternext(keys=True, values=False)]
+
+    def points(self, txn: lmdb.Transaction, vm: str | None = None) -> list[RestorePoint]:
+        """Restore points, oldest first (optionally of one VM)."""
+        with txn.cursor(db=self._points) as cursor:
+            found = [RestorePoint.from_json(json.loads(value)) for _, value in cursor]
+        if vm is not None:
+            found = [p for p in found if p.vm == vm]
+        return sorted(found, key=lambda p: (p.created, p.id))
+
+    def vm_points(self, txn: lmdb.Transaction, vm: str) -> list[RestorePoint]:
+        """A known VM's points, oldest first; NotFound for a VM never backed up."""
+        if txn.get(vm.encode(), db=self._vms) is None:
+            raise NotFound(f"unknown VM {vm!r}")
+        return self.points(txn, vm)
+
+    def get_point(self, txn: lmdb.Transaction, point_id: str) -> RestorePoint:
+        raw = txn.get(point_id.encode(), db=self._points)
+        if raw is None:
+            raise NotFound(f"unknown restore point {point_id!r}")
+        return RestorePoint.from_json(json.loads(raw))
+
+    def resolve(self, txn: lmdb.Transaction, vm: str, ref: str) -> RestorePoint:
+        """Find a VM's point by exact id, unique id prefix, or `latest`."""
+        points = self.vm_points(txn, vm)
+        if ref == "latest":
+            if not points:
+                raise NotFound(f"VM {vm!r} has no restore points")
+            return points[-1]
+        matches = [p for p in points if p.id == ref] or [p for p in points if p.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFound(f"VM {vm!r} has no restore point {ref!r}")
+        raise NotFound(f"restore point prefix {ref!r} of VM {vm!r} is ambiguous ({len(matches)} matches)")
+
+    def chunk_map(self, txn: lmdb.Transaction, point: RestorePoint, disk: int) -> bytes:
+        if not 0 <= disk < len(point.disks):
+            raise NotFound(f"restore point {point.id} of VM {point.vm!r} has no disk {disk}")
+        raw = txn.get(point.id.encode() + b"/" + _DISK_KEY.pack(disk), db=self._maps)
+        if raw is None:
+            raise NotFound(f"restore point {point.id} has no chunk map for disk {disk}")
+        return bytes(raw)
+
+    def file(self, txn: lmdb.Transaction, point: RestorePoint, name: str) -> bytes:
+        raw = txn.get(point.id.encode() + b"/" + name.encode(), db=self._files)
+        if raw is None:
+            raise NotFound(f"restore point {point.id} has no file {name!r}")
+        return bytes(raw)
+
+    def chunk_maps(self, txn: lmdb.Transaction) -> Iterator[tuple[str, int, bytes]]:
+        """Every (point id, disk index, map) in the store."""
+        with txn.cursor(db=self._maps) as cursor:
+            for key, value in cursor:
+                key = bytes(key)
+                point_id, disk = key[: -_DISK_KEY.size - 1], key[-_DISK_KEY.size :]
+                yield point_id.decode(), _DISK_KEY.unpack(disk)[0], bytes(value)
+
+
+def map_entries(chunk_map: bytes) -> Iterator[bytes]:
+    """The chunk IDs of a map, in disk order."""
+    for start in range(0, len(chunk_map), CHUNK_ID_SIZE):
+        yield chunk_map[start : start + CHUNK_ID_SIZE]
+
+
+def referenced_chunks(chunk_map: bytes) -> set[bytes]:
+    """The distinct stored chunk IDs a map refers to (zero slots excluded)."""
+    found = set(map_entries(chunk_map))
+    found.discard(ZERO_CHUNK_ID)
+    return found

@@ -1,0 +1,176 @@
+"""Pack files behind a small storage-backend interface.
+
+A pack is written once, front to back, under a temporary name; `seal` fsyncs it,
+renames it into place and fsyncs the directory. Only sealed packs are ever referenced
+by the index, so a crash mid-write leaves at most a temporary file that GC removes.
+Sealed packs are immutable until GC deletes them whole.
+
+Today the backend is a local directory; the interface is what an S3-compatible object
+store would implement later (put a sealed pack, read a byte range, list, delete).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from appliance.errors import IntegrityError, StoreError
+from appliance.store import formats
+
+
+class PackBackend(Protocol):
+    """Where sealed packs live."""
+
+    def open_writer(self, pack_id: int) -> "PackWriter": ...
+    def read_range(self, pack_id: int, offset: int, length: int) -> bytes: ...
+    def pack_size(self, pack_id: int) -> int: ...
+    def list_packs(self) -> Iterator[int]: ...
+    def list_unsealed(self) -> Iterator[Path]: ...
+    def delete(self, pack_id: int) -> None: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PackWriter:
+    """Appends records to a new pack; nothing is visible until `seal`."""
+
+    def __init__(self, temp_path: Path, final_path: Path, pack_id: int) -> None:
+        self.pack_id = pack_id
+        self._temp_path = temp_path
+        self._final_path = final_path
+        self._file = open(temp_path, "xb", buffering=0)
+        self._size = 0
+        self._write(formats.encode_pack_header(pack_id))
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            assert written is not None
+            view = view[written:]
+        self._size += len(data)
+
+    def append(self, record: bytes) -> int:
+        """Append one encoded record; returns its offset in the pack."""
+        offset = self._size
+        self._write(record)
+        return offset
+
+    def seal(self) -> int:
+        """Make the pack durable under its final name; returns its size."""
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self._temp_path, self._final_path)
+        _fsync_dir(self._final_path.parent)
+        return self._size
+
+    def abandon(self) -> None:
+        """Drop an unsealed pack (ingest failed before commit)."""
+        self._file.close()
+        self._temp_path.unlink(missing_ok=True)
+
+
+class LocalPackDirectory:
+    """Packs as files under `root/XX/<id:016x>.pack`, temporaries under `root/tmp`.
+
+    Bytes only: checking headers and records is the caller's job (ChunkLoader, verify).
+
+    Read file descriptors are cached (bounded) and shared by threads: `os.pread`
+    needs no seek, so one descriptor serves concurrent readers.
+    """
+
+    MAX_OPEN_FILES = 128
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._temp_dir = root / "tmp"
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def path_of(self, pack_id: int) -> Path:
+        name = f"{pack_id:016x}"
+        return self.root / name[-2:] / f"{name}.pack"
+
+    def open_writer(self, pack_id: int) -> PackWriter:
+        self._temp_dir.mkdir(parents=True, exist_ok=True)
+        return PackWriter(self._temp_dir / f"{pack_id:016x}.pack.tmp", self.path_of(pack_id), pack_id)
+
+    def _fd(self, pack_id: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack_id)
+            if fd is not None:
+                self._fds.move_to_end(pack_id)
+                return fd
+        path = self.path_of(pack_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise IntegrityError(f"pack {path} is missing") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open pack {path}: {exc.strerror}") from None
+        with self._lock:
+            existing = self._fds.get(pack_id)
+            if existing is not None:
+                os.close(fd)
+                return existing
+            self._fds[pack_id] = fd
+            while len(self._fds) > self.MAX_OPEN_FILES:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+        return fd
+
+    def read_range(self, pack_id: int, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd(pack_id), length, offset)
+        if len(data) != length:
+            raise IntegrityError(
+                f"pack {self.path_of(pack_id)} is truncated: wanted {length} bytes at offset {offset}"
+            )
+        return data
+
+    def pack_size(self, pack_id: int) -> int:
+        try:
+            return self.path_of(pack_id).stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"pack {self.path_of(pack_id)} is missing") from None
+
+    def list_packs(self) -> Iterator[int]:
+        for fan in sorted(self.root.iterdir()):
+            if fan.is_dir() and fan.name != "tmp":
+                for path in sorted(fan.glob("*.pack")):
+                    yield int(path.stem, 16)
+
+    def list_unsealed(self) -> Iterator[Path]:
+        if self._temp_dir.is_dir():
+            yield from sorted(self._temp_dir.iterdir())
+
+    def _forget(self, pack_id: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(pack_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def delete(self, pack_id: int) -> None:
+        self._forget(pack_id)
+        path = self.path_of(pack_id)
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), OrderedDict()
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,160 @@
+"""The read path: bytes of a restore point's disk, synthesized from chunks.
+
+`ReadPath.read(point, disk, offset, length)` is what the FUSE and NFS fronts call
+(from worker threads: it blocks on I/O and decompression). Decompressed chunks are
+kept in a bounded cache shared by all points, so chunks that many points or VMs share
+are decompressed once. A disk read sequentially gets read-ahead: the next chunks are
+fetched and decompressed by a small thread pool while the caller consumes the current
+one; zstd and pread release the GIL, so this uses every core.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from appliance.errors import IntegrityError
+from appliance.store.cache import ChunkCache, MemoryChunkCache
+from appliance.store.catalog import RestorePoint
+from appliance.store.chunks import ChunkLoader
+from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
+from appliance.store.repository import Store
+
+DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_READAHEAD_BYTES = 16 << 20
+
+
+class DiskReader:
+    """Reads one disk of one restore point; safe to share between threads."""
+
+    def __init__(self, path: "ReadPath", point: RestorePoint, disk: int, chunk_map: bytes) -> None:
+        self.point = point
+        self.disk = disk
+        self.size = point.disks[disk].size
+        self._path = path
+        self._map = chunk_map
+        self._chunk_size = path.chunk_size
+        self._next_offset = -1
+
+    def chunk_id_at(self, index: int) -> bytes:
+        return self._map[index * CHUNK_ID_SIZE : (index + 1) * CHUNK_ID_SIZE]
+
+    def chunk_length(self, index: int) -> int:
+        return min(self._chunk_size, self.size - index * self._chunk_size)
+
+    def _chunk(self, index: int) -> bytes:
+        cid = self.chunk_id_at(index)
+        if cid == ZERO_CHUNK_ID:
+            return self._path.zeros(self.chunk_length(index))
+        try:
+            return self._path.fetch(cid)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"restore point {self.point.id} of VM {self.point.vm!r}, disk {self.disk}, "
+                f"offset {index * self._chunk_size}: {exc}"
+            ) from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`; short only at the end of the disk."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset {offset} or length {length}")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self._chunk_size, (end - 1) // self._chunk_size
+        if offset == self._next_offset:
+            self._path.prefetch(self, last + 1)
+        self._next_offset = end
+        if first == last:
+            start = offset - first * self._chunk_size
+            chunk = self._chunk(first)
+            return chunk if start == 0 and end - offset == len(chunk) else chunk[start : start + end - offset]
+        parts = []
+        for index in range(first, last + 1):
+            base = index * self._chunk_size
+            chunk = self._chunk(index)
+            parts.append(chunk[max(offset, base) - base : min(end, base + len(chunk)) - base])
+        return b"".join(parts)
+
+
+class ReadPath:
+    """Shared cache, read-ahead pool and open disk readers of one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        cache: ChunkCache | None = None,
+        readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+        workers: int = 2,
+    ) -> None:
+        self.store = store
+        self.chunk_size = store.config.chunk_size
+        self.cache: ChunkCache = cache if cache is not None else MemoryChunkCache(DEFAULT_CACHE_BYTES)
+        self._loader = ChunkLoader(store)
+        self._readahead_chunks = max(1, readahead_bytes // self.chunk_size)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="readahead")
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._lock = threading.Lock()
+        self._readers: dict[tuple[str, int], DiskReader] = {}
+        self._zeros = bytes(self.chunk_size)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ReadPath":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def zeros(self, length: int) -> bytes:
+        return self._zeros if length == self.chunk_size else bytes(length)
+
+    def disk(self, point: RestorePoint, disk: int) -> DiskReader:
+        key = (point.id, disk)
+        with self._lock:
+            reader = self._readers.get(key)
+        if reader is None:
+            with self.store.env.begin() as txn:
+                chunk_map = self.store.catalog.chunk_map(txn, point, disk)
+            reader = DiskReader(self, point, disk, chunk_map)
+            with self._lock:
+                reader = self._readers.setdefault(key, reader)
+        return reader
+
+    def read(self, point: RestorePoint, disk: int, offset: int, length: int) -> bytes:
+        return self.disk(point, disk).read(offset, length)
+
+    def _prefetch_task(self, cid: bytes) -> bytes:
+        try:
+            data = self._loader.load(cid)
+            self.cache.put(cid, data)
+            return data
+        finally:
+            with self._lock:
+                self._inflight.pop(cid, None)
+
+    def fetch(self, cid: bytes) -> bytes:
+        """A chunk's bytes: from the cache, from a read-ahead in flight, or loaded now."""
+        data = self.cache.get(cid)
+        if data is not None:
+            return data
+        with self._lock:
+            future = self._inflight.get(cid)
+        if future is not None:
+            return future.result()
+        data = self._loader.load(cid)
+        self.cache.put(cid, data)
+        return data
+
+    def prefetch(self, reader: DiskReader, first_index: int) -> None:
+        """Start loading the chunks after a sequential read, up to the read-ahead window."""
+        last = min(first_index + self._readahead_chunks, -(-reader.size // self.chunk_size))
+        for index in range(first_index, last):
+            cid = reader.chunk_id_at(index)
+            if cid == ZERO_CHUNK_ID or self.cache.contains(cid):
+                continue
+            with self._lock:
+                if cid in self._inflight:
+                    continue
+                self._inflight[cid] = self._pool.submit(self._prefetch_task, cid)

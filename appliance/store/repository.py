@@ -1,0 +1,178 @@
+"""Opening, initialising and locking a store directory.
+
+Layout::
+
+    STORE/config          magic + version header, then JSON settings (chunk size, ...)
+    STORE/index/          LMDB environment: chunks, packs, vms, points, maps, files, meta
+    STORE/packs/XX/*.pack sealed packs;  STORE/packs/tmp/ packs being written
+    STORE/write.lock      flock: one writer (backup, prune, gc) at a time
+    STORE/gc.lock         flock: readers shared, GC exclusive while it deletes packs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+
+from appliance.errors import StoreBusy, StoreError
+from appliance.store import formats
+from appliance.store.catalog import Catalog
+from appliance.store.index import ChunkIndex
+from appliance.store.packs import LocalPackDirectory
+
+_CONFIG_HEADER = struct.Struct("<8sII")  # magic, format version, JSON length
+_NEXT_PACK_KEY = b"next-pack-id"
+LMDB_MAP_SIZE = 1 << 40  # address space only; the file grows with its contents
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_COMPRESSION_LEVEL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    store_id: str
+    chunk_size: int
+    chunk_id: str
+    compression: str
+    compression_level: int
+    created: float
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(temp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_config(path: Path) -> StoreConfig:
+    try:
+        raw = (path / "config").read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{path} is not an initialised store (run `appliance --store {path} init`)") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read store config {path / 'config'}: {exc.strerror}") from None
+    if len(raw) < _CONFIG_HEADER.size:
+        raise StoreError(f"store config {path / 'config'} is truncated")
+    magic, version, length = _CONFIG_HEADER.unpack_from(raw)
+    if magic != formats.STORE_MAGIC:
+        raise StoreError(f"{path} is not an appliance store (bad config magic)")
+    if version != formats.STORE_FORMAT_VERSION:
+        raise StoreError(f"store {path} has format version {version}; this build reads {formats.STORE_FORMAT_VERSION}")
+    try:
+        doc = json.loads(raw[_CONFIG_HEADER.size : _CONFIG_HEADER.size + length])
+        return StoreConfig(**doc)
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"store config {path / 'config'} is damaged: {exc}") from None
+
+
+def init_store(
+    path: Path,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+) -> StoreConfig:
+    """Create an empty store; refuses a directory that already holds one."""
+    if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > 1 << 26:
+        raise StoreError(f"chunk size {chunk_size} must be a power of two between 4 KiB and 64 MiB")
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / "config").exists():
+        raise StoreError(f"{path} already holds a store")
+    config = StoreConfig(
+        store_id=str(uuid.uuid4()),
+        chunk_size=chunk_size,
+        chunk_id=formats.CHUNK_ID_SCHEME,
+        compression="zstd",
+        compression_level=compression_level,
+        created=time.time(),
+    )
+    (path / "packs").mkdir(exist_ok=True)
+    body = json.dumps(asdict(config)).encode()
+    _write_durably(
+        path / "config",
+        _CONFIG_HEADER.pack(formats.STORE_MAGIC, formats.STORE_FORMAT_VERSION, len(body)) + body,
+    )
+    return config
+
+
+class Store:
+    """An open store: config, LMDB environment, chunk index, catalog and packs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.config = _read_config(path)
+        if self.config.chunk_id != formats.CHUNK_ID_SCHEME:
+            raise StoreError(f"store {path} uses chunk ids {self.config.chunk_id!r}, unknown to this build")
+        try:
+            self.env = lmdb.open(
+                str(path / "index"), map_size=LMDB_MAP_SIZE, max_dbs=16, subdir=True, max_readers=1024
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open index of store {path}: {exc}") from None
+        self.env.reader_check()
+        self._meta = self.env.open_db(b"meta")
+        self.index = ChunkIndex(self.env)
+        self.catalog = Catalog(self.env)
+        self.packs = LocalPackDirectory(path / "packs")
+
+    def close(self) -> None:
+        self.packs.close()
+        self.env.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def allocate_pack_id(self) -> int:
+        """A pack id never used before, committed at once so a crash cannot reuse it."""
+        with self.env.begin(write=True, db=self._meta) as txn:
+            raw = txn.get(_NEXT_PACK_KEY)
+            pack_id = 1 if raw is None else struct.unpack("<Q", raw)[0]
+            txn.put(_NEXT_PACK_KEY, struct.pack("<Q", pack_id + 1))
+        return pack_id
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, mode: int, what: str) -> Iterator[None]:
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusy(f"store {self.path} is busy: {what}") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def writer_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by backup, prune and gc: one writer at a time."""
+        return self._flock("write.lock", fcntl.LOCK_EX, "another backup, prune or gc is running")
+
+    def reader_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by anything that reads packs, so GC never deletes a pack under it."""
+        return self._flock("gc.lock", fcntl.LOCK_SH, "garbage collection is deleting packs")
+
+    def gc_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self._flock("gc.lock", fcntl.LOCK_EX, "readers (restore, verify, serve) are using it")
+
+
+def open_store(path: Path) -> Store:
+    if not path.is_dir():
+        raise StoreError(f"store directory {path} does not exist (run `appliance --store {path} init`)")
+    return Store(path)
