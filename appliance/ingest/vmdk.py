@@ -70,6 +70,15 @@ def parse_descriptor(text: str, where: str) -> tuple[Extent, ...]:
     Delta (snapshot child) disks are refused here because every caller would read
     their unwritten areas as zeros, when those areas really live in the parent.
     """
+    extents = check_not_delta(text, where)
+    if not extents:
+        raise SourceError(f"{where}: descriptor declares no extents")
+    return extents
+
+
+def check_not_delta(text: str, where: str) -> tuple[Extent, ...]:
+    """Parse every line and refuse a delta disk, allowing no extents: the embedded
+    descriptor of a sparse extent may be empty, but must not name a parent."""
     extents: list[Extent] = []
     fields: dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -98,8 +107,6 @@ def parse_descriptor(text: str, where: str) -> tuple[Extent, ...]:
             f"{where} is a delta (snapshot) disk of parent {parent!r}; its unwritten areas "
             "live in the parent, so consolidate the snapshots or ingest the base disk"
         )
-    if not extents:
-        raise SourceError(f"{where}: descriptor declares no extents")
     return tuple(extents)
 
 
@@ -156,7 +163,7 @@ class SparseExtent:
         self.path = path
         self._fd = fd
         self._file_size = os.lseek(fd, 0, os.SEEK_END)
-        header = parse_sparse_header(self._pread(0, SECTOR), path, 0)
+        header = parse_sparse_header(self._pread(0, min(SECTOR, self._file_size)), path, 0)
         if header.gd_offset == GD_AT_END:
             header = self._footer_header()
         self._check_embedded_descriptor(header)
@@ -175,6 +182,8 @@ class SparseExtent:
         try:
             data = os.pread(self._fd, length, offset)
         except OSError as exc:
+            if self._fd < 0:
+                raise ValueError(f"{self.path}: read from a closed source") from exc
             raise SourceError(f"{self.path}: read error at offset {offset}: {exc.strerror}") from exc
         if len(data) != length:
             raise SourceError(
@@ -215,7 +224,7 @@ class SparseExtent:
             )
         raw = self._pread(header.descriptor_offset * SECTOR, header.descriptor_size * SECTOR)
         text = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        parse_descriptor(text, f"{self.path} (embedded descriptor)")
+        check_not_delta(text, f"{self.path} (embedded descriptor)")
 
     def _load_tables(self) -> list[array.array[int] | None]:
         """Load every grain table; None stands for a table whose grains are all unallocated."""
