@@ -12,7 +12,7 @@ import pytest
 from appliance.errors import ChangedAreasError, NotFound, SourceError, UsageError
 from appliance.ingest.backup import backup
 from appliance.restore import restore_disk
-from appliance.store import Store
+from appliance.store import Store, writer
 from appliance.store.stats import store_statistics
 from tests.conftest import BLOCK, sha256_of, write_image
 
@@ -157,11 +157,20 @@ def test_bad_requests(store: Store, tmp_path: Path) -> None:
         assert len(store.catalog.points(txn)) == 1
 
 
-def test_failed_ingest_leaves_no_packs(store: Store, tmp_path: Path) -> None:
+def test_failed_ingest_leaves_no_packs(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that turns out corrupt mid-read (after packs were sealed) rolls back all."""
     good = write_image(tmp_path / "good.img", 1 << 20, seed=2)
-    bad = tmp_path / "bad.vmdk"
-    bad.write_bytes(b"KDMV" + bytes(100))  # truncated sparse header
-    with pytest.raises(SourceError):
+    bad_raw = write_image(tmp_path / "bad.img", 4 << 20, seed=3)
+    bad = qemu_convert(bad_raw, "streamOptimized")
+    data = bytearray(bad.read_bytes())
+    for offset in range(len(data) // 2, len(data) // 2 + 4096, 97):
+        data[offset] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    # Seal packs as we go, so some are sealed before the failure.
+    monkeypatch.setattr(writer, "PACK_TARGET_SIZE", 64 << 10)
+    with pytest.raises(SourceError, match="grain"):
         backup(store, "vm", [good, bad])
     assert list(store.packs.list_packs()) == []
     assert list(store.packs.list_unsealed()) == []
+    with store.env.begin() as txn:
+        assert store.catalog.points(txn) == [] and store.index.packs(txn) == []

@@ -13,6 +13,7 @@ the failed ingest are deleted at once, or by the next GC if the process died.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import zstandard
 
@@ -153,88 +154,103 @@ def backup(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
 ) -> RestorePoint:
-    """Ingest `disks` as a new restore point of `vm`; returns it once committed."""
+    """Ingest disk image files as a new restore point of `vm`; returns it once committed.
+
+    `config_files` maps a suffix (".vmx", ".nvram") to the file kept as `<vm><suffix>`.
+    """
     check_name("VM", vm)
-    if not disks:
-        raise UsageError("backup needs at least one disk image")
-    if changed_areas and parent_ref is None:
-        raise UsageError("--changed-areas needs --parent")
     if changed_areas is not None and len(changed_areas) != len(disks):
         raise UsageError(f"got {len(changed_areas)} --changed-areas files for {len(disks)} disks; give one per disk")
+    files = {f"{vm}{suffix}": _read_config_file(path) for suffix, path in (config_files or {}).items()}
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_source(str(path))) for path in disks]
+        changed = None
+        if changed_areas is not None:
+            changed = [load_changed_areas(path, source.size) for path, source in zip(changed_areas, sources)]
+        return ingest(store, vm, sources, files, parent_ref, changed, progress, workers)
+
+
+def ingest(
+    store: Store,
+    vm: str,
+    sources: Sequence[DiskSource],
+    files: dict[str, bytes],
+    parent_ref: str | None = None,
+    changed: list[list[tuple[int, int]]] | None = None,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> RestorePoint:
+    """Ingest open disk sources as a new restore point of `vm`.
+
+    With `changed` (one list of (start, length) ranges per disk), only the chunks those
+    ranges touch are read; the rest is inherited from the parent point.
+    """
+    check_name("VM", vm)
+    if not sources:
+        raise UsageError("backup needs at least one disk image")
+    if changed is not None and parent_ref is None:
+        raise UsageError("changed areas need a parent restore point (--parent)")
     chunk_size = store.config.chunk_size
     started = time.monotonic()
     with store.writer_lock():
         parent = None
-        if parent_ref is not None:
-            with store.env.begin() as txn:
+        plans = []
+        with store.env.begin() as txn:
+            if parent_ref is not None:
                 parent = store.catalog.resolve(txn, vm, parent_ref)
-        files = {f"{vm}{suffix}": _read_config_file(path) for suffix, path in (config_files or {}).items()}
-        sources: list[DiskSource] = []
-        try:
-            for path in disks:
-                sources.append(open_source(str(path)))
-            plans = []
             for number, source in enumerate(sources):
-                parent_map, parent_size, changed = None, 0, None
+                parent_map, parent_size = None, 0
                 if parent is not None and number < len(parent.disks):
-                    with store.env.begin() as txn:
-                        parent_map = store.catalog.chunk_map(txn, parent, number)
+                    parent_map = store.catalog.chunk_map(txn, parent, number)
                     parent_size = parent.disks[number].size
-                    if changed_areas is not None:
-                        changed = load_changed_areas(changed_areas[number], source.size)
-                plans.append(_slots_to_read(source, chunk_size, parent_map, parent_size, changed))
-            if parent is not None:
-                for name in parent.files:
-                    if name not in files:
-                        with store.env.begin() as txn:
-                            files[name] = store.catalog.file(txn, parent, name)
-            total = sum(len(slots) for _, slots in plans) * chunk_size
-            done = 0
+                disk_changes = changed[number] if changed is not None else None
+                plans.append(_slots_to_read(source, chunk_size, parent_map, parent_size, disk_changes))
+            for name in parent.files if parent is not None else ():
+                files.setdefault(name, store.catalog.file(txn, parent, name))
+        total = sum(len(slots) for _, slots in plans) * chunk_size
+        done = 0
 
-            def advance(length: int) -> None:
-                nonlocal done
-                done += length
-                if progress is not None:
-                    progress(done, total)
+        def advance(length: int) -> None:
+            nonlocal done
+            done += length
+            if progress is not None:
+                progress(done, total)
 
-            sink = PackSink(store)
-            processor = _ChunkProcessor(store, chunk_size, sink.locations)
-            try:
-                workers = workers or os.cpu_count() or 2
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    for source, (chunk_map, slots) in zip(sources, plans):
-                        _ingest_disk(
-                            source, slots, chunk_map, chunk_size, pool, 2 * (workers + 1), processor, sink, advance
-                        )
-                sink.seal()
-                now = time.time()
-                point = RestorePoint(
-                    id=new_point_id(now),
-                    vm=vm,
-                    created=now,
-                    parent=parent.id if parent else None,
-                    disks=tuple(
-                        DiskInfo(disk_name(vm, n), s.size, s.format, len(m) // formats.CHUNK_ID_SIZE)
-                        for n, (s, (m, _)) in enumerate(zip(sources, plans))
-                    ),
-                    files=tuple(sorted(files)),
-                    stats={
-                        "read_bytes": float(done),
-                        "new_chunks": float(len(sink.locations)),
-                        "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
-                        "seconds": round(time.monotonic() - started, 3),
-                    },
-                )
-                with store.env.begin(write=True) as txn:
-                    for info in sink.sealed:
-                        store.index.add_pack(txn, info)
-                    for cid, location in sink.locations.items():
-                        store.index.add(txn, cid, location)
-                    store.catalog.add_point(txn, point, [bytes(m) for m, _ in plans], files)
-                return point
-            except BaseException:
-                sink.discard()
-                raise
-        finally:
-            for source in sources:
-                source.close()
+        sink = PackSink(store)
+        processor = _ChunkProcessor(store, chunk_size, sink.locations)
+        try:
+            workers = workers or os.cpu_count() or 2
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for source, (chunk_map, slots) in zip(sources, plans):
+                    _ingest_disk(
+                        source, slots, chunk_map, chunk_size, pool, 2 * (workers + 1), processor, sink, advance
+                    )
+            sink.seal()
+            now = time.time()
+            point = RestorePoint(
+                id=new_point_id(now),
+                vm=vm,
+                created=now,
+                parent=parent.id if parent else None,
+                disks=tuple(
+                    DiskInfo(disk_name(vm, n), s.size, s.format, len(m) // formats.CHUNK_ID_SIZE)
+                    for n, (s, (m, _)) in enumerate(zip(sources, plans))
+                ),
+                files=tuple(sorted(files)),
+                stats={
+                    "read_bytes": float(done),
+                    "new_chunks": float(len(sink.locations)),
+                    "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+            with store.env.begin(write=True) as txn:
+                for info in sink.sealed:
+                    store.index.add_pack(txn, info)
+                for cid, location in sink.locations.items():
+                    store.index.add(txn, cid, location)
+                store.catalog.add_point(txn, point, [bytes(m) for m, _ in plans], files)
+            return point
+        except BaseException:
+            sink.discard()
+            raise
