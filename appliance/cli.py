@@ -8,18 +8,23 @@ ApplianceError becomes one line on stderr and the error's exit code; no tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from appliance.errors import ApplianceError, DamageFound
 from appliance.progress import Progress, human_bytes
 from appliance.store import init_store, open_store
-from appliance.store.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL
+from appliance.store.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Store
+
+if TYPE_CHECKING:
+    from appliance.datastore.namespace import Namespace
+    from appliance.store.reader import ReadPath
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -155,6 +160,54 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _datastore(args: argparse.Namespace) -> Iterator[tuple[Store, Namespace, ReadPath]]:
+    from appliance.datastore.layout import ensure_tree
+    from appliance.datastore.namespace import Namespace
+    from appliance.store.reader import ReadPath
+
+    with open_store(_store_path(args)) as store, store.reader_lock(), ReadPath(store) as read_path:
+        namespace = Namespace(store.env)
+        ensure_tree(namespace)
+        yield store, namespace, read_path
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    from appliance.datastore import sessions
+
+    with _datastore(args) as (store, namespace, read_path):
+        if args.session_command == "create":
+            info = sessions.create_session(store, namespace, read_path, args.vm, args.point, args.name)
+            print(f"created session {info.name} of {info.vm} point {info.point}")
+        elif args.session_command == "list":
+            found = sessions.list_sessions(namespace)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(s) for s in found], indent=2))
+            else:
+                print(f"{'SESSION':<24} {'VM':<20} {'POINT':<22} CREATED (UTC)")
+                for s in found:
+                    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created))
+                    print(f"{s.name:<24} {s.vm:<20} {s.point:<22} {created}")
+        elif args.session_command == "commit":
+            point = sessions.commit_session(store, namespace, read_path, args.name)
+            print(f"committed session {args.name} as point {point.id} of {point.vm}", file=sys.stderr)
+            print(point.id)
+        elif args.session_command == "export":
+            sessions.export_session_disk(store, namespace, read_path, args.name, args.disk, Path(args.output))
+            print(f"exported session {args.name} disk {args.disk} to {args.output}", file=sys.stderr)
+        else:
+            sessions.delete_session(store, namespace, args.name)
+            print(f"deleted session {args.name}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from appliance.serve import mount_datastore
+
+    mount_datastore(_store_path(args), Path(args.mountpoint))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
@@ -205,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("stats", cmd_stats, "space used, dedup and compression ratios")
     sub.add_argument("--json", action="store_true")
+
+    sub = command("session", cmd_session, "writable sessions of restore points")
+    session_commands = sub.add_subparsers(dest="session_command", required=True, metavar="ACTION")
+    action = session_commands.add_parser("create", help="make a writable session of a restore point")
+    action.add_argument("--vm", required=True)
+    action.add_argument("--point", required=True, help="point id, unique prefix, or latest")
+    action.add_argument("--name", required=True)
+    action = session_commands.add_parser("list", help="list sessions")
+    action.add_argument("--json", action="store_true")
+    action = session_commands.add_parser("commit", help="store a session's disks as a new restore point")
+    action.add_argument("name")
+    action = session_commands.add_parser("export", help="write a session disk's merged view to a file")
+    action.add_argument("name")
+    action.add_argument("--disk", type=int, default=0)
+    action.add_argument("--output", required=True)
+    action = session_commands.add_parser("delete", help="drop a session and its overlay")
+    action.add_argument("name")
+
+    sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
+    sub.add_argument("mountpoint")
 
     sub = command("demo", cmd_demo, "generate a disk image, back it up, list, restore and compare")
     sub.add_argument("--dir", help="work directory (default: a new temporary directory)")

@@ -60,3 +60,45 @@ class IntegrityError(ApplianceError):
 
 class DamageFound(ApplianceError):
     """`verify` found damage; the message summarises it."""
+
+
+class NameTooLong(InvalidName):
+    """A name longer than a path component may be."""
+
+
+class ReadOnly(ApplianceError):
+    """A write into a restore point, which is read-only in every view."""
+
+
+class AlreadyExists(ApplianceError):
+    """A name that is already taken in its directory."""
+
+
+class NotEmpty(ApplianceError):
+    """rmdir of a directory that still has entries."""
+
+
+class NotADirectory(ApplianceError):
+    """A directory operation on something that is not a directory."""
+
+
+class IsADirectory(ApplianceError):
+    """A file operation on a directory."""
+
+
+class PermissionDenied(ApplianceError):
+    """An operation the datastore never allows at that place (e.g. mkdir in /sessions)."""
+
+
+class StaleHandle(ApplianceError):
+    """An inode that existed once but has been removed."""
+
+
+class NotSupported(ApplianceError):
+    """An operation the datastore does not implement (hard links, device nodes)."""
+
+
+class SessionBusy(ApplianceError):
+    """A session that a running `mount`/`serve` holds open."""
+
+    exit_code = 75

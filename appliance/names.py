@@ -3,7 +3,7 @@ datastore namespace served over FUSE and NFS, so they are checked once, here."""
 
 from __future__ import annotations
 
-from appliance.errors import InvalidName
+from appliance.errors import InvalidName, NameTooLong
 
 MAX_NAME_BYTES = 255
 
@@ -19,8 +19,22 @@ def check_name(kind: str, name: str) -> str:
         problem = "may not contain '/' or '\\'"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         problem = "may not contain NUL or control characters"
-    elif len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        problem = f"is longer than {MAX_NAME_BYTES} bytes"
+    elif len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise NameTooLong(f"invalid {kind} name {name[:40]!r}...: is longer than {MAX_NAME_BYTES} bytes")
     if problem:
         raise InvalidName(f"invalid {kind} name {name!r}: {problem}")
+    return name
+
+
+def check_component(name: str) -> str:
+    """Return `name` if a client may create it inside a session directory.
+
+    Looser than `check_name`: hypervisors create dot-files such as `.lck-<fileid>`.
+    """
+    if name in ("", ".", ".."):
+        raise InvalidName(f"invalid file name {name!r}")
+    if "/" in name or "\x00" in name:
+        raise InvalidName(f"invalid file name {name!r}: may not contain '/' or NUL")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise NameTooLong(f"file name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
     return name

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(qemu-utils borgbackup restic e2fsprogs zstd)
+debs=(qemu-utils borgbackup restic e2fsprogs zstd fuse3 libfuse3-dev pkg-config fio bindfs)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,0 +1,250 @@
+"""Sessions: writable views of a restore point, each disk behind a copy-on-write overlay.
+
+A session lives in three places, created and removed in an order that makes a crash at
+any moment harmless (leftovers are unreferenced files, never dangling references):
+
+- ``STORE/sessions/<dir-inode>/``: ``disks/<n>/`` overlays and ``files/<inode>`` data of
+  every plain file a hypervisor creates (logs, swap, locks) and of the .vmx/.nvram and
+  descriptors, which ESXi rewrites.
+- The namespace: a directory under ``/sessions`` with the point's files.
+- The ``sessions`` LMDB table: name -> what the session was made from.
+
+Sessions are created while the datastore is served (LMDB serialises the writers), but
+commit and delete need the serving process to let go: it holds ``datastore.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+
+from appliance.datastore.layout import (
+    DIR_MODE,
+    FILE_MODE,
+    SESSIONS,
+    area_of,
+    ensure_tree,
+    overlay_path,
+    scratch_path,
+)
+from appliance.datastore.namespace import Namespace
+from appliance.datastore.vfs import Kind
+from appliance.datastore.vmdk_files import descriptor_text, minimal_vmx
+from appliance.errors import AlreadyExists, NotFound, SessionBusy
+from appliance.names import check_name
+from appliance.store.catalog import RestorePoint
+from appliance.store.reader import ReadPath
+from appliance.store.repository import Store
+from overlay import Overlay
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    name: str
+    vm: str
+    point: str
+    created: float
+    inode: int  # the session directory; also names its area on disk
+    disks: tuple[int, ...]  # inode of each disk's flat extent, in disk order
+
+
+class SessionTable:
+    def __init__(self, namespace: Namespace) -> None:
+        self._db = namespace.sessions_table
+
+    def get(self, txn: lmdb.Transaction, name: str) -> SessionInfo | None:
+        raw = txn.get(name.encode(), db=self._db)
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        doc["disks"] = tuple(doc["disks"])
+        return SessionInfo(**doc)
+
+    def put(self, txn: lmdb.Transaction, info: SessionInfo) -> None:
+        txn.put(info.name.encode(), json.dumps(asdict(info)).encode(), db=self._db)
+
+    def delete(self, txn: lmdb.Transaction, name: str) -> None:
+        txn.delete(name.encode(), db=self._db)
+
+    def all(self, txn: lmdb.Transaction) -> list[SessionInfo]:
+        with txn.cursor(db=self._db) as cursor:
+            names = [bytes(key).decode() for key in cursor.iternext(keys=True, values=False)]
+        return [info for name in names if (info := self.get(txn, name)) is not None]
+
+
+def point_files(store: Store, txn: lmdb.Transaction, point: RestorePoint) -> dict[str, bytes]:
+    """The .vmx (as backed up, or a minimal one) and .nvram of a point."""
+    files = {name: store.catalog.file(txn, point, name) for name in point.files}
+    files.setdefault(f"{point.vm}.vmx", minimal_vmx(point.vm, [d.name for d in point.disks]))
+    return files
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: str, point_ref: str,
+                   name: str) -> SessionInfo:
+    """Make a writable session of a restore point; usable at once by a running server."""
+    check_name("session", name)
+    table = SessionTable(namespace)
+    sessions_root = ensure_tree(namespace)[SESSIONS]
+    with store.env.begin(write=True) as txn:
+        point = store.catalog.resolve(txn, vm, point_ref)
+        if table.get(txn, name) is not None or namespace.child(txn, sessions_root, name) is not None:
+            raise AlreadyExists(f"session {name!r} already exists")
+        directory = namespace.add(txn, sessions_root, name, Kind.DIRECTORY, "session", DIR_MODE,
+                                  ref={"session": name})
+        area = area_of(store, directory.inode)
+        (area / "files").mkdir(parents=True)
+        (area / "disks").mkdir()
+        for file_name, content in point_files(store, txn, point).items():
+            node = namespace.add(txn, directory.inode, file_name, Kind.FILE, "scratch", FILE_MODE,
+                                 ref={"session": name})
+            _write_durably(scratch_path(store, directory.inode, node.inode), content)
+        disks = []
+        for index, disk in enumerate(point.disks):
+            descriptor = namespace.add(txn, directory.inode, f"{disk.name}.vmdk", Kind.FILE, "scratch", FILE_MODE,
+                                       ref={"session": name})
+            _write_durably(scratch_path(store, directory.inode, descriptor.inode),
+                           descriptor_text(disk.name, disk.size, f"{name}/{point.id}/{index}"))
+            flat = namespace.add(txn, directory.inode, f"{disk.name}-flat.vmdk", Kind.FILE, "disk", FILE_MODE,
+                                 ref={"session": name, "disk": index})
+            target = overlay_path(store, directory.inode, index)
+            target.mkdir()
+            Overlay.create(target, read_path.disk(point, index)).close()
+            disks.append(flat.inode)
+        info = SessionInfo(name, vm, point.id, time.time(), directory.inode, tuple(disks))
+        table.put(txn, info)
+    return info
+
+
+def list_sessions(namespace: Namespace) -> list[SessionInfo]:
+    with namespace.env.begin() as txn:
+        return sorted(SessionTable(namespace).all(txn), key=lambda s: s.created)
+
+
+def get_session(namespace: Namespace, name: str) -> SessionInfo:
+    with namespace.env.begin() as txn:
+        info = SessionTable(namespace).get(txn, name)
+    if info is None:
+        raise NotFound(f"unknown session {name!r}")
+    return info
+
+
+@contextlib.contextmanager
+def datastore_lock(store: Store, exclusive_for: str | None = None) -> Iterator[None]:
+    """Held by a serving process; commit/delete take it to be sure nothing is open.
+
+    With `exclusive_for` (an operation's name), fail at once if a server holds it.
+    """
+    fd = os.open(store.path / "datastore.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            what = exclusive_for or "serve"
+            raise SessionBusy(
+                f"cannot {what}: the datastore of {store.path} is being served (mount/serve is running)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def delete_session(store: Store, namespace: Namespace, name: str) -> None:
+    with datastore_lock(store, f"delete session {name!r}"):
+        info = get_session(namespace, name)
+        with store.env.begin(write=True) as txn:
+            _forget_tree(namespace, txn, info.inode)
+            node = namespace.node(txn, info.inode)
+            if node is not None:
+                namespace.unlink(txn, node.parent, name, info.inode)
+                namespace.forget(txn, info.inode)
+            SessionTable(namespace).delete(txn, name)
+        shutil.rmtree(area_of(store, info.inode), ignore_errors=True)
+
+
+def _forget_tree(namespace: Namespace, txn: lmdb.Transaction, directory: int) -> None:
+    for inode, child_name in list(namespace.children(txn, directory)):
+        _forget_tree(namespace, txn, inode)
+        namespace.unlink(txn, directory, child_name, inode)
+        namespace.forget(txn, inode)
+
+
+class OverlaySource:
+    """A session disk as an ingest source: the merged view of base and overlay."""
+
+    def __init__(self, label: str, overlay: Overlay) -> None:
+        self.path = label
+        self.format = "session"
+        self.size = overlay.size
+        self._overlay = overlay
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._overlay.read(offset, length)
+
+    def is_unallocated(self, offset: int, length: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._overlay.close()
+
+
+def _open_overlays(store: Store, namespace: Namespace, read_path: ReadPath, info: SessionInfo,
+                   stack: contextlib.ExitStack) -> tuple[RestorePoint, list[Overlay]]:
+    with store.env.begin() as txn:
+        point = store.catalog.get_point(txn, info.point)
+        missing = [n for n, inode in enumerate(info.disks) if namespace.node(txn, inode) is None]
+    if missing:
+        raise NotFound(f"session {info.name!r} no longer has disk {missing[0]} (its flat extent was deleted)")
+    overlays = []
+    for index in range(len(info.disks)):
+        overlay = Overlay.open(overlay_path(store, info.inode, index), read_path.disk(point, index))
+        stack.callback(overlay.close)
+        overlays.append(overlay)
+    return point, overlays
+
+
+def commit_session(store: Store, namespace: Namespace, read_path: ReadPath, name: str) -> RestorePoint:
+    """Store the session's disks as a new restore point, a child of its base point.
+
+    Only the overlay's changed ranges are read: everything else is the parent's chunks.
+    The session's current .vmx/.nvram go with it.
+    """
+    from appliance.ingest.backup import ingest
+
+    with datastore_lock(store, f"commit session {name!r}"), contextlib.ExitStack() as stack:
+        info = get_session(namespace, name)
+        point, overlays = _open_overlays(store, namespace, read_path, info, stack)
+        files = {}
+        with store.env.begin() as txn:
+            for file_name in (f"{info.vm}.vmx", f"{info.vm}.nvram"):
+                inode = namespace.child(txn, info.inode, file_name)
+                if inode is not None:
+                    files[file_name] = scratch_path(store, info.inode, inode).read_bytes()
+        sources = [OverlaySource(f"session {name} disk {n}", overlay) for n, overlay in enumerate(overlays)]
+        changed = [overlay.changed_ranges() for overlay in overlays]
+        return ingest(store, info.vm, sources, files, parent_ref=point.id, changed=changed)
+
+
+def export_session_disk(store: Store, namespace: Namespace, read_path: ReadPath, name: str, disk: int,
+                        output: Path) -> None:
+    """Write the session's merged view of one disk to a new sparse file."""
+    with datastore_lock(store, f"export session {name!r}"), contextlib.ExitStack() as stack:
+        info = get_session(namespace, name)
+        if not 0 <= disk < len(info.disks):
+            raise NotFound(f"session {name!r} has no disk {disk}")
+        _, overlays = _open_overlays(store, namespace, read_path, info, stack)
+        overlays[disk].export(output)

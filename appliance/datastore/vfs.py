@@ -1,0 +1,86 @@
+"""The VFS interface every protocol front (FUSE, NFS) speaks.
+
+Calls are synchronous and may block on disk I/O or decompression: adapters run them in
+worker threads. Inode numbers are persistent, never 0 and never reused; with the
+generation they form stable file handles. Errors are `appliance.errors` classes; each
+adapter maps them to errno / nfsstat3 in one table.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+
+class Kind(enum.Enum):
+    DIRECTORY = "dir"
+    FILE = "file"
+    SYMLINK = "symlink"
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    inode: int
+    generation: int
+    kind: Kind
+    mode: int  # permission bits only
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    used: int  # bytes allocated on disk
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    read_only: bool  # inside /restore-points (or the fixed top of the tree)
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: str
+    attributes: Attributes
+    cookie: int  # pass back to readdir to continue after this entry; stable under changes
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeChanges:
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    total_bytes: int
+    free_bytes: int
+    available_bytes: int
+    total_files: int
+    free_files: int
+    block_size: int
+    name_max: int
+
+
+class Vfs(Protocol):
+    """What FUSE and NFS need from a file system."""
+
+    root_inode: int
+
+    def lookup(self, parent: int, name: str) -> Attributes: ...
+    def getattr(self, inode: int) -> Attributes: ...
+    def setattr(self, inode: int, changes: AttributeChanges) -> Attributes: ...
+    def readdir(self, inode: int, after_cookie: int = 0) -> Iterator[DirEntry]: ...
+    def read(self, inode: int, offset: int, length: int) -> bytes: ...
+    def write(self, inode: int, offset: int, data: bytes) -> int: ...
+    def create(self, parent: int, name: str, mode: int, uid: int, gid: int, exclusive: bool) -> Attributes: ...
+    def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Attributes: ...
+    def symlink(self, parent: int, name: str, target: str, uid: int, gid: int) -> Attributes: ...
+    def readlink(self, inode: int) -> str: ...
+    def remove(self, parent: int, name: str) -> None: ...
+    def rmdir(self, parent: int, name: str) -> None: ...
+    def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str) -> None: ...
+    def statfs(self) -> FsStats: ...
+    def fsync(self, inode: int) -> None: ...

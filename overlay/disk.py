@@ -1,0 +1,489 @@
+"""A writable disk made of a read-only base image and a copy-on-write overlay.
+
+Every write lands in the overlay's `data` file, block-wise; the base is only ever read.
+A block that is not in the overlay reads from the base below the base limit and as
+zeros above it (see `overlay.mapfile` for the files and the meaning of the limit).
+
+Durability: `flush` fsyncs `data` before it writes the map entries that point into it,
+so a durable entry never points at data that is not. A process killed between flushes
+leaves each block written since the last flush either as it was or as written, never
+torn between the two: a block enters the overlay only by one whole-block write, and the
+map that would make it visible is only written by the next flush.
+
+Concurrency: one `threading.Lock` guards the state and every use of the two file
+descriptors, so a close can never leave another thread reading a reused descriptor.
+Reads of the base, which may decompress or go to the network, happen outside it; they
+stay correct because base bytes never change and the base limit only ever decreases.
+A second lock serialises flushes so map writes reach the file in order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from overlay import mapfile
+from overlay.errors import OverlayError
+from overlay.mapfile import ENTRIES_OFFSET, MapHeader
+
+DATA_NAME = "data"
+MAP_NAME = "map"
+#: VMFS caps a disk at 62 TB; the bound keeps a stray offset from sizing the in-memory
+#: map (one byte per block) beyond what the machine has.
+MAX_SIZE = 64 << 40
+#: Entries per unit of dirty tracking: one page of the map file, so a flush after a
+#: single-block write rewrites 4 KiB of map rather than all of it.
+_MAP_PAGE = 4096
+_EXPORT_STEP = 1 << 20
+
+
+class BaseImage(Protocol):
+    """The read-only disk underneath; `read` is short only at the end of the image."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+@contextmanager
+def _os_errors(where: str, action: str) -> Iterator[None]:
+    """Turn OSError into OverlayError so callers meet one exception family."""
+    try:
+        yield
+    except OSError as exc:
+        raise OverlayError(f"{where}: {action} failed: {exc.strerror or exc}") from exc
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _page_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
+    """Coalesce sorted page numbers into [first, stop) runs, one map pwrite each."""
+    index = 0
+    while index < len(pages):
+        first = stop = pages[index]
+        while index < len(pages) and pages[index] == stop:
+            stop += 1
+            index += 1
+        yield first, stop
+
+
+class Overlay:
+    """A session disk: reads merge overlay and base, writes go only to the overlay."""
+
+    def __init__(
+        self, directory: Path, base: BaseImage, header: MapHeader, entries: bytearray,
+        data_fd: int, map_fd: int,
+    ) -> None:
+        self._where = f"overlay {directory}"
+        self._directory = directory
+        self._base = base
+        self._block = header.block_size
+        self._size = header.size
+        self._base_limit = header.base_limit
+        self._sequence = header.sequence
+        self._map = entries
+        self._data_fd = data_fd
+        self._map_fd = map_fd
+        #: Entries the durable header covers; entries past it may be stale on disk.
+        self._durable_blocks = header.blocks
+        self._dirty_pages: set[int] = set()
+        self._header_dirty = False
+        self._data_dirty = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # taken before _lock, never after
+
+    @classmethod
+    def create(cls, directory: Path, base: BaseImage, block_size: int = 64 * 1024) -> Overlay:
+        """Start an empty overlay (the disk reads exactly as the base) in an empty directory.
+
+        The map is written under a temporary name and renamed, so a directory that has
+        a `map` always holds a complete overlay, even after a crash during create.
+        """
+        where = f"overlay {directory}"
+        mapfile.check_block_size(block_size, where)
+        with _os_errors(where, "create"):
+            if any(directory.iterdir()):
+                raise OverlayError(f"{where}: directory is not empty")
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            os.close(os.open(directory / DATA_NAME, flags, 0o600))
+            temporary = directory / f"{MAP_NAME}.tmp"
+            fd = os.open(temporary, flags, 0o600)
+            try:
+                _pwrite_all(fd, MapHeader(block_size, base.size, base.size, 0).encode(), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, directory / MAP_NAME)
+            _fsync_dir(directory)
+        return cls.open(directory, base)
+
+    @classmethod
+    def open(cls, directory: Path, base: BaseImage) -> Overlay:
+        """Open an overlay as its last completed flush left it; writes nothing to disk."""
+        where = f"overlay {directory}"
+        fds: list[int] = []
+        try:
+            with _os_errors(where, "open"):
+                fds.append(os.open(directory / MAP_NAME, os.O_RDWR | os.O_CLOEXEC))
+                fds.append(os.open(directory / DATA_NAME, os.O_RDWR | os.O_CLOEXEC))
+                raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
+            header = mapfile.decode_header(raw, where)
+            if header.base_limit > base.size:
+                raise OverlayError(
+                    f"{where}: base image has {base.size} bytes but the overlay shows base "
+                    f"bytes up to offset {header.base_limit}; it was made over another base"
+                )
+            with _os_errors(where, f"map read at offset {ENTRIES_OFFSET}"):
+                entries = bytearray(os.pread(fds[0], header.blocks, ENTRIES_OFFSET))
+            entries.extend(bytes(header.blocks - len(entries)))
+            mapfile.check_entries(entries, where)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(directory, base, header, entries, fds[1], fds[0])
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The merged disk; short only at `size`.
+
+        Consecutive blocks from the same side are read with one pread (or one base
+        read), so a 1 MiB read costs a handful of calls whatever the block size.
+        """
+        self._check_range(offset, length)
+        block = self._block
+        with self._lock:
+            self._check_open()
+            end = min(offset + length, self._size)
+            if end <= offset:
+                return b""
+            limit = self._base_limit
+            parts: list[tuple[int, bytes]] = []
+            from_base: list[tuple[int, int]] = []
+            for first, stop, in_overlay in self._runs(offset // block, (end - 1) // block + 1):
+                low, high = max(offset, first * block), min(end, stop * block)
+                if in_overlay:
+                    parts.append((low, self._pread(low, high - low)))
+                elif low < limit:
+                    from_base.append((low, min(high, limit)))
+        parts.extend((low, self._read_base(low, high - low)) for low, high in from_base)
+        if len(parts) == 1 and len(parts[0][1]) == end - offset:
+            return parts[0][1]
+        merged = bytearray(end - offset)  # what no part covers reads as zeros
+        for low, chunk in parts:
+            merged[low - offset : low - offset + len(chunk)] = chunk
+        return bytes(merged)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write `data` at `offset`, growing the disk if it ends past `size`.
+
+        A partly written block that is not yet in the overlay is first filled from the
+        merged view; the base part of that fill is read without the lock and the lock
+        is retaken to write, so writers to other blocks never wait on the base.
+        """
+        view = memoryview(data).cast("B")
+        self._check_range(offset, view.nbytes)
+        if offset + view.nbytes > MAX_SIZE:
+            raise OverlayError(
+                f"{self._where}: write at offset {offset} ends past the {MAX_SIZE}-byte limit"
+            )
+        if not view.nbytes:
+            return 0
+        fetched: dict[int, bytes] = {}
+        while True:
+            with self._lock:
+                self._check_open()
+                wanted = self._fills_wanted(offset, offset + view.nbytes, fetched)
+                if not wanted:
+                    self._write_locked(offset, view, fetched)
+                    return view.nbytes
+                limit = self._base_limit
+            for block in wanted:
+                start = block * self._block
+                fetched[block] = self._read_base(start, min(self._block, limit - start))
+
+    def truncate(self, size: int) -> None:
+        """Shrink or grow the disk; whatever lies past the old end reads as zeros.
+
+        A shrink is made durable at once: only after the shorter header is on disk may
+        the blocks past the new end be freed, or a crash could show freed blocks as
+        zeros inside the old size.
+        """
+        if not 0 <= size <= MAX_SIZE:
+            raise OverlayError(f"{self._where}: cannot truncate to {size} bytes")
+        with self._flush_lock:
+            with self._lock:
+                self._check_open()
+                if size >= self._size:
+                    if size > self._size:
+                        self._grow(size)
+                    return
+                self._size = size
+                self._base_limit = min(self._base_limit, size)
+                del self._map[-(-size // self._block) :]
+                self._header_dirty = True
+            self._flush_locked()
+            with self._lock, _os_errors(self._where, f"data truncate at offset {size}"):
+                os.ftruncate(self._data_fd, len(self._map) * self._block)
+
+    def flush(self) -> None:
+        """Make every write so far survive a crash (see the module docstring for the order)."""
+        with self._flush_lock:
+            with self._lock:
+                self._check_open()
+            self._flush_locked()
+
+    def changed_ranges(self) -> list[tuple[int, int]]:
+        """Merged (start, length) ranges that may differ from the base, within `size`.
+
+        Overlay blocks count whole (clipped at `size`); so does everything from the
+        base limit on, since it reads as zeros whatever the base holds there.
+        """
+        block = self._block
+        with self._lock:
+            self._check_open()
+            size, limit, entries = self._size, self._base_limit, self._map
+            ranges: list[tuple[int, int]] = []
+            first = entries.find(1)
+            while first != -1 and first * block < limit:
+                stop = entries.find(0, first)
+                stop = len(entries) if stop == -1 else stop
+                ranges.append((first * block, min(stop * block, size) - first * block))
+                first = entries.find(1, stop)
+        if limit < size:
+            if ranges and sum(ranges[-1]) >= limit:
+                ranges[-1] = (ranges[-1][0], size - ranges[-1][0])
+            else:
+                ranges.append((limit, size - limit))
+        return ranges
+
+    def allocated_bytes(self) -> int:
+        """Bytes both overlay files occupy on disk (allocated, not apparent, size)."""
+        with self._lock, _os_errors(self._where, "stat"):
+            self._check_open()
+            return sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
+
+    def export(self, path: Path) -> None:
+        """Write the merged disk to a new sparse file at `path`, atomically.
+
+        All-zero blocks become holes. The export is not a snapshot: writes that race
+        with it may or may not be in it, so callers export a quiesced disk.
+        """
+        block = self._block
+        step = block * max(1, _EXPORT_STEP // block)
+        zeros = bytes(block)
+        with self._lock:
+            self._check_open()
+            size = self._size
+        with _os_errors(self._where, f"export to {path}"):
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                try:
+                    for offset in range(0, size, step):
+                        chunk = self.read(offset, step)
+                        for at in range(0, len(chunk), block):
+                            piece = chunk[at : at + block]
+                            if piece != zeros[: len(piece)]:
+                                _pwrite_all(fd, piece, offset + at)
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(name, path)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)
+                raise
+            _fsync_dir(path.parent)
+
+    def discard(self) -> None:
+        """Delete the overlay's files, throwing its writes away; the object is dead after.
+
+        The map goes first: a directory without one is no overlay, whatever else remains.
+        """
+        with self._flush_lock:
+            with self._lock:
+                self._close_fds()
+            with _os_errors(self._where, "discard"):
+                for name in (MAP_NAME, DATA_NAME):
+                    (self._directory / name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Flush what is pending and release the files; a clean overlay writes nothing."""
+        with self._flush_lock:
+            if self._closed:
+                return
+            try:
+                self._flush_locked()
+            finally:
+                with self._lock:
+                    self._close_fds()
+
+    # -- internals: callers hold self._lock unless stated otherwise -----------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OverlayError(f"{self._where}: overlay is closed")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise OverlayError(f"{self._where}: invalid range at offset {offset}, length {length}")
+
+    def _close_fds(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._data_fd)
+            os.close(self._map_fd)
+
+    def _runs(self, first: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """Split blocks [first, stop) into runs from the same side: (first, stop, in overlay)."""
+        entries = self._map
+        while first < stop:
+            in_overlay = bool(entries[first])
+            end = entries.find(0 if in_overlay else 1, first, stop)
+            end = stop if end == -1 else end
+            yield first, end, in_overlay
+            first = end
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """Overlay bytes; blocks are written whole, so a short read means a damaged `data`."""
+        with _os_errors(self._where, f"data read at offset {offset}"):
+            data = os.pread(self._data_fd, length, offset)
+        if len(data) != length:
+            raise OverlayError(
+                f"{self._where}: data file ends at offset {offset + len(data)}, inside an "
+                f"overlay block the map names (read at offset {offset}, length {length})"
+            )
+        return data
+
+    def _read_base(self, offset: int, length: int) -> bytes:
+        """Base bytes below the base limit; called without the lock."""
+        data = self._base.read(offset, length)
+        if len(data) != length:
+            raise OverlayError(
+                f"{self._where}: base image returned {len(data)} of {length} bytes "
+                f"at offset {offset}"
+            )
+        return data
+
+    def _fills_wanted(self, offset: int, end: int, fetched: dict[int, bytes]) -> list[int]:
+        """Partly written blocks whose read-modify-write needs base bytes not yet fetched."""
+        block, entries = self._block, self._map
+        edges = {offset // block} if offset % block else set()
+        if end % block:
+            edges.add(end // block)
+        return [
+            index for index in sorted(edges)
+            if index < len(entries) and not entries[index]
+            and index * block < self._base_limit and index not in fetched
+        ]
+
+    def _fill(self, index: int, fetched: dict[int, bytes]) -> bytes:
+        """A block's merged content while it is not in the overlay.
+
+        The base part was fetched under an earlier, possibly larger, base limit; cutting
+        it at the current one is all a truncate in between requires.
+        """
+        start = index * self._block
+        keep = max(0, min(self._block, self._base_limit - start))
+        base = fetched[index][:keep] if keep else b""
+        return base + bytes(self._block - len(base))
+
+    def _write_locked(self, offset: int, view: memoryview, fetched: dict[int, bytes]) -> None:
+        block = self._block
+        end = offset + view.nbytes
+        if end > self._size:
+            self._grow(end)
+        first, last = offset // block, (end - 1) // block
+        head = offset - first * block if not self._map[first] else 0
+        tail = -end % block if not self._map[last] else 0
+        parts: list[bytes | memoryview] = [view]
+        if head:
+            parts.insert(0, self._fill(first, fetched)[:head])
+        if tail:
+            parts.append(self._fill(last, fetched)[block - tail :])
+        with _os_errors(self._where, f"data write at offset {offset}"):
+            _pwrite_all(self._data_fd, view if len(parts) == 1 else b"".join(parts), offset - head)
+        self._data_dirty = True
+        if self._map.find(0, first, last + 1) != -1:
+            self._map[first : last + 1] = b"\x01" * (last + 1 - first)
+            self._dirty_pages.update(range(first // _MAP_PAGE, last // _MAP_PAGE + 1))
+
+    def _grow(self, size: int) -> None:
+        """Extend the disk to `size`; the new range reads as zeros.
+
+        An overlay block that straddles the old end may hold stale bytes past it (from
+        before a shrink, or an unflushed write lost in a crash), so they are zeroed. New
+        entries are marked dirty so they overwrite stale entries left on disk by a shrink.
+        """
+        block, old = self._block, self._size
+        if old % block and self._map[old // block]:
+            with _os_errors(self._where, f"data write at offset {old}"):
+                _pwrite_all(self._data_fd, bytes(block - old % block), old)
+            self._data_dirty = True
+        old_blocks, new_blocks = len(self._map), -(-size // block)
+        if new_blocks > old_blocks:
+            self._map.extend(bytes(new_blocks - old_blocks))
+            pages = range(old_blocks // _MAP_PAGE, (new_blocks - 1) // _MAP_PAGE + 1)
+            self._dirty_pages.update(pages)
+        self._size = size
+        self._header_dirty = True
+
+    def _flush_locked(self) -> None:
+        """Flush; the caller holds _flush_lock (not _lock).
+
+        The state is snapshotted under the lock, and the fsyncs run without it so reads
+        and writes go on meanwhile; anything written after the snapshot waits for the
+        next flush. If the map grew, its new entries are made durable before a header
+        that covers them, so stale entries from an earlier shrink can never show.
+        """
+        with self._lock:
+            pages = sorted(self._dirty_pages)
+            spans = [(first * _MAP_PAGE, stop * _MAP_PAGE) for first, stop in _page_runs(pages)]
+            chunks = [(ENTRIES_OFFSET + low, bytes(self._map[low:high])) for low, high in spans]
+            header = None
+            if pages or self._header_dirty:
+                header = MapHeader(self._block, self._size, self._base_limit, self._sequence + 1)
+            data_dirty = self._data_dirty
+            self._dirty_pages.clear()
+            self._header_dirty = self._data_dirty = False
+        try:
+            if data_dirty:
+                with _os_errors(self._where, "data fsync"):
+                    os.fsync(self._data_fd)
+            if header is not None:
+                with _os_errors(self._where, "map write"):
+                    for offset, chunk in chunks:
+                        if chunk:
+                            _pwrite_all(self._map_fd, chunk, offset)
+                    if header.blocks > self._durable_blocks:
+                        os.fsync(self._map_fd)
+                    _pwrite_all(self._map_fd, header.encode(), 0)
+                    os.fsync(self._map_fd)
+                self._sequence, self._durable_blocks = header.sequence, header.blocks
+        except BaseException:
+            with self._lock:
+                self._dirty_pages.update(pages)
+                self._header_dirty |= header is not None
+                self._data_dirty |= data_dirty
+            raise

@@ -1,0 +1,195 @@
+"""The datastore VFS directly (no FUSE): tree, read-only points, sessions, persistence."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from appliance.datastore import sessions
+from appliance.datastore.datastore import Datastore
+from appliance.datastore.vfs import AttributeChanges, Kind
+from appliance.errors import (
+    AlreadyExists,
+    InvalidName,
+    IsADirectory,
+    NameTooLong,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+    SessionBusy,
+    StaleHandle,
+)
+from appliance.ingest.backup import backup
+from appliance.store import ReadPath, Store
+from tests.conftest import write_image
+
+
+@pytest.fixture
+def datastore(store: Store, tmp_path: Path) -> Iterator[Datastore]:
+    disk0 = write_image(tmp_path / "d0.img", 3 << 20, seed=1)
+    disk1 = write_image(tmp_path / "d1.img", 1 << 20, seed=2)
+    backup(store, "web", [disk0, disk1])
+    with ReadPath(store) as read_path:
+        ds = Datastore(store, read_path)
+        yield ds
+        ds.close()
+
+
+def path_inode(ds: Datastore, path: str) -> int:
+    inode = ds.root_inode
+    for part in filter(None, path.split("/")):
+        inode = ds.lookup(inode, part).inode
+    return inode
+
+
+def names(ds: Datastore, path: str) -> list[str]:
+    return [entry.name for entry in ds.readdir(path_inode(ds, path))]
+
+
+def make_session(ds: Datastore, name: str = "s1") -> sessions.SessionInfo:
+    return sessions.create_session(ds.store, ds.namespace, ds.read_path, "web", "latest", name)
+
+
+def test_tree_mirrors_the_catalog(datastore: Datastore, tmp_path: Path) -> None:
+    assert names(datastore, "/") == ["restore-points", "sessions"]
+    assert names(datastore, "/restore-points") == ["web"]
+    (point,) = names(datastore, "/restore-points/web")
+    files = names(datastore, f"/restore-points/web/{point}")
+    assert sorted(files) == ["web-flat.vmdk", "web.vmdk", "web.vmx", "web_1-flat.vmdk", "web_1.vmdk"]
+    flat = path_inode(datastore, f"/restore-points/web/{point}/web-flat.vmdk")
+    data = datastore.read(flat, 0, 4 << 20)
+    assert data == (tmp_path / "d0.img").read_bytes()
+    descriptor = datastore.read(path_inode(datastore, f"/restore-points/web/{point}/web.vmdk"), 0, 4096)
+    assert b'createType="vmfs"' in descriptor and b'RW 6144 VMFS "web-flat.vmdk"' in descriptor
+
+
+def test_restore_points_are_read_only(datastore: Datastore) -> None:
+    (point,) = names(datastore, "/restore-points/web")
+    folder = path_inode(datastore, f"/restore-points/web/{point}")
+    flat = path_inode(datastore, f"/restore-points/web/{point}/web-flat.vmdk")
+    with pytest.raises(ReadOnly):
+        datastore.write(flat, 0, b"x")
+    with pytest.raises(ReadOnly):
+        datastore.setattr(flat, AttributeChanges(size=0))
+    with pytest.raises(ReadOnly):
+        datastore.create(folder, "new", 0o644, 0, 0, False)
+    with pytest.raises(ReadOnly):
+        datastore.remove(folder, "web.vmx")
+    with pytest.raises(ReadOnly):
+        datastore.mkdir(datastore.root_inode, "x", 0o755, 0, 0)
+    with pytest.raises(PermissionDenied):
+        datastore.mkdir(path_inode(datastore, "/sessions"), "handmade", 0o755, 0, 0)
+    assert datastore.getattr(flat).read_only
+
+
+def test_session_writes_never_touch_the_point(datastore: Datastore, tmp_path: Path) -> None:
+    make_session(datastore)
+    (point,) = names(datastore, "/restore-points/web")
+    base = path_inode(datastore, f"/restore-points/web/{point}/web-flat.vmdk")
+    before = hashlib.sha256(datastore.read(base, 0, 4 << 20)).hexdigest()
+    disk = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    datastore.write(disk, 12345, b"hello" * 1000)
+    datastore.fsync(disk)
+    expected = bytearray((tmp_path / "d0.img").read_bytes())
+    expected[12345 : 12345 + 5000] = b"hello" * 1000
+    assert datastore.read(disk, 0, 4 << 20) == bytes(expected)
+    assert hashlib.sha256(datastore.read(base, 0, 4 << 20)).hexdigest() == before
+
+
+def test_file_operations_in_a_session(datastore: Datastore) -> None:
+    make_session(datastore)
+    root = path_inode(datastore, "/sessions/s1")
+    lock = datastore.create(root, ".lck-0000000000000011", 0o600, 0, 0, exclusive=True)
+    datastore.write(lock.inode, 0, b"lock")
+    with pytest.raises(AlreadyExists):
+        datastore.create(root, ".lck-0000000000000011", 0o600, 0, 0, exclusive=True)
+    assert datastore.create(root, ".lck-0000000000000011", 0o600, 0, 0, exclusive=False).inode == lock.inode
+    folder = datastore.mkdir(root, "logs", 0o755, 0, 0)
+    datastore.rename(root, ".lck-0000000000000011", folder.inode, "moved")
+    assert datastore.lookup(folder.inode, "moved").inode == lock.inode  # inode survives rename
+    with pytest.raises(NotEmpty):
+        datastore.rmdir(root, "logs")
+    with pytest.raises(InvalidName):
+        datastore.rename(root, "logs", folder.inode, "inside")
+    datastore.setattr(lock.inode, AttributeChanges(size=2))
+    assert datastore.read(lock.inode, 0, 100) == b"lo"
+    datastore.remove(folder.inode, "moved")
+    with pytest.raises(StaleHandle):
+        datastore.getattr(lock.inode)
+    datastore.rmdir(root, "logs")
+    link = datastore.symlink(root, "current", "web.vmx", 0, 0)
+    assert link.kind is Kind.SYMLINK and datastore.readlink(link.inode) == "web.vmx"
+    datastore.mkdir(root, "d", 0o755, 0, 0)
+    with pytest.raises(IsADirectory):
+        datastore.remove(root, "d")
+    with pytest.raises(InvalidName):
+        datastore.rmdir(root, "..")
+    with pytest.raises(PermissionDenied):
+        datastore.rmdir(path_inode(datastore, "/sessions"), "s1")
+
+
+@pytest.mark.parametrize("name, error", [("a/b", InvalidName), ("..", InvalidName), ("nul\x00", InvalidName),
+                                         ("x" * 256, NameTooLong), ("", InvalidName)])
+def test_bad_names_are_refused(datastore: Datastore, name: str, error: type) -> None:
+    make_session(datastore)
+    with pytest.raises(error):
+        datastore.create(path_inode(datastore, "/sessions/s1"), name, 0o644, 0, 0, False)
+
+
+def test_inodes_and_data_survive_a_restart(store: Store, datastore: Datastore) -> None:
+    make_session(datastore)
+    disk = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    datastore.write(disk, 0, b"persist")
+    datastore.fsync(disk)
+    generation = datastore.getattr(disk).generation
+    datastore.close()
+    with ReadPath(store) as read_path:
+        again = Datastore(store, read_path)
+        assert path_inode(again, "/sessions/s1/web-flat.vmdk") == disk
+        assert again.getattr(disk).generation == generation
+        assert again.read(disk, 0, 7) == b"persist"
+        again.close()
+
+
+def test_two_sessions_are_isolated(datastore: Datastore) -> None:
+    make_session(datastore, "a")
+    make_session(datastore, "b")
+    disk_a = path_inode(datastore, "/sessions/a/web-flat.vmdk")
+    disk_b = path_inode(datastore, "/sessions/b/web-flat.vmdk")
+    original = datastore.read(disk_b, 0, 100)
+    datastore.write(disk_a, 0, b"A" * 100)
+    assert datastore.read(disk_b, 0, 100) == original
+    with pytest.raises(AlreadyExists):
+        make_session(datastore, "a")
+
+
+def test_commit_makes_a_child_point(store: Store, datastore: Datastore, tmp_path: Path) -> None:
+    make_session(datastore)
+    disk = path_inode(datastore, "/sessions/s1/web_1-flat.vmdk")
+    datastore.write(disk, 1000, b"changed" * 100)
+    datastore.fsync(disk)
+    view = datastore.read(disk, 0, 1 << 20)
+    datastore.close()
+    point = sessions.commit_session(store, datastore.namespace, datastore.read_path, "s1")
+    with store.env.begin() as txn:
+        parent = store.catalog.resolve(txn, "web", point.parent or "")
+    assert point.stats["read_bytes"] < 1 << 20  # only overlay blocks were read
+    assert datastore.read_path.read(point, 1, 0, 1 << 20) == view
+    assert datastore.read_path.read(point, 0, 0, 3 << 20) == datastore.read_path.read(parent, 0, 0, 3 << 20)
+    sessions.export_session_disk(store, datastore.namespace, datastore.read_path, "s1", 1, tmp_path / "x.img")
+    assert (tmp_path / "x.img").read_bytes() == view
+
+
+def test_commit_and_delete_refuse_while_served(store: Store, datastore: Datastore) -> None:
+    make_session(datastore)
+    with sessions.datastore_lock(store):
+        with pytest.raises(SessionBusy):
+            sessions.delete_session(store, datastore.namespace, "s1")
+    sessions.delete_session(store, datastore.namespace, "s1")
+    assert names(datastore, "/sessions") == []
+    with pytest.raises(NotFound):
+        sessions.get_session(datastore.namespace, "s1")
