@@ -58,8 +58,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     stats = point.stats
     seconds = max(stats["seconds"], 1e-6)
     print(
-        f"read {human_bytes(stats['read_bytes'])} in {seconds:.1f}s "
-        f"({human_bytes(stats['read_bytes'] / seconds)}/s), {int(stats['new_chunks'])} new chunks, "
+        f"scanned {human_bytes(stats['scanned_bytes'])} (read {human_bytes(stats['read_bytes'])}) in "
+        f"{seconds:.1f}s ({human_bytes(stats['scanned_bytes'] / seconds)}/s), {int(stats['new_chunks'])} new chunks, "
         f"{human_bytes(stats['new_stored_bytes'])} newly stored",
         file=sys.stderr,
     )

@@ -92,7 +92,7 @@ def _ingest_disk(
     depth: int,
     process: _ChunkProcessor,
     sink: PackSink,
-    progress: Callable[[int], None],
+    progress: Callable[[int, bool], None],
 ) -> None:
     """Read `slots` of `source`, filling `chunk_map` and storing new chunks in `sink`."""
     window: deque[Future[_Processed]] = deque()
@@ -110,11 +110,12 @@ def _ingest_disk(
         length = min(chunk_size, source.size - offset)
         if source.is_unallocated(offset, length):
             chunk_map[index * formats.CHUNK_ID_SIZE : (index + 1) * formats.CHUNK_ID_SIZE] = formats.ZERO_CHUNK_ID
+            progress(length, False)
         else:
             window.append(pool.submit(process, index, source.read(offset, length)))
             if len(window) >= depth:
                 drain_one()
-        progress(length)
+            progress(length, True)
     while window:
         drain_one()
 
@@ -208,13 +209,14 @@ def ingest(
             for name in parent.files if parent is not None else ():
                 files.setdefault(name, store.catalog.file(txn, parent, name))
         total = sum(len(slots) for _, slots in plans) * chunk_size
-        done = 0
+        scanned = read = 0
 
-        def advance(length: int) -> None:
-            nonlocal done
-            done += length
+        def advance(length: int, was_read: bool) -> None:
+            nonlocal scanned, read
+            scanned += length
+            read += length if was_read else 0
             if progress is not None:
-                progress(done, total)
+                progress(scanned, total)
 
         sink = PackSink(store)
         processor = _ChunkProcessor(store, chunk_size, sink.locations)
@@ -238,7 +240,8 @@ def ingest(
                 ),
                 files=tuple(sorted(files)),
                 stats={
-                    "read_bytes": float(done),
+                    "scanned_bytes": float(scanned),  # slots visited, holes included
+                    "read_bytes": float(read),  # bytes actually read from the source
                     "new_chunks": float(len(sink.locations)),
                     "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
                     "seconds": round(time.monotonic() - started, 3),

@@ -3,7 +3,7 @@
 Formats (all defined in `formats`): a store directory holds a `config` file (magic,
 version, JSON settings), an LMDB environment `index/`, and immutable pack files
 `packs/XX/<id>.pack` of checksummed records. Chunks are fixed-size slots of a disk
-aligned to disk offsets (1 MiB by default, set at `init`), identified by BLAKE3-256 of
+aligned to disk offsets (256 KiB by default, set at `init`), identified by BLAKE3-256 of
 their bytes; all-zero slots are never stored. See `formats` for byte layouts.
 
 Module map: `repository` (open/init/locks), `packs` (pack files behind a backend

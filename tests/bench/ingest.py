@@ -22,9 +22,11 @@ What is measured, and why:
   ``stats --json``; borg also: unique compressed bytes from ``borg info --json``).
 * Read-back: the latest point of (a) read sequentially in 1 MiB pieces through
   ``ReadPath`` (fresh, so its chunk cache is cold) against reading the raw image file in
-  1 MiB pieces from a warm page cache. An untimed pass then checks that the latest
-  points of (a) and (b) hold exactly the image's bytes, so no figure is of wrong data.
-  For context only, the raw file is also read with O_DIRECT (raw_read_direct_MBps).
+  1 MiB pieces. The target ratio compares both with the page cache dropped first (both
+  from disk, as a full restore reads); with a warm page cache the raw read is a memory
+  copy, so that pair is reported beside `dd bs=1M` of the raw file for context. An
+  untimed pass then checks that the latest points of (a) and (b) hold exactly the
+  image's bytes, so no figure is of wrong data.
 
 Targets (from the issue): ours (whole images) >= 1.5x the throughput of borg and of
 restic, stored bytes <= borg's, read-back >= 50% of raw read speed.
@@ -246,10 +248,26 @@ def bench_restic(repo: Path, cache: Path, images: list[Path]) -> list[float]:
     return timed_sequence("restic", cmds, images, env=env, cwd=images[0].parent)
 
 
-def raw_read(path: Path, direct: bool = False) -> float:
-    """Seconds to read a file in 1 MiB pieces into one buffer; `direct` bypasses the page cache."""
-    buf = mmap.mmap(-1, PIECE)  # page-aligned, as O_DIRECT needs
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+def drop_page_cache() -> bool:
+    """Empty the kernel page cache (root only); False where that is not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    run(cmd)
+    return time.perf_counter() - started
+
+
+def raw_read(path: Path) -> float:
+    """Seconds to read a file in 1 MiB pieces into one reused buffer."""
+    buf = mmap.mmap(-1, PIECE)
+    fd = os.open(path, os.O_RDONLY)
     try:
         started = time.perf_counter()
         while os.readv(fd, [buf]):
@@ -306,11 +324,17 @@ def measure(work: Path, images: list[Path], args: argparse.Namespace) -> dict[st
             fig[f"ours_{mode}_{key.replace('stored', 'pack')}"] = stats[key]
     fig["ours_day0_MBps"] = fig["ours_whole_day0_MBps"]
     log("read-back")
-    raw_read(images[-1])  # warm page cache for the raw file
+    if drop_page_cache():  # both from disk: what a full restore does
+        raw_cold_s = raw_read(images[-1])
+        drop_page_cache()
+        back_cold_s = store_read(work / "ours-whole")
+        fig.update(readback_cold_MBps=mbps(size, back_cold_s), raw_read_cold_MBps=mbps(size, raw_cold_s))
+        fig["ratio_readback_vs_raw"] = round(raw_cold_s / back_cold_s, 3)
+    raw_read(images[-1])  # both from the page cache (ours: packs cached, chunk cache cold)
     raw_s, back_s = raw_read(images[-1]), store_read(work / "ours-whole")
-    direct_s = raw_read(images[-1], direct=True)  # context only: the raw file from disk
-    fig.update(readback_MBps=mbps(size, back_s), raw_read_MBps=mbps(size, raw_s))
-    fig.update(ratio_readback_vs_raw=round(raw_s / back_s, 3), raw_read_direct_MBps=mbps(size, direct_s))
+    dd_s = timed(["dd", f"if={images[-1]}", "of=/dev/null", "bs=1M", "status=none"])
+    fig.update(readback_warm_MBps=mbps(size, back_s), raw_read_warm_MBps=mbps(size, raw_s),
+               dd_warm_MBps=mbps(size, dd_s), ratio_readback_warm_vs_dd=round(dd_s / back_s, 3))
     for mode in ("whole", "cbt"):
         store_read(work / f"ours-{mode}", compare=images[-1])
     log("read-back check: latest points of both stores equal the last image")
@@ -358,7 +382,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     figures = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    met = {"readback_ge_50pct_raw": figures["ratio_readback_vs_raw"] >= 0.5}
+    met = {"readback_ge_50pct_raw": figures.get("ratio_readback_vs_raw", 0) >= 0.5}
     if not args.skip_peers:
         met.update(
             whole_ge_1_5x_borg=figures["ratio_whole_vs_borg"] >= 1.5,
@@ -366,7 +390,7 @@ def main() -> int:
             stored_le_borg=figures["ratio_stored_vs_borg"] <= 1.0,
         )
     result = {"bench": "ingest", "image_bytes": size, "days": args.days, "change_fraction": args.change_fraction}
-    result.update(runs=args.runs, page_cache="warm", **figures, targets_met=met, all_targets_met=all(met.values()))
+    result.update(runs=args.runs, page_cache="warm for ingest; cold and warm for read-back", **figures, targets_met=met, all_targets_met=all(met.values()))
     result["per_run"] = runs if args.runs > 1 else []
     print(json.dumps(result))
     return 0
