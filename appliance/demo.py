@@ -39,7 +39,7 @@ def make_demo_image(path: Path, size: int, seed: int = 7) -> None:
             else:
                 block = repeated
             image.seek(offset)
-            image.write(block)
+            image.write(block[: size - offset])
 
 
 def change_image(path: Path, fraction: float, seed: int) -> list[dict[str, int]]:
@@ -54,7 +54,7 @@ def change_image(path: Path, fraction: float, seed: int) -> list[dict[str, int]]
     return [{"start": b * _BLOCK, "length": _BLOCK} for b in blocks]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -75,12 +75,12 @@ def run_demo(work: Path | None) -> int:
     store, image = work / "store", work / "demo-vm.img"
     print(f"demo directory: {work}")
     make_demo_image(image, DEMO_IMAGE_BYTES)
-    day0 = _sha256(image)
+    day0 = sha256_file(image)
     _run("--store", str(store), "init")
     _run("--store", str(store), "backup", "--vm", "demo-vm", str(image))
     areas = work / "changed.json"
     areas.write_text(json.dumps({"changedArea": change_image(image, 0.02, seed=1)}))
-    day1 = _sha256(image)
+    day1 = sha256_file(image)
     _run(
         "--store", str(store), "backup", "--vm", "demo-vm",
         "--parent", "latest", "--changed-areas", str(areas), str(image),
@@ -92,7 +92,7 @@ def run_demo(work: Path | None) -> int:
         output = work / f"restored-{point}.img"
         _run("--store", str(store), "restore", "--vm", "demo-vm", "--point", point, "--disk", "0",
              "--output", str(output))
-        actual = _sha256(output)
+        actual = sha256_file(output)
         verdict = "identical" if actual == expected else "DIFFERENT"
         print(f"point {point}: restored sha256 {actual[:16]}... source {expected[:16]}... -> {verdict}")
         if actual != expected:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from appliance.demo import make_demo_image
+from appliance.demo import sha256_file as sha256_of
 from appliance.store import Store, init_store, open_store
 
 BLOCK = 64 << 10
@@ -18,33 +19,28 @@ SMALL_CHUNK = 64 << 10  # small chunks make small test images exercise many chun
 
 
 def write_image(path: Path, size: int, seed: int = 0) -> Path:
-    """A disk-like image: zeros, text, random and repeated 64 KiB blocks."""
-    rng = random.Random(seed)
-    repeated = rng.randbytes(BLOCK)
-    with open(path, "wb") as image:
-        image.truncate(size)
-        for offset in range(0, size, BLOCK):
-            kind = rng.random()
-            length = min(BLOCK, size - offset)
-            if kind < 0.25:
-                continue
-            if kind < 0.5:
-                block = (b"line %d of a text file\n" % offset) * (BLOCK // 20)
-            elif kind < 0.8:
-                block = rng.randbytes(BLOCK)
-            else:
-                block = repeated
-            image.seek(offset)
-            image.write(block[:length])
+    """A disk-like image: zero, text, random and repeated 64 KiB blocks (the demo's)."""
+    make_demo_image(path, size, seed)
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+MIB = 1 << 20
+#: Layout of the disk that the source-reader tests convert with qemu-img: a sector
+#: multiple, not a multiple of 1 MiB nor of the 64 KiB VMDK grain.
+MIXED_IMAGE_SIZE = 5 * MIB + 12 * 1024
+MIXED_ZERO_REGION = (MIB, 3 * MIB)
+READ_PIECE_SIZES = [[MIB], [1, 511, 65537, 777777, 12293]]
+
+
+def mixed_image(seed: int) -> bytes:
+    """Random, zero and repeated regions, with data running into the partial last grain."""
+    rng = random.Random(seed)
+    image = bytearray(MIXED_IMAGE_SIZE)
+    image[0:MIB] = rng.randbytes(MIB)
+    pattern = b"instant-recovery" * (300_000 // 16)
+    image[3 * MIB : 3 * MIB + len(pattern)] = pattern
+    image[4 * MIB + 5000 :] = rng.randbytes(MIXED_IMAGE_SIZE - 4 * MIB - 5000)
+    return bytes(image)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -11,29 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import MIB, MIXED_IMAGE_SIZE, MIXED_ZERO_REGION, READ_PIECE_SIZES, mixed_image
+
 from appliance.errors import SourceError
 from appliance.ingest.sources import DESCRIPTOR_LIMIT, open_source
 
-MIB = 1 << 20
 SECTOR = 512
-SIZE = 5 * MIB + 12 * 1024  # a sector multiple, not a multiple of 1 MiB
-ZERO_REGION = (MIB, 3 * MIB)
-PIECE_SIZES = [[MIB], [1, 511, 65537, 777777, 12293]]
+SIZE = MIXED_IMAGE_SIZE
+ZERO_REGION = MIXED_ZERO_REGION
+PIECE_SIZES = READ_PIECE_SIZES
 HEAD = '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="{}"\n\n'
 
 
-def make_image() -> bytes:
-    """Random, zero and repeated regions."""
-    rng = random.Random(7)
-    image = bytearray(SIZE)
-    image[0:MIB] = rng.randbytes(MIB)
-    pattern = b"instant-recovery" * (300_000 // 16)
-    image[3 * MIB : 3 * MIB + len(pattern)] = pattern
-    image[4 * MIB + 5000 :] = rng.randbytes(SIZE - 4 * MIB - 5000)
-    return bytes(image)
-
-
-IMAGE = make_image()
+IMAGE = mixed_image(7)
 
 
 def write_sparse(path: Path, data: bytes) -> None:

@@ -6,7 +6,6 @@ it converted from, and patched copies of its files are realistic malformed input
 
 from __future__ import annotations
 
-import random
 import shutil
 import struct
 import subprocess
@@ -16,28 +15,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import MIB, MIXED_IMAGE_SIZE, MIXED_ZERO_REGION, READ_PIECE_SIZES, mixed_image
+
 from appliance.errors import SourceError
 from appliance.ingest.sources import open_source
 from appliance.ingest.vmdk import GD_AT_END, SECTOR, parse_descriptor, parse_sparse_header
 
-MIB = 1 << 20
-SIZE = 5 * MIB + 12 * 1024  # a sector multiple, but not a multiple of the 64 KiB grain
-ZERO_REGION = (MIB, 3 * MIB)
-PIECE_SIZES = [[MIB], [1, 511, 65537, 777777, 12293]]
+SIZE = MIXED_IMAGE_SIZE
+ZERO_REGION = MIXED_ZERO_REGION
+PIECE_SIZES = READ_PIECE_SIZES
 
 
-def make_image() -> bytes:
-    """Random, zero and repeated regions, with data running into the partial last grain."""
-    rng = random.Random(20240601)
-    image = bytearray(SIZE)
-    image[0:MIB] = rng.randbytes(MIB)
-    pattern = b"instant-recovery" * (300_000 // 16)
-    image[3 * MIB : 3 * MIB + len(pattern)] = pattern
-    image[4 * MIB + 5000 :] = rng.randbytes(SIZE - 4 * MIB - 5000)
-    return bytes(image)
-
-
-IMAGE = make_image()
+IMAGE = mixed_image(20240601)
 
 
 def read_all(path: Path, pieces: list[int]) -> bytes:

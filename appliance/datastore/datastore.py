@@ -425,16 +425,20 @@ class Datastore:
             node = self.namespace.node(txn, inode) if inode is not None else None
             if inode is None or node is None:
                 raise NotFound(f"no {name!r} in directory inode {parent}")
-            if want_directory:
-                if node.kind is not Kind.DIRECTORY:
-                    raise NotADirectory(f"{name!r} is not a directory")
-                if self.namespace.has_children(txn, inode):
-                    raise NotEmpty(f"directory {name!r} is not empty")
-            elif node.kind is Kind.DIRECTORY:
-                raise IsADirectory(f"{name!r} is a directory")
+            self._check_removable(txn, name, node, want_directory)
             self.namespace.unlink(txn, parent, name, inode)
             self.namespace.forget(txn, inode)
         self._drop_data(node)
+
+    def _check_removable(self, txn: lmdb.Transaction, name: str, node: Node, want_directory: bool) -> None:
+        """The rules of unlink/rmdir, also for the entry a rename replaces."""
+        if want_directory:
+            if node.kind is not Kind.DIRECTORY:
+                raise NotADirectory(f"{name!r} is not a directory")
+            if self.namespace.has_children(txn, node.inode):
+                raise NotEmpty(f"directory {name!r} is not empty")
+        elif node.kind is Kind.DIRECTORY:
+            raise IsADirectory(f"{name!r} is a directory")
 
     def remove(self, parent: int, name: str) -> None:
         self._unlink_checked(parent, name, want_directory=False)
@@ -465,13 +469,7 @@ class Datastore:
             if existing is not None:
                 replaced = self.namespace.node(txn, existing)
                 assert replaced is not None
-                if replaced.kind is Kind.DIRECTORY:
-                    if node.kind is not Kind.DIRECTORY:
-                        raise IsADirectory(f"{new_name!r} is a directory")
-                    if self.namespace.has_children(txn, existing):
-                        raise NotEmpty(f"directory {new_name!r} is not empty")
-                elif node.kind is Kind.DIRECTORY:
-                    raise NotADirectory(f"{new_name!r} is not a directory")
+                self._check_removable(txn, new_name, replaced, node.kind is Kind.DIRECTORY)
                 self.namespace.unlink(txn, new_parent, new_name, existing)
                 self.namespace.forget(txn, existing)
             self.namespace.unlink(txn, old_parent, old_name, inode)

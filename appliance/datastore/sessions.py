@@ -39,6 +39,7 @@ from appliance.datastore.layout import (
 from appliance.datastore.namespace import Namespace
 from appliance.datastore.vfs import Kind
 from appliance.datastore.vmdk_files import descriptor_text, minimal_vmx
+from appliance.durable import write_durably
 from appliance.errors import AlreadyExists, NotFound, SessionBusy
 from appliance.names import check_name
 from appliance.store.catalog import RestorePoint
@@ -87,13 +88,6 @@ def point_files(store: Store, txn: lmdb.Transaction, point: RestorePoint) -> dic
     return files
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: str, point_ref: str,
                    name: str) -> SessionInfo:
     """Make a writable session of a restore point; usable at once by a running server."""
@@ -112,12 +106,12 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
         for file_name, content in point_files(store, txn, point).items():
             node = namespace.add(txn, directory.inode, file_name, Kind.FILE, "scratch", FILE_MODE,
                                  ref={"session": name})
-            _write_durably(scratch_path(store, directory.inode, node.inode), content)
+            write_durably(scratch_path(store, directory.inode, node.inode), content)
         disks = []
         for index, disk in enumerate(point.disks):
             descriptor = namespace.add(txn, directory.inode, f"{disk.name}.vmdk", Kind.FILE, "scratch", FILE_MODE,
                                        ref={"session": name})
-            _write_durably(scratch_path(store, directory.inode, descriptor.inode),
+            write_durably(scratch_path(store, directory.inode, descriptor.inode),
                            descriptor_text(disk.name, disk.size, f"{name}/{point.id}/{index}"))
             flat = namespace.add(txn, directory.inode, f"{disk.name}-flat.vmdk", Kind.FILE, "disk", FILE_MODE,
                                  ref={"session": name, "disk": index})

@@ -12,10 +12,10 @@ import bisect
 import errno
 import os
 import stat
-from types import TracebackType
 from typing import Protocol, Self
 
 from appliance.errors import SourceError
+from appliance.ingest.closing import ClosedOnExit, OwnsFd
 from appliance.ingest.vmdk import SECTOR, SPARSE_MAGIC, Extent, SparseExtent, parse_descriptor
 
 # Descriptor files are a few hundred bytes; a bigger file is never one.
@@ -52,9 +52,7 @@ class DiskSource(Protocol):
 
     def __enter__(self) -> Self: ...
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None: ...
+    def __exit__(self, *exc_info: object) -> None: ...
 
 
 class _Extent(Protocol):
@@ -69,7 +67,7 @@ class _Extent(Protocol):
     def close(self) -> None: ...
 
 
-class RawSource:
+class RawSource(OwnsFd):
     """`size` bytes of an open file starting at byte `base`: a raw image or a flat extent."""
 
     def __init__(self, path: str, fd: int, base: int, size: int, format: str) -> None:
@@ -128,19 +126,6 @@ class RawSource:
             return exc.errno == errno.ENXIO
         return data_at >= start + length
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 class _ZeroExtent:
     """A descriptor ZERO extent: no file behind it, every byte reads as zero."""
@@ -158,7 +143,7 @@ class _ZeroExtent:
         """Nothing to release."""
 
 
-class DescriptorSource:
+class DescriptorSource(ClosedOnExit):
     """A disk described by a VMDK descriptor: its extents laid end to end."""
 
     def __init__(self, path: str, format: str, extents: list[_Extent]) -> None:
@@ -202,14 +187,6 @@ class DescriptorSource:
     def close(self) -> None:
         for extent in self._extents:
             extent.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def open_source(path: str) -> DiskSource:

@@ -16,10 +16,9 @@ import struct
 import sys
 import zlib
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from appliance.errors import SourceError
+from appliance.ingest.closing import OwnsFd
 
 SECTOR = 512
 SPARSE_MAGIC = b"KDMV"
@@ -155,7 +154,7 @@ def parse_sparse_header(data: bytes, path: str, offset: int) -> SparseHeader:
                         gtes_per_gt, rgd_offset, gd_offset, overhead, algorithm)
 
 
-class SparseExtent:
+class SparseExtent(OwnsFd):
     """A hosted sparse extent: monolithicSparse, or streamOptimized when compressed."""
 
     def __init__(self, path: str, fd: int) -> None:
@@ -368,19 +367,6 @@ class SparseExtent:
         first = offset // self._grain_bytes
         last = (offset + length - 1) // self._grain_bytes
         return all(self._entry(grain) < _FIRST_REAL_SECTOR for grain in range(first, last + 1))
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _u32s(data: bytes) -> array.array[int]:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from appliance.durable import fsync_directory
 from appliance.errors import IntegrityError, StoreError
 from appliance.store import formats
 
@@ -30,14 +31,6 @@ class PackBackend(Protocol):
     def list_packs(self) -> Iterator[int]: ...
     def list_unsealed(self) -> Iterator[Path]: ...
     def delete(self, pack_id: int) -> None: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PackWriter:
@@ -75,7 +68,7 @@ class PackWriter:
         self._file.close()
         self._final_path.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self._temp_path, self._final_path)
-        _fsync_dir(self._final_path.parent)
+        fsync_directory(self._final_path.parent)
         return self._size
 
     def abandon(self) -> None:
@@ -167,7 +160,7 @@ class LocalPackDirectory:
         self._forget(pack_id)
         path = self.path_of(pack_id)
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
     def close(self) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import lmdb
 
+from appliance.durable import write_durably
 from appliance.errors import StoreBusy, StoreError
 from appliance.store import formats
 from appliance.store.catalog import Catalog
@@ -45,20 +46,6 @@ class StoreConfig:
     compression: str
     compression_level: int
     created: float
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_config(path: Path) -> StoreConfig:
@@ -103,7 +90,7 @@ def init_store(
     )
     (path / "packs").mkdir(exist_ok=True)
     body = json.dumps(asdict(config)).encode()
-    _write_durably(
+    write_durably(
         path / "config",
         _CONFIG_HEADER.pack(formats.STORE_MAGIC, formats.STORE_FORMAT_VERSION, len(body)) + body,
     )
