@@ -2,15 +2,21 @@
 
 Generates a mixed disk image (zeros, text, random data, repeated blocks), backs it up,
 changes ~2% of it and takes an incremental backup from a changed-areas file, restores
-both points and proves them byte-identical to their sources, then verifies the store.
+both points and proves them byte-identical to their sources, serves the datastore over
+FUSE and reads the point back through it, writes into a session (the point stays
+unchanged), then verifies the store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from appliance.cli import main as cli_main
@@ -97,6 +103,37 @@ def run_demo(work: Path | None) -> int:
         print(f"point {point}: restored sha256 {actual[:16]}... source {expected[:16]}... -> {verdict}")
         if actual != expected:
             return 1
+    _run("--store", str(store), "session", "create", "--vm", "demo-vm", "--point", second, "--name", "demo")
+    if not _serve_and_read_back(store, work / "mnt", second, day1):
+        return 1
     _run("--store", str(store), "verify")
     _run("--store", str(store), "stats")
     return 0
+
+
+def _serve_and_read_back(store: Path, mountpoint: Path, point: str, expected: str) -> bool:
+    """Mount the datastore (a child `appliance mount`), read a point back, write a session."""
+    mountpoint.mkdir(exist_ok=True)
+    print(f"$ appliance --store {store} mount {mountpoint} &", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "appliance", "--store", str(store), "mount", str(mountpoint)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise ApplianceError(f"demo: the FUSE mount at {mountpoint} did not come up")
+            time.sleep(0.05)
+        flat = mountpoint / "restore-points" / "demo-vm" / point / "demo-vm-flat.vmdk"
+        actual = sha256_file(flat)
+        verdict = "identical" if actual == expected else "DIFFERENT"
+        print(f"served {flat.relative_to(mountpoint)}: sha256 {actual[:16]}... -> {verdict}")
+        session_disk = mountpoint / "sessions" / "demo" / "demo-vm-flat.vmdk"
+        with open(session_disk, "r+b") as disk:
+            disk.write(b"written by the demo into a session")
+            os.fsync(disk.fileno())
+        untouched = sha256_file(flat) == expected
+        print(f"wrote into {session_disk.relative_to(mountpoint)}; restore point unchanged: {untouched}")
+        return actual == expected and untouched
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
