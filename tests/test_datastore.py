@@ -25,6 +25,7 @@ from appliance.errors import (
 )
 from appliance.ingest.backup import backup
 from appliance.store import ReadPath, Store
+from appliance.store.gc import prune
 from tests.conftest import write_image
 
 
@@ -182,6 +183,19 @@ def test_commit_makes_a_child_point(store: Store, datastore: Datastore, tmp_path
     assert datastore.read_path.read(point, 0, 0, 3 << 20) == datastore.read_path.read(parent, 0, 0, 3 << 20)
     sessions.export_session_disk(store, datastore.namespace, datastore.read_path, "s1", 1, tmp_path / "x.img")
     assert (tmp_path / "x.img").read_bytes() == view
+
+
+def test_prune_keeps_a_point_a_session_runs_from(store: Store, datastore: Datastore, tmp_path: Path) -> None:
+    make_session(datastore)
+    disk = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    view = datastore.read(disk, 0, 3 << 20)
+    backup(store, "web", [write_image(tmp_path / "new.img", 3 << 20, seed=9)])
+    removed, _ = prune(store, "web", keep_last=1)
+    assert removed == []
+    assert datastore.read(disk, 0, 3 << 20) == view
+    sessions.delete_session(store, datastore.namespace, "s1")
+    removed, report = prune(store, "web", keep_last=1)
+    assert len(removed) == 1 and report.removed_chunks > 0
 
 
 def test_commit_and_delete_refuse_while_served(store: Store, datastore: Datastore) -> None:

@@ -121,6 +121,7 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
             disks.append(flat.inode)
         info = SessionInfo(name, vm, point.id, time.time(), directory.inode, tuple(disks))
         table.put(txn, info)
+        store.catalog.add_hold(txn, point.id, _holder(name))
     return info
 
 
@@ -167,6 +168,7 @@ def delete_session(store: Store, namespace: Namespace, name: str) -> None:
                 namespace.unlink(txn, node.parent, name, info.inode)
                 namespace.forget(txn, info.inode)
             SessionTable(namespace).delete(txn, name)
+            store.catalog.release_hold(txn, info.point, _holder(name))
         shutil.rmtree(area_of(store, info.inode), ignore_errors=True)
 
 
@@ -175,6 +177,10 @@ def _forget_tree(namespace: Namespace, txn: lmdb.Transaction, directory: int) ->
         _forget_tree(namespace, txn, inode)
         namespace.unlink(txn, directory, child_name, inode)
         namespace.forget(txn, inode)
+
+
+def _holder(name: str) -> str:
+    return f"session:{name}"
 
 
 class OverlaySource:

@@ -79,6 +79,7 @@ class Catalog:
         self._points = env.open_db(b"points")
         self._maps = env.open_db(b"maps")
         self._files = env.open_db(b"files")
+        self._holds = env.open_db(b"holds")
 
     def add_point(
         self,
@@ -104,6 +105,25 @@ class Catalog:
             txn.delete(key + b"/" + _DISK_KEY.pack(index), db=self._maps)
         for name in point.files:
             txn.delete(key + b"/" + name.encode(), db=self._files)
+
+    def add_hold(self, txn: lmdb.Transaction, point_id: str, holder: str) -> None:
+        """Keep a point from being pruned while `holder` (e.g. a session) depends on it."""
+        txn.put(point_id.encode() + b"\0" + holder.encode(), b"", db=self._holds)
+
+    def release_hold(self, txn: lmdb.Transaction, point_id: str, holder: str) -> None:
+        txn.delete(point_id.encode() + b"\0" + holder.encode(), db=self._holds)
+
+    def holders(self, txn: lmdb.Transaction, point_id: str) -> list[str]:
+        prefix = point_id.encode() + b"\0"
+        with txn.cursor(db=self._holds) as cursor:
+            if not cursor.set_range(prefix):
+                return []
+            found = []
+            for key in cursor.iternext(keys=True, values=False):
+                if not bytes(key).startswith(prefix):
+                    break
+                found.append(bytes(key)[len(prefix) :].decode())
+            return found
 
     def vms(self, txn: lmdb.Transaction) -> list[str]:
         with txn.cursor(db=self._vms) as cursor:

@@ -42,14 +42,17 @@ class GcReport:
 
 
 def prune(store: Store, vm: str, keep_last: int) -> tuple[list[RestorePoint], GcReport]:
-    """Delete all but the newest `keep_last` points of `vm`, then collect garbage."""
+    """Delete all but the newest `keep_last` points of `vm`, then collect garbage.
+
+    Points with holders (sessions running from them) are kept whatever their age.
+    """
     check_name("VM", vm)
     if keep_last < 1:
         raise UsageError("--keep-last must be at least 1")
     with store.writer_lock():
         with store.env.begin(write=True) as txn:
             points = store.catalog.vm_points(txn, vm)
-            doomed = points[:-keep_last]
+            doomed = [p for p in points[:-keep_last] if not store.catalog.holders(txn, p.id)]
             for point in doomed:
                 store.catalog.delete_point(txn, point)
         return doomed, _collect(store)
