@@ -204,7 +204,7 @@ def cmd_session(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from appliance.serve import mount_datastore
 
-    mount_datastore(_store_path(args), Path(args.mountpoint))
+    mount_datastore(_store_path(args), Path(args.mountpoint), cache_bytes=args.cache_mib << 20)
     return 0
 
 
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
     sub.add_argument("mountpoint")
+    sub.add_argument("--cache-mib", type=int, default=1024, help="decompressed-chunk cache size (MiB)")
 
     sub = command("demo", cmd_demo, "generate a disk image, back it up, list, restore and compare")
     sub.add_argument("--dir", help="work directory (default: a new temporary directory)")

@@ -16,12 +16,22 @@ from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
+from appliance.store.cache import MemoryChunkCache
+
+#: A serving appliance keeps whole booted disks' working sets decompressed; a one-shot
+#: restore needs far less (`reader.DEFAULT_CACHE_BYTES`).
+DEFAULT_SERVE_CACHE_BYTES = 1 << 30
 
 
-def mount_datastore(store_path: Path, mountpoint: Path) -> None:
+def mount_datastore(store_path: Path, mountpoint: Path, cache_bytes: int = DEFAULT_SERVE_CACHE_BYTES) -> None:
     """Serve the datastore at `mountpoint` in the foreground; returns after a clean unmount."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with open_store(store_path) as store, store.reader_lock(), datastore_lock(store), ReadPath(store) as read_path:
+    with (
+        open_store(store_path) as store,
+        store.reader_lock(),
+        datastore_lock(store),
+        ReadPath(store, cache=MemoryChunkCache(cache_bytes)) as read_path,
+    ):
         datastore = Datastore(store, read_path)
         try:
             trio.run(serve_fuse, datastore, mountpoint)
