@@ -140,7 +140,8 @@ class FuseAdapter(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=attributes.read_only)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._call(self.vfs.read, fh, off, size)
+        cached = self.vfs.read_nowait(fh, off, size)
+        return cached if cached is not None else await self._call(self.vfs.read, fh, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self._call(self.vfs.write, fh, off, buf)

@@ -58,3 +58,14 @@ def test_reads_past_end_are_short(store: Store, image_point) -> None:  # type: i
     with ReadPath(store) as read_path:
         assert read_path.read(point, 0, size - 10, 100) == image.read_bytes()[-10:]
         assert read_path.read(point, 0, size, 100) == b""
+
+
+def test_read_cached_answers_only_from_memory(store: Store, image_point) -> None:  # type: ignore[no-untyped-def]
+    image, point = image_point
+    data = image.read_bytes()
+    with ReadPath(store, readahead_bytes=0) as read_path:
+        disk = read_path.disk(point, 0)
+        assert disk.read_cached(70_000, 5000) is None  # cold: would need a decompression
+        assert disk.read(70_000, 5000) == data[70_000:75_000]
+        assert disk.read_cached(70_000, 5000) == data[70_000:75_000]
+        assert read_path.opened_disk(point.id, 0) is disk

@@ -80,6 +80,7 @@ class Datastore:
         self._overlays: dict[int, Overlay] = {}
         self._fds: dict[int, int] = {}
         self._disk_mtimes: dict[int, int] = {}
+        self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
 
     def close(self) -> None:
         with self._lock:
@@ -331,10 +332,18 @@ class Datastore:
             return os.pread(self._fd(node), length, offset)
         if node.role == "rp-file":
             if "disk" in node.ref:
-                point = self._point(str(node.ref["point"]))
-                return self.read_path.read(point, int(node.ref["disk"]), offset, length)  # type: ignore[call-overload]
+                point, disk = self._point(str(node.ref["point"])), int(node.ref["disk"])  # type: ignore[call-overload]
+                self._flat_extents[inode] = (point.id, disk)  # immutable: safe to remember
+                return self.read_path.read(point, disk, offset, length)
             return self._small_file(node)[offset : offset + length]
         raise NotSupported(f"inode {inode} has no data")
+
+    def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
+        target = self._flat_extents.get(inode)
+        if target is None:
+            return None
+        reader = self.read_path.opened_disk(*target)
+        return None if reader is None else reader.read_cached(offset, length)
 
     def write(self, inode: int, offset: int, data: bytes) -> int:
         node = self._writable(inode)

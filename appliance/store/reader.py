@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 from appliance.errors import IntegrityError
 from appliance.store.cache import ChunkCache, MemoryChunkCache
@@ -54,8 +55,13 @@ class DiskReader:
                 f"offset {index * self._chunk_size}: {exc}"
             ) from None
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Up to `length` bytes at `offset`; short only at the end of the disk."""
+    def _cached_chunk(self, index: int) -> bytes | None:
+        cid = self.chunk_id_at(index)
+        if cid == ZERO_CHUNK_ID:
+            return self._path.zeros(self.chunk_length(index))
+        return self._path.cache.get(cid)
+
+    def _read(self, offset: int, length: int, chunk_of: Callable[[int], bytes | None]) -> bytes | None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset {offset} or length {length}")
         end = min(offset + length, self.size)
@@ -64,17 +70,29 @@ class DiskReader:
         first, last = offset // self._chunk_size, (end - 1) // self._chunk_size
         if offset == self._next_offset:
             self._path.prefetch(self, last + 1)
-        self._next_offset = end
-        if first == last:
-            start = offset - first * self._chunk_size
-            chunk = self._chunk(first)
-            return chunk if start == 0 and end - offset == len(chunk) else chunk[start : start + end - offset]
         parts = []
         for index in range(first, last + 1):
+            chunk = chunk_of(index)
+            if chunk is None:
+                return None
             base = index * self._chunk_size
-            chunk = self._chunk(index)
             parts.append(chunk[max(offset, base) - base : min(end, base + len(chunk)) - base])
-        return b"".join(parts)
+        self._next_offset = end
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`; short only at the end of the disk."""
+        data = self._read(offset, length, self._chunk)
+        assert data is not None
+        return data
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """Like `read` when every chunk needed is decompressed in memory, else None.
+
+        Never blocks on I/O or decompression, so an event loop may call it directly
+        and skip the hop to a worker thread for cache hits.
+        """
+        return self._read(offset, length, self._cached_chunk)
 
 
 class ReadPath:
@@ -124,6 +142,11 @@ class ReadPath:
 
     def read(self, point: RestorePoint, disk: int, offset: int, length: int) -> bytes:
         return self.disk(point, disk).read(offset, length)
+
+    def opened_disk(self, point_id: str, disk: int) -> DiskReader | None:
+        """A disk reader already opened by `disk`, without touching LMDB."""
+        with self._lock:
+            return self._readers.get((point_id, disk))
 
     def _prefetch_task(self, cid: bytes) -> bytes:
         try:
