@@ -14,13 +14,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from appliance.errors import ApplianceError, DamageFound
+from appliance.errors import ApplianceError, DamageFound, UsageError
 from appliance.progress import Progress, human_bytes
 from appliance.store import init_store, open_store
-from appliance.store.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Store
+from appliance.store.repository import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMPRESSION_LEVEL,
+    Store,
+)
 
 if TYPE_CHECKING:
     from appliance.datastore.namespace import Namespace
@@ -208,6 +213,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.serve import ServeOptions, serve_datastore
+    from nfs_export import Export, parse_networks
+
+    try:
+        allow = parse_networks(args.export_allow or ["127.0.0.0/8"])
+    except ValueError as exc:
+        raise UsageError(f"--export-allow: {exc}") from None
+    export = Export(path=args.export_path, allow=allow, read_only=args.read_only, root_squash=args.root_squash)
+    options = ServeOptions(export=export, bind=args.bind, nfs_port=args.nfs_port, mount_port=args.mount_port,
+                           register_portmap=args.portmap, mountpoint=Path(args.mount) if args.mount else None,
+                           cache_bytes=args.cache_mib << 20)
+    serve_datastore(_store_path(args), options)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
@@ -278,6 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
     sub.add_argument("mountpoint")
+    sub.add_argument("--cache-mib", type=int, default=1024, help="decompressed-chunk cache size (MiB)")
+
+    sub = command("serve", cmd_serve, "serve the datastore over NFSv3 (and FUSE) until SIGINT/SIGTERM")
+    sub.epilog = (
+        "Default export: clients in 127.0.0.0/8 only, read-write, root not squashed (ESXi needs "
+        "no_root_squash: with root squashed it mounts the datastore but cannot create a VM). "
+        "For ESXi on another host: --bind 0.0.0.0 --export-allow <its network>. ESXi finds the "
+        "ports through the portmapper on port 111: rpcbind if it runs, else this process serves one."
+    )
+    sub.add_argument("--nfs-port", type=int, default=2049, help="NFS port (default 2049)")
+    sub.add_argument("--mount-port", type=int, default=20048, help="MOUNT port (default 20048)")
+    sub.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--mount", metavar="MNT", help="also serve the datastore over FUSE at MNT")
+    sub.add_argument("--export-allow", action="append", metavar="CIDR",
+                     help="client network allowed to mount; repeatable (default 127.0.0.0/8 only)")
+    sub.add_argument("--export-path", default="/", metavar="PATH",
+                     help='the path clients mount, e.g. /datastore ("/" is always accepted too)')
+    sub.add_argument("--read-only", action="store_true", help="refuse every change over NFS (NFS3ERR_ROFS)")
+    squash = sub.add_mutually_exclusive_group()
+    squash.add_argument("--root-squash", dest="root_squash", action="store_true",
+                        help="map uid/gid 0 to 65534 (breaks VM creation from ESXi)")
+    squash.add_argument("--no-root-squash", dest="root_squash", action="store_false",
+                        help="keep root as root (the default; what ESXi needs)")
+    sub.add_argument("--no-portmap", dest="portmap", action="store_false",
+                     help="neither register with rpcbind nor serve a portmapper on port 111")
     sub.add_argument("--cache-mib", type=int, default=1024, help="decompressed-chunk cache size (MiB)")
 
     sub = command("demo", cmd_demo, "generate a disk image, back it up, list, restore and compare")

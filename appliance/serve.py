@@ -1,31 +1,82 @@
 """Running the datastore: one process, one trio loop, one shared datastore object.
 
-Today the loop serves FUSE; the NFS server and HTTP API join it as tasks of the same
-nursery. The process holds the store's reader lock (GC will not delete packs under
-it) and the datastore lock (sessions are not committed or deleted under it).
+`serve_datastore` runs the NFS server (and the FUSE mount when asked) as tasks of one
+nursery over one `Datastore`; the HTTP API joins it later. The process holds the store's
+reader lock (GC will not delete packs under it) and the datastore lock (sessions are not
+committed or deleted under it). SIGINT/SIGTERM end every task: FUSE unmounts and NFS
+unregisters from the portmapper before the process exits.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
+from appliance.durable import fsync_directory
+from appliance.errors import ApplianceError, StoreError
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
 from appliance.store.cache import MemoryChunkCache
+from nfs_export import Export, serve_nfs
 
+log = logging.getLogger(__name__)
 #: A serving appliance keeps whole booted disks' working sets decompressed; a one-shot
 #: restore needs far less (`reader.DEFAULT_CACHE_BYTES`).
 DEFAULT_SERVE_CACHE_BYTES = 1 << 30
+#: Seals NFS file handles; kept with the store so handles survive restarts (and moves).
+HANDLE_KEY_NAME = "nfs-handle.key"
+HANDLE_KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    export: Export
+    bind: str = "127.0.0.1"
+    nfs_port: int = 2049
+    mount_port: int = 20048
+    register_portmap: bool = True
+    mountpoint: Path | None = None
+    cache_bytes: int = DEFAULT_SERVE_CACHE_BYTES
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def handle_secret(store_path: Path) -> bytes:
+    """The store's NFS handle secret, made (random, mode 0600, fsynced) on first use."""
+    path = store_path / HANDLE_KEY_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        secret = path.read_bytes()
+        if len(secret) != HANDLE_KEY_BYTES:
+            raise StoreError(f"{path} holds {len(secret)} bytes, not a {HANDLE_KEY_BYTES}-byte handle key; "
+                             "restore it from a backup (a new key makes every NFS client's handles stale)") from None
+        return secret
+    secret = os.urandom(HANDLE_KEY_BYTES)
+    try:
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_directory(store_path)
+    return secret
 
 
 def mount_datastore(store_path: Path, mountpoint: Path, cache_bytes: int = DEFAULT_SERVE_CACHE_BYTES) -> None:
     """Serve the datastore at `mountpoint` in the foreground; returns after a clean unmount."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logging()
     with (
         open_store(store_path) as store,
         store.reader_lock(),
@@ -35,5 +86,67 @@ def mount_datastore(store_path: Path, mountpoint: Path, cache_bytes: int = DEFAU
         datastore = Datastore(store, read_path)
         try:
             trio.run(serve_fuse, datastore, mountpoint)
+        finally:
+            datastore.close()
+
+
+async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[None]], *args: Any,
+                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a server task; when it ends by itself (FUSE saw the signal), end the others."""
+    await serve(*args, task_status=task_status)
+    scope.cancel()
+
+
+async def _serve(datastore: Datastore, secret: bytes, options: ServeOptions) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            service = await nursery.start(partial(
+                serve_nfs, datastore, handle_secret=secret, export=options.export, host=options.bind,
+                nfs_port=options.nfs_port, mount_port=options.mount_port, register_portmap=options.register_portmap))
+            log.info("serving NFSv3 on %s port %d, MOUNT port %d; export allows %s, %s, root %s", options.bind,
+                     service.nfs_port, service.mount_port, ", ".join(map(str, options.export.allow)),
+                     "read-only" if options.export.read_only else "read-write",
+                     "squashed" if options.export.root_squash else "not squashed")
+            if options.mountpoint is not None:
+                await nursery.start(_then_stop, nursery.cancel_scope, serve_fuse, datastore, options.mountpoint)
+            async for signum in signals:
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _single_cause(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one user-facing error inside a task group's exception, if that is all it holds."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    if len(leaves) == 1 and isinstance(leaves[0], (ApplianceError, OSError)):
+        return leaves[0]
+    return None
+
+
+def serve_datastore(store_path: Path, options: ServeOptions) -> None:
+    """Serve the datastore over NFS (and FUSE) in the foreground until SIGINT/SIGTERM."""
+    _logging()
+    with (
+        open_store(store_path) as store,
+        store.reader_lock(),
+        datastore_lock(store),
+        ReadPath(store, cache=MemoryChunkCache(options.cache_bytes)) as read_path,
+    ):
+        secret = handle_secret(store.path)
+        datastore = Datastore(store, read_path)
+        try:
+            trio.run(_serve, datastore, secret, options)
+        except BaseExceptionGroup as group:
+            cause = _single_cause(group)
+            if cause is None:
+                raise
+            raise cause from None
         finally:
             datastore.close()

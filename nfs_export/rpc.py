@@ -1,0 +1,299 @@
+"""ONC RPC version 2 (RFC 5531) messages: call headers, credentials, replies, dispatch.
+
+A program is a table from procedure number to `Procedure`; the dispatcher holds one
+table from (program, version) to `Program`. Decoding the arguments, running the
+handler and encoding the reply happen once, in `RpcDispatcher.dispatch`, so a handler
+only ever sees decoded arguments and returns a result that knows how to encode itself.
+
+Malformed input never reaches a handler: a call whose header or arguments do not
+decode is answered GARBAGE_ARGS (or AUTH_ERROR for a bad credential), and the
+transport (`nfs_export.rpc_tcp`) keeps the connection going.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from nfs_export.xdr import Decoder, Encoder, XdrError
+
+log = logging.getLogger(__name__)
+A = TypeVar("A")
+
+RPC_VERSION = 2
+MAX_AUTH_BYTES = 400
+MAX_MACHINE_NAME = 255
+MAX_GIDS = 16
+NOBODY = 65534
+
+
+class MsgType(enum.IntEnum):
+    CALL = 0
+    REPLY = 1
+
+
+class ReplyStat(enum.IntEnum):
+    MSG_ACCEPTED = 0
+    MSG_DENIED = 1
+
+
+class AcceptStat(enum.IntEnum):
+    SUCCESS = 0
+    PROG_UNAVAIL = 1
+    PROG_MISMATCH = 2
+    PROC_UNAVAIL = 3
+    GARBAGE_ARGS = 4
+    SYSTEM_ERR = 5
+
+
+class RejectStat(enum.IntEnum):
+    RPC_MISMATCH = 0
+    AUTH_ERROR = 1
+
+
+class AuthStat(enum.IntEnum):
+    AUTH_OK = 0
+    AUTH_BADCRED = 1
+    AUTH_REJECTEDCRED = 2
+    AUTH_BADVERF = 3
+    AUTH_REJECTEDVERF = 4
+    AUTH_TOOWEAK = 5
+
+
+class AuthFlavor(enum.IntEnum):
+    AUTH_NONE = 0
+    AUTH_SYS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Who the client says is calling: AUTH_SYS fields, or nobody for AUTH_NONE."""
+
+    flavor: AuthFlavor = AuthFlavor.AUTH_NONE
+    uid: int = NOBODY
+    gid: int = NOBODY
+    gids: tuple[int, ...] = ()
+    machine: str = ""
+    stamp: int = 0
+
+    def encode(self, encoder: Encoder) -> None:
+        """The opaque_auth of this credential, as a client sends it."""
+        encoder.uint32(self.flavor)
+        if self.flavor is AuthFlavor.AUTH_NONE:
+            encoder.opaque(b"")
+            return
+        body = Encoder()
+        body.uint32(self.stamp)
+        body.string(self.machine)
+        body.uint32(self.uid)
+        body.uint32(self.gid)
+        body.array(self.gids, Encoder.uint32)
+        encoder.opaque(body.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """The decoded header of one call, handed to the procedure with its arguments."""
+
+    xid: int
+    program: int
+    version: int
+    procedure: int
+    credential: Credential
+    client: str  # the peer's IP address, for export rules
+
+
+class Encodable(Protocol):
+    def encode(self, encoder: Encoder) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Void:
+    """The empty result (NULL procedures, UMNT)."""
+
+    def encode(self, encoder: Encoder) -> None:
+        return None
+
+
+def decode_void(decoder: Decoder) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Procedure(Generic[A]):
+    """One procedure: how its arguments decode and the handler that answers them."""
+
+    name: str
+    decode: Callable[[Decoder], A]
+    run: Callable[[Call, A], Awaitable[Encodable]]
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    number: int
+    version: int
+    name: str
+    procedures: Mapping[int, Procedure[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class RpcStatistics:
+    calls: int
+    garbage: int
+    auth_errors: int
+    system_errors: int
+    unavailable: int
+    connections: int
+    oversized_records: int
+
+
+@dataclass(slots=True)
+class _Counters:
+    calls: int = 0
+    garbage: int = 0
+    auth_errors: int = 0
+    system_errors: int = 0
+    unavailable: int = 0
+    connections: int = 0
+    oversized_records: int = 0
+
+
+class _AuthError(Exception):
+    def __init__(self, stat: AuthStat) -> None:
+        super().__init__(stat.name)
+        self.stat = stat
+
+
+def _decode_credential(decoder: Decoder) -> Credential:
+    flavor = decoder.uint32()
+    body = decoder.opaque_view(MAX_AUTH_BYTES)
+    if flavor == AuthFlavor.AUTH_NONE:
+        return Credential()
+    if flavor != AuthFlavor.AUTH_SYS:
+        raise _AuthError(AuthStat.AUTH_BADCRED)
+    fields = Decoder(body)
+    try:
+        stamp = fields.uint32()
+        machine = fields.string(MAX_MACHINE_NAME)
+        uid, gid = fields.uint32(), fields.uint32()
+        gids = tuple(fields.array(Decoder.uint32, MAX_GIDS))
+    except XdrError:
+        raise _AuthError(AuthStat.AUTH_BADCRED) from None
+    return Credential(AuthFlavor.AUTH_SYS, uid, gid, gids, machine, stamp)
+
+
+def _accepted(out: Encoder, xid: int, stat: AcceptStat) -> None:
+    out.uint32(xid)
+    out.uint32(MsgType.REPLY)
+    out.uint32(ReplyStat.MSG_ACCEPTED)
+    out.uint32(AuthFlavor.AUTH_NONE)  # verifier: AUTH_NONE, empty
+    out.uint32(0)
+    out.uint32(stat)
+
+
+def _denied(out: Encoder, xid: int, stat: RejectStat) -> None:
+    out.uint32(xid)
+    out.uint32(MsgType.REPLY)
+    out.uint32(ReplyStat.MSG_DENIED)
+    out.uint32(stat)
+
+
+@dataclass
+class RpcDispatcher:
+    """Routes calls to programs; transport-independent (a record in, a reply out)."""
+
+    programs: list[Program]
+    _table: dict[tuple[int, int], Program] = field(init=False)
+    _versions: dict[int, tuple[int, int]] = field(init=False)
+    _counters: _Counters = field(init=False, default_factory=_Counters)
+
+    def __post_init__(self) -> None:
+        self._table = {(p.number, p.version): p for p in self.programs}
+        self._versions = {}
+        for p in self.programs:
+            low, high = self._versions.get(p.number, (p.version, p.version))
+            self._versions[p.number] = (min(low, p.version), max(high, p.version))
+
+    def statistics(self) -> RpcStatistics:
+        c = self._counters
+        return RpcStatistics(c.calls, c.garbage, c.auth_errors, c.system_errors, c.unavailable, c.connections,
+                             c.oversized_records)
+
+    def connection_opened(self) -> None:
+        self._counters.connections += 1
+
+    def record_oversized(self) -> None:
+        self._counters.oversized_records += 1
+
+    async def dispatch(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> bool:
+        """Answer one call message into `out`; False when there is nothing to answer.
+
+        A message too short to hold an xid, or a REPLY, has no caller to answer.
+        """
+        decoder = Decoder(record)
+        try:
+            xid, msg_type = decoder.uint32(), decoder.uint32()
+        except XdrError:
+            self._counters.garbage += 1
+            return False
+        if msg_type != MsgType.CALL:
+            self._counters.garbage += 1
+            return False
+        self._counters.calls += 1
+        try:
+            if decoder.uint32() != RPC_VERSION:
+                _denied(out, xid, RejectStat.RPC_MISMATCH)
+                out.uint32(RPC_VERSION)
+                out.uint32(RPC_VERSION)
+                return True
+            number, version, procedure_number = decoder.uint32(), decoder.uint32(), decoder.uint32()
+            credential = _decode_credential(decoder)
+            decoder.uint32()  # the verifier: AUTH_NONE or AUTH_SYS clients send nothing we check
+            decoder.opaque_view(MAX_AUTH_BYTES)
+        except XdrError:
+            self._counters.garbage += 1
+            _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
+            return True
+        except _AuthError as exc:
+            self._counters.auth_errors += 1
+            _denied(out, xid, RejectStat.AUTH_ERROR)
+            out.uint32(exc.stat)
+            return True
+        program = self._table.get((number, version))
+        if program is None:
+            self._counters.unavailable += 1
+            versions = self._versions.get(number)
+            if versions is None:
+                _accepted(out, xid, AcceptStat.PROG_UNAVAIL)
+            else:
+                _accepted(out, xid, AcceptStat.PROG_MISMATCH)
+                out.uint32(versions[0])
+                out.uint32(versions[1])
+            return True
+        procedure = program.procedures.get(procedure_number)
+        if procedure is None:
+            self._counters.unavailable += 1
+            _accepted(out, xid, AcceptStat.PROC_UNAVAIL)
+            return True
+        try:
+            args = procedure.decode(decoder)
+        except XdrError as exc:
+            log.debug("%s %s from %s: garbage arguments: %s", program.name, procedure.name, client, exc)
+            self._counters.garbage += 1
+            _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
+            return True
+        call = Call(xid, number, version, procedure_number, credential, client)
+        start = len(out)
+        try:
+            result = await procedure.run(call, args)
+            _accepted(out, xid, AcceptStat.SUCCESS)
+            result.encode(out)
+        except Exception:
+            log.exception("%s %s from %s failed", program.name, procedure.name, client)
+            self._counters.system_errors += 1
+            del out.data[start:]
+            _accepted(out, xid, AcceptStat.SYSTEM_ERR)
+        return True

@@ -1,0 +1,142 @@
+"""`appliance serve`: NFS and FUSE from one process, stopped by SIGTERM, restarted with
+the same handles; started and stopped by PID like an operator's service manager would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfs_export import NfsService
+from tests.conftest import run_cli, write_image
+from tests.test_nfs3 import GETATTR, OK, NfsClient, fattr
+from tests.test_nfs_server import with_client
+
+pytestmark = pytest.mark.skipif(shutil.which("nfs-ls") is None, reason="libnfs-utils is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def accepting(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Serve:
+    """`appliance serve` as a child process on fixed free ports."""
+
+    def __init__(self, store: Path, *extra: str) -> None:
+        self.store, self.extra = store, extra
+        self.ports = NfsService(free_port(), free_port(), ())
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve", "--no-portmap",
+             "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not (accepting(self.ports.nfs_port) and accepting(self.ports.mount_port)):
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "serve did not start listening"
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.process = None
+        return code
+
+    def url(self, path: str) -> str:
+        return f"nfs://127.0.0.1{path}?nfsport={self.ports.nfs_port}&mountport={self.ports.mount_port}&version=3"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Path]:
+    store = tmp_path / "store"
+    run_cli("--store", str(store), "init", check=True)
+    image = write_image(tmp_path / "disk.img", 2 << 20, seed=5)
+    run_cli("--store", str(store), "backup", "--vm", "vm1", str(image), check=True)
+    run_cli("--store", str(store), "session", "create", "--vm", "vm1", "--point", "latest", "--name", "s1",
+            check=True)
+    yield store
+
+
+def test_serve_nfs_and_fuse_from_one_process(store: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    server = Serve(store, "--mount", str(mountpoint))
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            assert time.monotonic() < deadline, "FUSE mount did not appear"
+            time.sleep(0.05)
+        local = tmp_path / "vmware.log"
+        local.write_bytes(b"written over NFS, read over FUSE\n")
+        copy = subprocess.run(["nfs-cp", str(local), server.url("/sessions/s1/vmware.log")], capture_output=True,
+                              timeout=60, check=False)
+        assert copy.returncode == 0, copy.stderr
+        assert (mountpoint / "sessions" / "s1" / "vmware.log").read_bytes() == local.read_bytes()
+        listing = subprocess.run(["nfs-ls", server.url("/sessions/s1")], capture_output=True, timeout=60, check=True)
+        assert b"vmware.log" in listing.stdout and b"vm1-flat.vmdk" in listing.stdout
+    finally:
+        assert server.stop() == 0
+    assert not os.path.ismount(mountpoint)
+    key = store / "nfs-handle.key"
+    assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_handles_survive_a_process_restart(store: Path) -> None:
+    server = Serve(store, "--export-path", "/datastore")
+    server.start()
+
+    async def first_handle(client: NfsClient) -> tuple[bytes, int]:
+        status, folder = await client.mnt("/datastore/sessions/s1")
+        assert status == OK
+        handle = await client.lookup(folder, "vm1.vmx")
+        return handle, (await client.getattr(handle))["fileid"]
+
+    async def getattr_status(client: NfsClient) -> tuple[int, int]:
+        status, reply = await client.call(GETATTR, handle)
+        return status, fattr(reply)["fileid"] if status == OK else 0
+
+    try:
+        handle, fileid = with_client(server.ports, first_handle)
+        assert server.stop() == 0
+        server.start()
+        assert with_client(server.ports, getattr_status) == (OK, fileid)
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("arguments", "code", "fragment"), [
+    (["--export-allow", "10.0.0.0/33"], 2, "--export-allow"),
+    (["--nfs-port", "{busy}"], 1, "cannot listen on 127.0.0.1 port {busy}: Address already in use"),
+])
+def test_serve_errors_are_one_line(store: Path, arguments: list[str], code: int, fragment: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = run_cli("--store", str(store), "serve", "--no-portmap", "--mount-port", str(free_port()),
+                         *[a.replace("{busy}", port) for a in arguments], timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert lines[-1].startswith("appliance: error:") and fragment.replace("{busy}", port) in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
