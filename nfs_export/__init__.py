@@ -4,8 +4,9 @@ Layers, each a module, bottom up (the package knows nothing of chunks or the sto
 speaks only to `appliance.datastore.vfs.Vfs` and maps `appliance.errors` to nfsstat3):
 
 - `xdr`: the RFC 4506 encoding; one exception (`XdrError`) for any malformed input.
-- `rpc`: ONC RPC v2 over TCP (RFC 5531): record marking, AUTH_SYS/AUTH_NONE, the
-  (program, version) -> procedure tables, pipelined calls per connection.
+- `rpc`: ONC RPC v2 messages (RFC 5531): AUTH_SYS/AUTH_NONE, replies, and the
+  (program, version) -> procedure tables of the dispatcher.
+- `rpc_tcp`: record marking, pipelined calls per connection, `serve_rpc`, a client.
 - `portmap`: registration with rpcbind, or a portmapper of our own (RFC 1833 v2).
 - `mount`: MOUNT v3, which hands out the root file handle.
 - `exports`: who may mount, root squash, permission checks.

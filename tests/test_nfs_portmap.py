@@ -59,12 +59,12 @@ def rpcbind() -> Iterator[None]:
         yield
         return
     if shutil.which("rpcbind") is None:
-        pytest.skip("rpcbind is not installed")
+        pytest.fail("rpcbind is not installed (deploy/dev-setup.sh installs it)")
     process = subprocess.Popen(["rpcbind", "-f"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while not listening(111):
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.skip(f"rpcbind did not start: {process.stderr.read().decode() if process.stderr else ''}")
+            pytest.fail(f"rpcbind did not start: {process.stderr.read().decode() if process.stderr else ''}")
         time.sleep(0.05)
     yield
     process.terminate()

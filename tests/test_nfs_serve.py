@@ -4,7 +4,6 @@ the same handles; started and stopped by PID like an operator's service manager 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -21,7 +20,6 @@ from tests.conftest import run_cli, write_image
 from tests.test_nfs3 import GETATTR, OK, NfsClient, fattr
 from tests.test_nfs_server import with_client
 
-pytestmark = pytest.mark.skipif(shutil.which("nfs-ls") is None, reason="libnfs-utils is not installed")
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import threading
@@ -55,7 +54,6 @@ from tests.test_nfs3 import (
 )
 from tests.test_nfs_rpc import background
 
-pytestmark = pytest.mark.skipif(shutil.which("nfs-cat") is None, reason="libnfs-utils is not installed")
 T = TypeVar("T")
 rpcbind = test_nfs_portmap.rpcbind  # the fixture
 DISK_BYTES = 6 << 20
@@ -232,7 +230,6 @@ async def test_handles_stay_valid_across_a_restart(served: Served) -> None:
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0][1]
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils is not installed")
 def test_qemu_finds_the_server_through_the_portmapper(served: Served, rpcbind: None) -> None:
     """QEMU asks port 111 and accepts no port options: registration must work."""
     serve = partial(serve_nfs, served.datastore, handle_secret=SECRET, nfs_port=0, mount_port=0)
@@ -256,7 +253,6 @@ def wait_until_capturing(tshark: subprocess.Popen[str], port: int) -> None:
     threading.Thread(target=tshark.stdout.read, daemon=True).start()
 
 
-@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
 def test_wireshark_decodes_every_packet(served: Served) -> None:
     """tshark's RPC/NFS/MOUNT dissectors find no malformed call or reply."""
     ports = (served.service.nfs_port, served.service.mount_port)
