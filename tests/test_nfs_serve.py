@@ -17,7 +17,7 @@ import pytest
 
 from nfs_export import NfsService
 from tests.conftest import run_cli, write_image
-from tests.test_nfs3 import GETATTR, OK, NfsClient, fattr
+from tests.test_nfs3 import COMMIT, GETATTR, OK, UNSTABLE, NfsClient, fattr
 from tests.test_nfs_server import with_client
 
 
@@ -98,6 +98,61 @@ def test_serve_nfs_and_fuse_from_one_process(store: Path, tmp_path: Path) -> Non
     assert not os.path.ismount(mountpoint)
     key = store / "nfs-handle.key"
     assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_fuse_writes_are_visible_over_nfs(store: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    server = Serve(store, "--mount", str(mountpoint))
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            assert time.monotonic() < deadline, "FUSE mount did not appear"
+            time.sleep(0.05)
+        data = os.urandom(3 * 65536 + 17)
+        with open(mountpoint / "sessions" / "s1" / "vm1-flat.vmdk", "r+b") as disk:
+            disk.seek(12345)
+            disk.write(data)
+            os.fsync(disk.fileno())
+        (mountpoint / "sessions" / "s1" / "note.txt").write_text("from FUSE\n")
+        flat = subprocess.run(["nfs-cat", server.url("/sessions/s1/vm1-flat.vmdk")], capture_output=True,
+                              timeout=60, check=True).stdout
+        assert flat[12345 : 12345 + len(data)] == data
+        note = subprocess.run(["nfs-cat", server.url("/sessions/s1/note.txt")], capture_output=True,
+                              timeout=60, check=True).stdout
+        assert note == b"from FUSE\n"
+    finally:
+        assert server.stop() == 0
+
+
+def test_kill_9_after_commit_loses_nothing(store: Path, tmp_path: Path) -> None:
+    """UNSTABLE writes covered by a successful COMMIT survive SIGKILL of the server."""
+    server = Serve(store)
+    server.start()
+    writes = [(offset, os.urandom(size)) for offset, size in ((0, 4096), (70_000, 65536), (1 << 20, 131072 + 3))]
+
+    async def write_and_commit(client: NfsClient) -> None:
+        status, folder = await client.mnt("/sessions/s1")
+        assert status == OK
+        handle = await client.lookup(folder, "vm1-flat.vmdk")
+        for offset, data in writes:
+            await client.write(handle, offset, data, stable=UNSTABLE)
+        await client.ok(COMMIT, handle, ("u64", 0), 0)
+
+    try:
+        with_client(server.ports, write_and_commit)
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait(timeout=30)
+        server.process = None
+        server.start()
+        flat = subprocess.run(["nfs-cat", server.url("/sessions/s1/vm1-flat.vmdk")], capture_output=True,
+                              timeout=60, check=True).stdout
+        for offset, data in writes:
+            assert flat[offset : offset + len(data)] == data
+    finally:
+        assert server.stop() == 0
 
 
 def test_handles_survive_a_process_restart(store: Path) -> None:

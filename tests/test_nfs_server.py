@@ -240,6 +240,21 @@ def test_qemu_finds_the_server_through_the_portmapper(served: Served, rpcbind: N
         assert json.loads(info.stdout)["virtual-size"] == DISK_BYTES
         compare = run("qemu-img", "compare", "-f", "raw", "-F", "raw", url, str(served.image))
         assert compare.returncode == 0, compare.stdout + compare.stderr
+        copy = served.work / "converted.img"
+        convert = run("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(copy))
+        assert convert.returncode == 0, convert.stderr
+        assert copy.read_bytes() == served.image.read_bytes()
+        for size in ("64K", "4K"):
+            bench = run("qemu-img", "bench", "-f", "raw", "-c", "500", "-d", "16", "-s", size, url)
+            assert bench.returncode == 0 and b"Run completed" in bench.stdout, bench.stderr
+        session = "nfs://127.0.0.1/sessions/s1/vm1-flat.vmdk"
+        writes = run("qemu-img", "bench", "-f", "raw", "-w", "-c", "200", "-d", "16", "-s", "64K", "--pattern=0x5a",
+                     session)
+        assert writes.returncode == 0, writes.stderr
+        first = run("qemu-img", "convert", "-f", "raw", "-O", "raw", session, str(served.work / "session.img"))
+        assert first.returncode == 0, first.stderr
+        assert (served.work / "session.img").read_bytes() == b"\x5a" * DISK_BYTES  # 200 x 64K wraps the disk
+        assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", url, str(served.image)).returncode == 0
 
 
 def wait_until_capturing(tshark: subprocess.Popen[str], port: int) -> None:
