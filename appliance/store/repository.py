@@ -35,7 +35,7 @@ _CONFIG_HEADER = struct.Struct("<8sII")  # magic, format version, JSON length
 _NEXT_PACK_KEY = b"next-pack-id"
 LMDB_MAP_SIZE = 1 << 40  # address space only; the file grows with its contents
 DEFAULT_CHUNK_SIZE = 256 << 10  # chosen by measurement: see README "Chunk size"
-DEFAULT_COMPRESSION_LEVEL = 3
+DEFAULT_COMPRESSION_LEVEL = -1  # zstd's first fast level: see README "Compression level"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,8 @@ def init_store(
     """Create an empty store; refuses a directory that already holds one."""
     if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > 1 << 26:
         raise StoreError(f"chunk size {chunk_size} must be a power of two between 4 KiB and 64 MiB")
+    if not -7 <= compression_level <= 19:
+        raise StoreError(f"compression level {compression_level} must be between -7 (fastest) and 19")
     path.mkdir(parents=True, exist_ok=True)
     if (path / "config").exists():
         raise StoreError(f"{path} already holds a store")
