@@ -49,7 +49,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.bench.ingest import GIB, drop_page_cache, log, mbps, run, stage_files
+from tests.bench.ingest import GIB, drop_page_cache, log, make_ext4_image, mbps, run
 
 VM = "bench"
 PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
@@ -167,22 +167,24 @@ def write_suite(tool: str, path: Path, size: int, args: argparse.Namespace, cwd:
     return fig
 
 
-def setup(work: Path, size: int, skip_peers: bool) -> dict[str, Any]:
-    """The image, our store (with one point) and the peers' repositories; nothing here is timed for the result."""
-    src, staging = work / "src", work / "staging"
-    src.mkdir()
-    staging.mkdir()
-    used = stage_files(staging, int(size * 0.6))
-    log(f"staged {used / GIB:.2f} GiB of real files; mkfs.ext4 -d")
-    image = src / "disk.img"
-    run(["truncate", "-s", str(size), str(image)])
-    run(["mkfs.ext4", "-q", "-F", "-d", str(staging), str(image)])
-    shutil.rmtree(staging)
-    store = work / "store"
+def backup_image(store: Path, image: Path) -> str:
+    """A new store holding `image` as one restore point of VM; returns the point id."""
     run(appliance(store, "init"), cwd=REPO)
     started = time.perf_counter()
     point = run(appliance(store, "backup", "--vm", VM, str(image)), cwd=REPO).strip().splitlines()[-1].strip()
-    log(f"ours: backup of {size / GIB:.2f} GiB as point {point} in {time.perf_counter() - started:.1f}s")
+    seconds = time.perf_counter() - started
+    log(f"ours: backup of {image.stat().st_size / GIB:.2f} GiB as point {point} in {seconds:.1f}s")
+    return point
+
+
+def setup(work: Path, size: int, skip_peers: bool) -> dict[str, Any]:
+    """The image, our store (with one point) and the peers' repositories; nothing here is timed for the result."""
+    src = work / "src"
+    src.mkdir()
+    image = src / "disk.img"
+    make_ext4_image(image, size, work / "staging")
+    store = work / "store"
+    point = backup_image(store, image)
     env: dict[str, Any] = {"image": image, "store": store, "point": point}
     if not skip_peers:
         env["borg_env"] = dict(os.environ, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",

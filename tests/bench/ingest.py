@@ -176,17 +176,21 @@ def churn(
     return areas
 
 
-def build_series(work: Path, size: int, days: int, fraction: float) -> list[Path]:
-    images = work / "images"
-    images.mkdir()
-    staging = work / "staging"
+def make_ext4_image(image: Path, size: int, staging: Path) -> None:
+    """An ext4 image of `size` bytes, ~60% filled with real files of this machine."""
     staging.mkdir()
     used = stage_files(staging, int(size * 0.6))
     log(f"staged {used / GIB:.2f} GiB of real files; mkfs.ext4 -d")
-    base = images / "day-0.img"
-    run(["truncate", "-s", str(size), str(base)])
-    run(["mkfs.ext4", "-q", "-F", "-d", str(staging), str(base)])
+    run(["truncate", "-s", str(size), str(image)])
+    run(["mkfs.ext4", "-q", "-F", "-d", str(staging), str(image)])
     shutil.rmtree(staging)
+
+
+def build_series(work: Path, size: int, days: int, fraction: float) -> list[Path]:
+    images = work / "images"
+    images.mkdir()
+    base = images / "day-0.img"
+    make_ext4_image(base, size, work / "staging")
     extents = data_extents(base)
     log(f"day-0: {sum(e - s for s, e in extents) / GIB:.2f} GiB allocated in {len(extents)} extents")
     corpus, paths = text_corpus(), [base]

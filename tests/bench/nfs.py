@@ -52,8 +52,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.bench.fuse import VM, appliance, must_drop_page_cache
-from tests.bench.ingest import GIB, log, mbps, run, stage_files
+from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
+from tests.bench.ingest import GIB, log, make_ext4_image, mbps, run
 
 HOST = "127.0.0.1"
 DEPTH = 16
@@ -233,20 +233,12 @@ def suite(tool: str, disk: str, target: str, ports: tuple[int, int], size: int,
 
 def setup(work: Path, size: int) -> dict[str, Any]:
     """The image (in ganesha's export directory) and our store with one point; not timed for the result."""
-    export, staging = work / "export", work / "staging"
+    export = work / "export"
     export.mkdir()
-    staging.mkdir()
-    used = stage_files(staging, int(size * 0.6))
-    log(f"staged {used / GIB:.2f} GiB of real files; mkfs.ext4 -d")
     image = export / "disk.img"
-    run(["truncate", "-s", str(size), str(image)])
-    run(["mkfs.ext4", "-q", "-F", "-d", str(staging), str(image)])
-    shutil.rmtree(staging)
+    make_ext4_image(image, size, work / "staging")
     store = work / "store"
-    run(appliance(store, "init"), cwd=REPO)
-    started = time.perf_counter()
-    point = run(appliance(store, "backup", "--vm", VM, str(image)), cwd=REPO).strip().splitlines()[-1].strip()
-    log(f"ours: backup of {size / GIB:.2f} GiB as point {point} in {time.perf_counter() - started:.1f}s")
+    point = backup_image(store, image)
     (work / "ganesha-recovery").mkdir()
     (work / "logs").mkdir()
     return {"image": image, "store": store, "point": point, "sha256": file_sha256(image)}
