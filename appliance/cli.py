@@ -16,9 +16,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from appliance.errors import ApplianceError, DamageFound, UsageError
+from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.progress import Progress, human_bytes
 from appliance.store import init_store, open_store
 from appliance.store.repository import (
@@ -28,6 +28,7 @@ from appliance.store.repository import (
 )
 
 if TYPE_CHECKING:
+    from appliance.config import ApplianceConfig
     from appliance.datastore.namespace import Namespace
     from appliance.store.reader import ReadPath
 
@@ -213,19 +214,73 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.serve import ServeOptions, serve_datastore
-    from nfs_export import Export, parse_networks
+#: Serve flags and the configuration keys they override: a flag given on the command line
+#: wins over the file, a flag left out leaves the file's value (or the default) alone.
+SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    # (argparse dest, flag as the operator types it, config key)
+    ("store", "--store", "store.path"),
+    ("bind", "--bind", "nfs.bind"),
+    ("nfs_port", "--nfs-port", "nfs.port"),
+    ("mount_port", "--mount-port", "nfs.mount_port"),
+    ("portmap", "--no-portmap", "nfs.portmap"),
+    ("export_path", "--export-path", "nfs.export_path"),
+    ("export_allow", "--export-allow", "nfs.allow"),
+    ("read_only", "--read-only", "nfs.read_only"),
+    ("root_squash", "--root-squash/--no-root-squash", "nfs.root_squash"),
+    ("mount", "--mount", "fuse.mountpoint"),
+    ("cache_mib", "--cache-mib", "cache.chunk_cache_mib"),
+    ("metrics", "--no-metrics", "metrics.enabled"),
+    ("metrics_port", "--metrics-port", "metrics.port"),
+)
+#: Flags that name paths: made absolute here, as the configuration only takes absolute ones.
+PATH_FLAGS = frozenset({"store", "mount"})
 
+
+def _serve_config(args: argparse.Namespace) -> ApplianceConfig:
+    """The configuration file (if any) with the command line's flags laid over it.
+
+    Flags are merged into the file's table before validation, so both go through the
+    same checks; a refused value that came from a flag is reported as that flag.
+    """
+    from appliance.config import config_from_table, read_table
+
+    if args.config is None and not args.store:
+        raise ApplianceError("no store given: pass --store DIR, set APPLIANCE_STORE or use --config FILE")
+    table: dict[str, Any] = read_table(Path(args.config)) if args.config else {}
+    flag_for_key: dict[str, str] = {}
+    for dest, flag, key in SERVE_FLAGS:
+        value = getattr(args, dest)
+        if value is None or (dest in PATH_FLAGS and not value):  # an empty APPLIANCE_STORE is no store
+            continue
+        section, name = key.split(".")
+        part = table.setdefault(section, {})
+        if isinstance(part, dict):  # else validation reports the file's own mistake
+            part[name] = os.path.abspath(value) if dest in PATH_FLAGS else value
+            flag_for_key[key] = flag
     try:
-        allow = parse_networks(args.export_allow or ["127.0.0.0/8"])
-    except ValueError as exc:
-        raise UsageError(f"--export-allow: {exc}") from None
-    export = Export(path=args.export_path, allow=allow, read_only=args.read_only, root_squash=args.root_squash)
-    options = ServeOptions(export=export, bind=args.bind, nfs_port=args.nfs_port, mount_port=args.mount_port,
-                           register_portmap=args.portmap, mountpoint=Path(args.mount) if args.mount else None,
-                           cache_bytes=args.cache_mib << 20)
-    serve_datastore(_store_path(args), options)
+        return config_from_table(table, args.config or "command line")
+    except ConfigError as exc:
+        if exc.key in flag_for_key:
+            raise UsageError(f"{flag_for_key[exc.key]}: {exc.reason}") from None
+        raise
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.config import resolve_secrets, summary
+    from appliance.serve import serve_datastore, serve_options
+
+    config = _serve_config(args)
+    resolve_secrets(config, args.config or "command line")
+    print(f"appliance: {summary(config)}", file=sys.stderr)
+    serve_datastore(config.store.path, serve_options(config))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from appliance.config import load_config, summary
+
+    config = load_config(Path(args.file))
+    print(f"{args.file}: OK: {summary(config)}")
     return 0
 
 
@@ -306,25 +361,38 @@ def build_parser() -> argparse.ArgumentParser:
         "Default export: clients in 127.0.0.0/8 only, read-write, root not squashed (ESXi needs "
         "no_root_squash: with root squashed it mounts the datastore but cannot create a VM). "
         "For ESXi on another host: --bind 0.0.0.0 --export-allow <its network>. ESXi finds the "
-        "ports through the portmapper on port 111: rpcbind if it runs, else this process serves one."
+        "ports through the portmapper on port 111: rpcbind if it runs, else this process serves one. "
+        "With --config every setting comes from the file; flags given as well override it."
     )
-    sub.add_argument("--nfs-port", type=int, default=2049, help="NFS port (default 2049)")
-    sub.add_argument("--mount-port", type=int, default=20048, help="MOUNT port (default 20048)")
-    sub.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    # Defaults are None so that a flag left out does not override the configuration file;
+    # the defaults named in the help are the configuration's (appliance.config).
+    sub.add_argument("--config", metavar="FILE", help="TOML configuration (see deploy/appliance.toml)")
+    sub.add_argument("--nfs-port", type=int, help="NFS port (default 2049)")
+    sub.add_argument("--mount-port", type=int, help="MOUNT port (default 20048)")
+    sub.add_argument("--bind", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--mount", metavar="MNT", help="also serve the datastore over FUSE at MNT")
     sub.add_argument("--export-allow", action="append", metavar="CIDR",
                      help="client network allowed to mount; repeatable (default 127.0.0.0/8 only)")
-    sub.add_argument("--export-path", default="/", metavar="PATH",
-                     help='the path clients mount, e.g. /datastore ("/" is always accepted too)')
-    sub.add_argument("--read-only", action="store_true", help="refuse every change over NFS (NFS3ERR_ROFS)")
+    sub.add_argument("--export-path", metavar="PATH",
+                     help='the path clients mount, e.g. /datastore (default "/", which is always accepted too)')
+    sub.add_argument("--read-only", action="store_true", default=None,
+                     help="refuse every change over NFS (NFS3ERR_ROFS)")
     squash = sub.add_mutually_exclusive_group()
-    squash.add_argument("--root-squash", dest="root_squash", action="store_true",
+    squash.add_argument("--root-squash", dest="root_squash", action="store_true", default=None,
                         help="map uid/gid 0 to 65534 (breaks VM creation from ESXi)")
-    squash.add_argument("--no-root-squash", dest="root_squash", action="store_false",
+    squash.add_argument("--no-root-squash", dest="root_squash", action="store_false", default=None,
                         help="keep root as root (the default; what ESXi needs)")
-    sub.add_argument("--no-portmap", dest="portmap", action="store_false",
+    sub.add_argument("--no-portmap", dest="portmap", action="store_false", default=None,
                      help="neither register with rpcbind nor serve a portmapper on port 111")
-    sub.add_argument("--cache-mib", type=int, default=1024, help="decompressed-chunk cache size (MiB)")
+    sub.add_argument("--cache-mib", type=int, help="decompressed-chunk cache size (MiB, default 1024)")
+    sub.add_argument("--no-metrics", dest="metrics", action="store_false", default=None,
+                     help="do not serve Prometheus metrics")
+    sub.add_argument("--metrics-port", type=int, help="port of http://BIND:PORT/metrics (default 9750)")
+
+    sub = command("config", cmd_config, "validate a configuration file without starting anything")
+    config_commands = sub.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    action = config_commands.add_parser("check", help="validate FILE: one OK line, or the error (exit 2)")
+    action.add_argument("file", metavar="FILE")
 
     sub = command("demo", cmd_demo, "generate a disk image, back it up, list, restore and compare")
     sub.add_argument("--dir", help="work directory (default: a new temporary directory)")

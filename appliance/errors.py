@@ -21,6 +21,22 @@ class UsageError(ApplianceError):
     exit_code = 2
 
 
+class ConfigError(ApplianceError):
+    """A configuration file the appliance refuses to start with.
+
+    The message names the file, the key and the reason, so an operator can fix the
+    file from the one line a failed start leaves in the journal; `key` and `reason` are
+    kept apart so the CLI can name a command-line flag instead when the value came
+    from one.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, reason: str, key: str | None = None) -> None:
+        self.source, self.reason, self.key = source, reason, key
+        super().__init__(f'{source}: key "{key}": {reason}' if key else f"{source}: {reason}")
+
+
 class StoreError(ApplianceError):
     """The store is missing, not initialised, of another version, or busy."""
 

@@ -1,10 +1,11 @@
 """Running the datastore: one process, one trio loop, one shared datastore object.
 
-`serve_datastore` runs the NFS server (and the FUSE mount when asked) as tasks of one
-nursery over one `Datastore`; the HTTP API joins it later. The process holds the store's
-reader lock (GC will not delete packs under it) and the datastore lock (sessions are not
-committed or deleted under it). SIGINT/SIGTERM end every task: FUSE unmounts and NFS
-unregisters from the portmapper before the process exits.
+`serve_datastore` runs the NFS server and the FUSE mount (either may be off) as tasks of
+one nursery over one `Datastore`; the HTTP API joins it later. `serve_options` turns a
+validated configuration file (`appliance.config`) into the options it takes. The process
+holds the store's reader lock (GC will not delete packs under it) and the datastore lock
+(sessions are not committed or deleted under it). SIGINT/SIGTERM end every task: FUSE
+unmounts and NFS unregisters from the portmapper before the process exits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import trio
 
+from appliance.config import ApplianceConfig
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
 from appliance.durable import fsync_directory
@@ -27,6 +29,7 @@ from appliance.errors import ApplianceError, StoreError
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
 from appliance.store.cache import MemoryChunkCache
+from appliance.metrics import ApplianceMetrics, serve_metrics
 from nfs_export import Export, serve_nfs
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ HANDLE_KEY_BYTES = 32
 
 @dataclass(frozen=True)
 class ServeOptions:
+    """What `serve_datastore` serves, and where."""
+
     export: Export
     bind: str = "127.0.0.1"
     nfs_port: int = 2049
@@ -47,6 +52,18 @@ class ServeOptions:
     register_portmap: bool = True
     mountpoint: Path | None = None
     cache_bytes: int = DEFAULT_SERVE_CACHE_BYTES
+    nfs_enabled: bool = True
+    metrics_address: tuple[str, int] | None = ("127.0.0.1", 9750)  # (bind, port) of /metrics; None: off
+
+
+def serve_options(config: ApplianceConfig) -> ServeOptions:
+    """The options a configuration asks for (the CLI has already applied its flags)."""
+    nfs = config.nfs
+    export = Export(path=nfs.export_path, allow=nfs.allow, read_only=nfs.read_only, root_squash=nfs.root_squash)
+    return ServeOptions(export=export, bind=nfs.bind, nfs_port=nfs.port, mount_port=nfs.mount_port,
+                        register_portmap=nfs.portmap, mountpoint=config.fuse.mountpoint,
+                        cache_bytes=config.cache.chunk_cache_mib << 20, nfs_enabled=nfs.enabled,
+                        metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None)
 
 
 def _logging() -> None:
@@ -97,18 +114,26 @@ async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[Non
     scope.cancel()
 
 
-async def _serve(datastore: Datastore, secret: bytes, options: ServeOptions) -> None:
+async def _serve(datastore: Datastore, metrics: ApplianceMetrics, secret: bytes, options: ServeOptions) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            service = await nursery.start(partial(
-                serve_nfs, datastore, handle_secret=secret, export=options.export, host=options.bind,
-                nfs_port=options.nfs_port, mount_port=options.mount_port, register_portmap=options.register_portmap))
-            log.info("serving NFSv3 on %s port %d, MOUNT port %d; export allows %s, %s, root %s", options.bind,
-                     service.nfs_port, service.mount_port, ", ".join(map(str, options.export.allow)),
-                     "read-only" if options.export.read_only else "read-write",
-                     "squashed" if options.export.root_squash else "not squashed")
+            if options.metrics_address is not None:
+                host, port = options.metrics_address
+                bound = await nursery.start(partial(serve_metrics, metrics, host=host, port=port))
+                log.info("serving metrics on http://%s:%d/metrics", host, bound)
+            if options.nfs_enabled:
+                service = await nursery.start(partial(
+                    serve_nfs, datastore, handle_secret=secret, export=options.export, host=options.bind,
+                    nfs_port=options.nfs_port, mount_port=options.mount_port,
+                    register_portmap=options.register_portmap, observe_call=metrics.observe_call))
+                log.info("serving NFSv3 on %s port %d, MOUNT port %d; export allows %s, %s, root %s", options.bind,
+                         service.nfs_port, service.mount_port, ", ".join(map(str, options.export.allow)),
+                         "read-only" if options.export.read_only else "read-write",
+                         "squashed" if options.export.root_squash else "not squashed")
             if options.mountpoint is not None:
-                await nursery.start(_then_stop, nursery.cancel_scope, serve_fuse, datastore, options.mountpoint)
+                await nursery.start(_then_stop, nursery.cancel_scope, partial(serve_fuse, observe_op=metrics.observe_op),
+                                    datastore, options.mountpoint)
+                log.info("serving FUSE at %s", options.mountpoint)
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -131,7 +156,7 @@ def _single_cause(group: BaseExceptionGroup[BaseException]) -> BaseException | N
 
 
 def serve_datastore(store_path: Path, options: ServeOptions) -> None:
-    """Serve the datastore over NFS (and FUSE) in the foreground until SIGINT/SIGTERM."""
+    """Serve the datastore over NFS and/or FUSE in the foreground until SIGINT/SIGTERM."""
     _logging()
     with (
         open_store(store_path) as store,
@@ -140,9 +165,11 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         ReadPath(store, cache=MemoryChunkCache(options.cache_bytes)) as read_path,
     ):
         secret = handle_secret(store.path)
-        datastore = Datastore(store, read_path)
+        metrics = ApplianceMetrics()
+        datastore = Datastore(store, read_path, session_io=metrics)
+        metrics.watch(datastore)
         try:
-            trio.run(_serve, datastore, secret, options)
+            trio.run(_serve, datastore, metrics, secret, options)
         except BaseExceptionGroup as group:
             cause = _single_cause(group)
             if cause is None:

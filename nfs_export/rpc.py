@@ -8,12 +8,17 @@ only ever sees decoded arguments and returns a result that knows how to encode i
 Malformed input never reaches a handler: a call whose header or arguments do not
 decode is answered GARBAGE_ARGS (or AUTH_ERROR for a bad credential), and the
 transport (`nfs_export.rpc_tcp`) keeps the connection going.
+
+Every message ends in one `CallOutcome`. The dispatcher's own counters
+(`statistics()`) are derived from it, and an optional `CallObserver` hears each one
+with its latency: that is how metrics reach this package without it importing them.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -66,6 +71,35 @@ class AuthStat(enum.IntEnum):
 class AuthFlavor(enum.IntEnum):
     AUTH_NONE = 0
     AUTH_SYS = 1
+
+
+class CallOutcome(enum.StrEnum):
+    """How the dispatcher ended one message: the reply it sent, or why it sent none."""
+
+    SUCCESS = "success"
+    PROG_UNAVAIL = "prog_unavail"
+    PROG_MISMATCH = "prog_mismatch"
+    PROC_UNAVAIL = "proc_unavail"
+    GARBAGE_ARGS = "garbage_args"
+    SYSTEM_ERR = "system_err"
+    RPC_MISMATCH = "rpc_mismatch"
+    AUTH_ERROR = "auth_error"
+    #: Not a call at all (too short for an xid, or a REPLY): dropped without an answer.
+    NOT_A_CALL = "not_a_call"
+    #: A record over the transport's size limit: its connection was closed.
+    RECORD_TOO_LARGE = "record_too_large"
+
+
+class CallObserver(Protocol):
+    """Hears every message the dispatcher ends (metrics), on the event loop.
+
+    `program` is the number the call asked for (0 where its header did not decode, so
+    possibly one no program serves); `procedure` is the name of the procedure that got
+    the call, or "" when none did; `outcome` is a `CallOutcome` value; `seconds` runs
+    from the record reaching the dispatcher to its reply being encoded.
+    """
+
+    def __call__(self, program: int, procedure: str, seconds: float, outcome: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +195,28 @@ class _Counters:
     oversized_records: int = 0
 
 
+#: Which `_Counters` field each outcome other than SUCCESS adds to.
+_COUNTED_AS: Mapping[CallOutcome, str] = {
+    CallOutcome.GARBAGE_ARGS: "garbage",
+    CallOutcome.NOT_A_CALL: "garbage",
+    CallOutcome.AUTH_ERROR: "auth_errors",
+    CallOutcome.SYSTEM_ERR: "system_errors",
+    CallOutcome.PROG_UNAVAIL: "unavailable",
+    CallOutcome.PROG_MISMATCH: "unavailable",
+    CallOutcome.PROC_UNAVAIL: "unavailable",
+    CallOutcome.RECORD_TOO_LARGE: "oversized_records",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """What `_dispatch` did with one message, for the counters and the observer."""
+
+    outcome: CallOutcome
+    program: int = 0
+    procedure: str = ""
+
+
 class _AuthError(Exception):
     def __init__(self, stat: AuthStat) -> None:
         super().__init__(stat.name)
@@ -206,6 +262,7 @@ class RpcDispatcher:
     """Routes calls to programs; transport-independent (a record in, a reply out)."""
 
     programs: list[Program]
+    observe_call: CallObserver | None = None
     _table: dict[tuple[int, int], Program] = field(init=False)
     _versions: dict[int, tuple[int, int]] = field(init=False)
     _counters: _Counters = field(init=False, default_factory=_Counters)
@@ -226,65 +283,72 @@ class RpcDispatcher:
         self._counters.connections += 1
 
     def record_oversized(self) -> None:
-        self._counters.oversized_records += 1
+        self._ended(_Ended(CallOutcome.RECORD_TOO_LARGE), 0.0)
+
+    def _ended(self, ended: _Ended, seconds: float) -> None:
+        """Count one message's outcome and tell the observer."""
+        counted = _COUNTED_AS.get(ended.outcome)
+        if counted is not None:
+            setattr(self._counters, counted, getattr(self._counters, counted) + 1)
+        if self.observe_call is not None:
+            self.observe_call(ended.program, ended.procedure, seconds, ended.outcome)
 
     async def dispatch(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> bool:
         """Answer one call message into `out`; False when there is nothing to answer.
 
         A message too short to hold an xid, or a REPLY, has no caller to answer.
         """
+        started = time.perf_counter()
+        ended = await self._dispatch(record, client, out)
+        self._ended(ended, time.perf_counter() - started)
+        return ended.outcome is not CallOutcome.NOT_A_CALL
+
+    async def _dispatch(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> _Ended:
         decoder = Decoder(record)
         try:
             xid, msg_type = decoder.uint32(), decoder.uint32()
         except XdrError:
-            self._counters.garbage += 1
-            return False
+            return _Ended(CallOutcome.NOT_A_CALL)
         if msg_type != MsgType.CALL:
-            self._counters.garbage += 1
-            return False
+            return _Ended(CallOutcome.NOT_A_CALL)
         self._counters.calls += 1
         try:
             if decoder.uint32() != RPC_VERSION:
                 _denied(out, xid, RejectStat.RPC_MISMATCH)
                 out.uint32(RPC_VERSION)
                 out.uint32(RPC_VERSION)
-                return True
+                return _Ended(CallOutcome.RPC_MISMATCH)
             number, version, procedure_number = decoder.uint32(), decoder.uint32(), decoder.uint32()
             credential = _decode_credential(decoder)
             decoder.uint32()  # the verifier: AUTH_NONE or AUTH_SYS clients send nothing we check
             decoder.opaque_view(MAX_AUTH_BYTES)
         except XdrError:
-            self._counters.garbage += 1
             _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
-            return True
+            return _Ended(CallOutcome.GARBAGE_ARGS)
         except _AuthError as exc:
-            self._counters.auth_errors += 1
             _denied(out, xid, RejectStat.AUTH_ERROR)
             out.uint32(exc.stat)
-            return True
+            return _Ended(CallOutcome.AUTH_ERROR)
         program = self._table.get((number, version))
         if program is None:
-            self._counters.unavailable += 1
             versions = self._versions.get(number)
             if versions is None:
                 _accepted(out, xid, AcceptStat.PROG_UNAVAIL)
-            else:
-                _accepted(out, xid, AcceptStat.PROG_MISMATCH)
-                out.uint32(versions[0])
-                out.uint32(versions[1])
-            return True
+                return _Ended(CallOutcome.PROG_UNAVAIL, number)
+            _accepted(out, xid, AcceptStat.PROG_MISMATCH)
+            out.uint32(versions[0])
+            out.uint32(versions[1])
+            return _Ended(CallOutcome.PROG_MISMATCH, number)
         procedure = program.procedures.get(procedure_number)
         if procedure is None:
-            self._counters.unavailable += 1
             _accepted(out, xid, AcceptStat.PROC_UNAVAIL)
-            return True
+            return _Ended(CallOutcome.PROC_UNAVAIL, number)
         try:
             args = procedure.decode(decoder)
         except XdrError as exc:
             log.debug("%s %s from %s: garbage arguments: %s", program.name, procedure.name, client, exc)
-            self._counters.garbage += 1
             _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
-            return True
+            return _Ended(CallOutcome.GARBAGE_ARGS, number, procedure.name)
         call = Call(xid, number, version, procedure_number, credential, client)
         start = len(out)
         try:
@@ -293,7 +357,7 @@ class RpcDispatcher:
             result.encode(out)
         except Exception:
             log.exception("%s %s from %s failed", program.name, procedure.name, client)
-            self._counters.system_errors += 1
             del out.data[start:]
             _accepted(out, xid, AcceptStat.SYSTEM_ERR)
-        return True
+            return _Ended(CallOutcome.SYSTEM_ERR, number, procedure.name)
+        return _Ended(CallOutcome.SUCCESS, number, procedure.name)

@@ -197,13 +197,18 @@ async def _serve_connection(dispatcher: RpcDispatcher, max_record: int, stream: 
         await stream.aclose()
 
 
+async def listen_tcp(host: str, port: int) -> list[trio.SocketListener]:
+    """TCP listeners on one address; a failure names the address (port 0: any free port)."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}") from exc
+
+
 async def serve_rpc(dispatcher: RpcDispatcher, *, host: str, port: int, max_record: int = MAX_RECORD,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `dispatcher` on one TCP address until cancelled; reports the bound port."""
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host} port {port}: {exc.strerror}") from exc
+    listeners = await listen_tcp(host, port)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(partial(_serve_connection, dispatcher, max_record), listeners)
 

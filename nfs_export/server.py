@@ -25,7 +25,7 @@ from nfs_export.portmap import (
     mapping,
     serve_portmap_registration,
 )
-from nfs_export.rpc import RpcDispatcher, RpcStatistics
+from nfs_export.rpc import CallObserver, RpcDispatcher, RpcStatistics
 from nfs_export.rpc_tcp import serve_rpc
 from nfs_export.workers import open_worker_pool
 
@@ -49,13 +49,14 @@ class NfsService:
 
 async def serve_nfs(vfs: Vfs, *, handle_secret: bytes, export: Export | None = None, host: str = "127.0.0.1",
                     nfs_port: int = NFS_PORT, mount_port: int | None = MOUNT_PORT, register_portmap: bool = True,
-                    portmap_port: int = PMAP_PORT,
+                    portmap_port: int = PMAP_PORT, observe_call: CallObserver | None = None,
                     task_status: trio.TaskStatus[NfsService] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `vfs` over NFSv3 until cancelled.
 
     `handle_secret` must be the same on every start (persist it with the store): it seals
     the file handles clients keep. The default export is loopback-only, read-write,
     without root squash. Port 0 binds a free port; the bound ports are reported.
+    `observe_call` hears every NFS and MOUNT call with its latency and outcome (metrics).
     """
     export = export or Export()
     codec = HandleCodec(handle_secret)
@@ -63,11 +64,11 @@ async def serve_nfs(vfs: Vfs, *, handle_secret: bytes, export: Export | None = N
         nfs = Nfs3Server(vfs, export, codec, workers).program()
         mount = MountServer(vfs, export, codec).program()
         if mount_port is None:
-            dispatchers: tuple[RpcDispatcher, ...] = (RpcDispatcher([nfs, mount]),)
+            dispatchers: tuple[RpcDispatcher, ...] = (RpcDispatcher([nfs, mount], observe_call),)
             bound_nfs = bound_mount = await nursery.start(partial(serve_rpc, dispatchers[0], host=host,
                                                                   port=nfs_port))
         else:
-            dispatchers = (RpcDispatcher([nfs]), RpcDispatcher([mount]))
+            dispatchers = (RpcDispatcher([nfs], observe_call), RpcDispatcher([mount], observe_call))
             bound_nfs = await nursery.start(partial(serve_rpc, dispatchers[0], host=host, port=nfs_port))
             bound_mount = await nursery.start(partial(serve_rpc, dispatchers[1], host=host, port=mount_port))
         if register_portmap:

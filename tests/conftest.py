@@ -10,11 +10,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from appliance.demo import make_demo_image
-from appliance.demo import sha256_file as sha256_of
+from appliance.demo import make_demo_image, sha256_file
 from appliance.store import Store, init_store, open_store
 
 BLOCK = 64 << 10
+sha256_of = sha256_file  # the tests' name for it
 SMALL_CHUNK = 64 << 10  # small chunks make small test images exercise many chunks
 
 

@@ -10,10 +10,12 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nfs_export import NfsService
 from tests.conftest import run_cli, write_image
@@ -39,12 +41,14 @@ class Serve:
     def __init__(self, store: Path, *extra: str) -> None:
         self.store, self.extra = store, extra
         self.ports = NfsService(free_port(), free_port(), ())
+        self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance", "--store", str(self.store), "serve", "--no-portmap",
-             "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port), *self.extra],
+             "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
+             "--metrics-port", str(self.metrics_port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while not (accepting(self.ports.nfs_port) and accepting(self.ports.mount_port)):
@@ -98,6 +102,25 @@ def test_serve_nfs_and_fuse_from_one_process(store: Path, tmp_path: Path) -> Non
     assert not os.path.ismount(mountpoint)
     key = store / "nfs-handle.key"
     assert len(key.read_bytes()) == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_metrics_count_the_traffic_of_a_live_serve(store: Path) -> None:
+    server = Serve(store)
+    server.start()
+    try:
+        for _ in range(3):
+            subprocess.run(["nfs-cat", server.url("/sessions/s1/vm1.vmx")], capture_output=True, timeout=60,
+                           check=True)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    finally:
+        assert server.stop() == 0
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    reads = samples[("appliance_nfs_request_seconds_count", (("procedure", "READ"), ("program", "nfs")))]
+    mounts = samples[("appliance_nfs_request_seconds_count", (("procedure", "MNT"), ("program", "mount")))]
+    assert reads >= 3 and mounts >= 3
+    assert samples[("appliance_session_read_bytes_total", (("session", "s1"),))] >= 3 * 10
 
 
 def test_fuse_writes_are_visible_over_nfs(store: Path, tmp_path: Path) -> None:

@@ -13,6 +13,10 @@ scratch        a plain file in the session's area                  yes
 disk           the session disk's copy-on-write overlay            yes
 symlink        the target kept in the node                         yes
 =============  ==================================================  ==========
+
+Bytes read from and written to a session's files are reported to an optional
+`SessionIo` (metrics), named by session: only the datastore knows which session an
+inode belongs to.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import stat
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import lmdb
 
@@ -61,14 +65,23 @@ _READ_ONLY_ROLES = frozenset({"root", "rp-root", "rp-vm", "rp-point", "rp-file"}
 _CONTAINER_ROLES = frozenset({"session", "dir"})
 
 
+class SessionIo(Protocol):
+    """Hears the bytes each read or write moved in a session's files (worker threads)."""
+
+    def session_read(self, session: str, size: int) -> None: ...
+    def session_written(self, session: str, size: int) -> None: ...
+
+
 class Datastore:
     """The `Vfs` of one store. Thread-safe: adapters call it from worker threads."""
 
     root_inode = ROOT_INODE
 
-    def __init__(self, store: Store, read_path: ReadPath) -> None:
+    def __init__(self, store: Store, read_path: ReadPath, session_io: SessionIo | None = None) -> None:
         self.store = store
         self.read_path = read_path
+        self._session_io = session_io
+        self._session_names: dict[int, str] = {}  # inode -> its session; fixed, renames stay within one
         self.namespace = Namespace(store.env)
         tops = ensure_tree(self.namespace)
         self._rp_root, self._sessions_root = tops[RESTORE_POINTS], tops[SESSIONS]
@@ -152,9 +165,19 @@ class Datastore:
     # ----- where a node's bytes live --------------------------------------------------
 
     def _session_inode(self, node: Node) -> int:
+        return self._session_node(node).inode
+
+    def _session_node(self, node: Node) -> Node:
         while node.role != "session":
             node = self._node(node.parent)
-        return node.inode
+        return node
+
+    def _session_name(self, node: Node) -> str:
+        """The name of the session `node` belongs to, walked up to once per inode."""
+        name = self._session_names.get(node.inode)
+        if name is None:
+            name = self._session_names[node.inode] = str(self._session_node(node).ref["session"])
+        return name
 
     def _fd(self, node: Node) -> int:
         with self._lock:
@@ -326,17 +349,21 @@ class Datastore:
         node = self._node(inode)
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
-        if node.role == "disk":
-            return self._overlay(node).read(offset, length)
-        if node.role == "scratch":
-            return os.pread(self._fd(node), length, offset)
         if node.role == "rp-file":
             if "disk" in node.ref:
                 point, disk = self._point(str(node.ref["point"])), int(node.ref["disk"])  # type: ignore[call-overload]
                 self._flat_extents[inode] = (point.id, disk)  # immutable: safe to remember
                 return self.read_path.read(point, disk, offset, length)
             return self._small_file(node)[offset : offset + length]
-        raise NotSupported(f"inode {inode} has no data")
+        if node.role == "disk":
+            data = self._overlay(node).read(offset, length)
+        elif node.role == "scratch":
+            data = os.pread(self._fd(node), length, offset)
+        else:
+            raise NotSupported(f"inode {inode} has no data")
+        if self._session_io is not None:
+            self._session_io.session_read(self._session_name(node), len(data))
+        return data
 
     def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
         target = self._flat_extents.get(inode)
@@ -352,10 +379,13 @@ class Datastore:
         if node.role == "disk":
             written = self._overlay(node).write(offset, data)
             self._disk_mtimes[node.inode] = time.time_ns()
-            return written
-        if node.role == "scratch":
-            return os.pwrite(self._fd(node), data, offset)
-        raise NotSupported(f"inode {inode} cannot be written")
+        elif node.role == "scratch":
+            written = os.pwrite(self._fd(node), data, offset)
+        else:
+            raise NotSupported(f"inode {inode} cannot be written")
+        if self._session_io is not None:
+            self._session_io.session_written(self._session_name(node), written)
+        return written
 
     def fsync(self, inode: int) -> None:
         node = self._node(inode)
@@ -411,6 +441,7 @@ class Datastore:
         with self._lock:
             fd = self._fds.pop(node.inode, None)
             overlay = self._overlays.pop(node.inode, None)
+        self._session_names.pop(node.inode, None)
         if fd is not None:
             os.close(fd)
         session = self._session_inode(node)

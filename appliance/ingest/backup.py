@@ -36,6 +36,8 @@ from appliance.store.repository import Store
 from appliance.store.writer import PackSink
 
 ProgressCallback = Callable[[int, int], None]
+#: Hears the bytes of each chunk slot read from a source (metrics: ingest throughput).
+ReadCounter = Callable[[int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,7 @@ def backup(
     changed_areas: list[Path] | None = None,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    count_read: ReadCounter | None = None,
 ) -> RestorePoint:
     """Ingest disk image files as a new restore point of `vm`; returns it once committed.
 
@@ -168,7 +171,7 @@ def backup(
         changed = None
         if changed_areas is not None:
             changed = [load_changed_areas(path, source.size) for path, source in zip(changed_areas, sources)]
-        return ingest(store, vm, sources, files, parent_ref, changed, progress, workers)
+        return ingest(store, vm, sources, files, parent_ref, changed, progress, workers, count_read)
 
 
 def ingest(
@@ -180,11 +183,14 @@ def ingest(
     changed: list[list[tuple[int, int]]] | None = None,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    count_read: ReadCounter | None = None,
 ) -> RestorePoint:
     """Ingest open disk sources as a new restore point of `vm`.
 
     With `changed` (one list of (start, length) ranges per disk), only the chunks those
-    ranges touch are read; the rest is inherited from the parent point.
+    ranges touch are read; the rest is inherited from the parent point. `count_read`
+    hears every slot read from a source as it is read, so a serving process's metrics
+    show ingest throughput while it runs (the point's `read_bytes` is the total).
     """
     check_name("VM", vm)
     if not sources:
@@ -214,7 +220,10 @@ def ingest(
         def advance(length: int, was_read: bool) -> None:
             nonlocal scanned, read
             scanned += length
-            read += length if was_read else 0
+            if was_read:
+                read += length
+                if count_read is not None:
+                    count_read(length)
             if progress is not None:
                 progress(scanned, total)
 

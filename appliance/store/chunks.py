@@ -2,12 +2,15 @@
 
 Every read verifies the record's xxh3 checksum and that the record holds the chunk
 that was asked for; a mismatch raises IntegrityError and no byte of it is returned.
+`statistics()` counts the loads and the refused ones, so damage found while serving
+shows up in metrics as well as in the log and the reader's I/O error.
 Thread-safe: LMDB read transactions and zstd decompressors are per call / per thread.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import zstandard
 
@@ -17,11 +20,24 @@ from appliance.store.index import ChunkLocation
 from appliance.store.repository import Store
 
 
+@dataclass(frozen=True, slots=True)
+class LoaderStatistics:
+    chunks_loaded: int  # chunks read from packs and decompressed by `load`
+    integrity_failures: int  # `load` calls refused with IntegrityError (checksum, header, index)
+
+
 class ChunkLoader:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._local = threading.local()
         self._sound_packs: set[int] = set()
+        self._counts_lock = threading.Lock()
+        self._loaded = 0
+        self._failures = 0
+
+    def statistics(self) -> LoaderStatistics:
+        with self._counts_lock:
+            return LoaderStatistics(self._loaded, self._failures)
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         decompressor = getattr(self._local, "decompressor", None)
@@ -68,6 +84,15 @@ class ChunkLoader:
         return data
 
     def load(self, cid: bytes) -> bytes:
-        location = self.locate(cid)
-        header, record = self.load_record(cid, location)
-        return self.decode(header, record, f"pack {location.pack_id:016x} offset {location.offset}")
+        """The verified, decompressed bytes of `cid` (counted in `statistics()`)."""
+        try:
+            location = self.locate(cid)
+            header, record = self.load_record(cid, location)
+            data = self.decode(header, record, f"pack {location.pack_id:016x} offset {location.offset}")
+        except IntegrityError:
+            with self._counts_lock:
+                self._failures += 1
+            raise
+        with self._counts_lock:
+            self._loaded += 1
+        return data

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 from appliance.errors import IntegrityError
-from appliance.store.cache import ChunkCache, MemoryChunkCache
+from appliance.store.cache import CacheStatistics, ChunkCache, MemoryChunkCache
 from appliance.store.catalog import RestorePoint
-from appliance.store.chunks import ChunkLoader
+from appliance.store.chunks import ChunkLoader, LoaderStatistics
 from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
 from appliance.store.repository import Store
 
@@ -95,6 +96,12 @@ class DiskReader:
         return self._read(offset, length, self._cached_chunk)
 
 
+@dataclass(frozen=True, slots=True)
+class ReadStatistics:
+    cache: CacheStatistics
+    loads: LoaderStatistics
+
+
 class ReadPath:
     """Shared cache, read-ahead pool and open disk readers of one store."""
 
@@ -118,6 +125,10 @@ class ReadPath:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def statistics(self) -> ReadStatistics:
+        """The cache's and the chunk loader's counters: what serving metrics report."""
+        return ReadStatistics(self.cache.statistics(), self._loader.statistics())
 
     def __enter__(self) -> "ReadPath":
         return self

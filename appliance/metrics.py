@@ -1,0 +1,315 @@
+"""Prometheus metrics of a serving appliance: one registry, fed by hooks, read at scrape.
+
+`ApplianceMetrics` owns its own `CollectorRegistry` (never the process-global one, so
+two appliances in one test process do not share counters). Its values come from three
+kinds of source, each reported exactly once:
+
+- Events, told by the layers as they happen through hooks those layers define, so none
+  of them imports this module: NFS and MOUNT calls (`observe_call`, an
+  `nfs_export.rpc.CallObserver`), FUSE operations (`observe_op`, the FUSE adapter's
+  `OpObserver`), bytes moved in sessions (`session_read` / `session_written`, the
+  datastore's `SessionIo`) and bytes read by an ingest (`count_ingest`, ingest's
+  `ReadCounter`).
+- Counters the store keeps anyway (chunk-cache hits and misses, chunk loads, loads
+  refused by a failed checksum: `ReadPath.statistics()`), read at scrape time by a
+  custom collector instead of being mirrored into second counters.
+- Space: `store_statistics` scans the LMDB index, so its result is kept for
+  `space_ttl` seconds; sessions and their overlay sizes are cheap and read every time.
+
+`serve_metrics` answers ``GET /metrics`` over HTTP/1.1 on the trio loop. The exposition
+is rendered in a worker thread, one scrape at a time, so a store scan never stalls the
+loop that serves NFS and FUSE. It is a small responder of its own rather than
+prometheus_client's WSGI/ASGI app: the WSGI server runs in threads of its own, and the
+ASGI app needs an ASGI server, a dependency for one read-only endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from appliance.datastore.datastore import Datastore
+from appliance.datastore.layout import overlay_path
+from appliance.datastore.sessions import SessionInfo, list_sessions
+from appliance.store.repository import Store
+from appliance.store.stats import StoreStatistics, store_statistics
+from nfs_export.mount import MOUNT_PROGRAM
+from nfs_export.rpc_tcp import listen_tcp
+from nfs_export.nfs3_types import NFS_PROGRAM
+from nfs_export.rpc import CallOutcome
+
+log = logging.getLogger(__name__)
+
+#: How long a store scan is reused: it reads every chunk map, and space moves slowly.
+SPACE_TTL_SECONDS = 30.0
+#: Latency buckets from a cache hit answered on loopback (~50 µs) to the seconds of a
+#: cold read or an fsync on a busy disk; the client library's defaults start at 5 ms,
+#: where most NFS and FUSE answers are already done.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+PROGRAM_LABELS = {NFS_PROGRAM: "nfs", MOUNT_PROGRAM: "mount"}
+
+
+class ApplianceMetrics:
+    """Every metric the appliance exports, and the hooks that feed them."""
+
+    def __init__(self, space_ttl: float = SPACE_TTL_SECONDS) -> None:
+        self.registry = CollectorRegistry()
+        self._space_ttl = space_ttl
+        self._nfs = Histogram("appliance_nfs_request_seconds", "NFS and MOUNT calls answered by a procedure, "
+                              "by program and procedure: time from the record to its encoded reply.",
+                              ["program", "procedure"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._nfs_children: dict[tuple[int, str], Histogram] = {}
+        self._fuse = Histogram("appliance_fuse_request_seconds", "FUSE operations by name: time to answer one.",
+                               ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._rpc_errors = Counter("appliance_rpc_errors_total", "RPC messages not answered SUCCESS, by kind "
+                                   "(the reply status, or why none was sent).", ["kind"], registry=self.registry)
+        for kind in CallOutcome:
+            if kind is not CallOutcome.SUCCESS:
+                self._rpc_errors.labels(kind=kind)  # present at 0, so rate() sees the first error
+        self._session_read = Counter("appliance_session_read_bytes_total", "Bytes read from a session's files "
+                                     "(disks through their overlay, and plain files).", ["session"],
+                                     registry=self.registry)
+        self._session_written = Counter("appliance_session_written_bytes_total", "Bytes written to a session's "
+                                        "files.", ["session"], registry=self.registry)
+        self._ingest = Counter("appliance_ingest_bytes_total", "Bytes read from backup sources by ingests that "
+                               "ran in this process.", registry=self.registry)
+
+    def watch(self, datastore: Datastore) -> None:
+        """Export the store's cache, integrity and space figures and the datastore's sessions.
+
+        Once per datastore: the collector declares no names, so the registry cannot
+        refuse a second one, whose series would appear twice.
+        """
+        self.registry.register(_DatastoreCollector(datastore, self._space_ttl))
+
+    def observe_call(self, program: int, procedure: str, seconds: float, outcome: str) -> None:
+        """`nfs_export.rpc.CallObserver`: one RPC message the dispatcher ended."""
+        if procedure:
+            child = self._nfs_children.get((program, procedure))
+            if child is None:
+                label = PROGRAM_LABELS.get(program, str(program))
+                child = self._nfs_children[program, procedure] = self._nfs.labels(program=label, procedure=procedure)
+            child.observe(seconds)
+        if outcome != CallOutcome.SUCCESS:
+            self._rpc_errors.labels(kind=outcome).inc()
+
+    def observe_op(self, op: str, seconds: float) -> None:
+        """`appliance.fuse_adapter.OpObserver`: one FUSE operation answered."""
+        self._fuse.labels(op=op).observe(seconds)
+
+    def session_read(self, session: str, size: int) -> None:
+        """`appliance.datastore.datastore.SessionIo`: bytes read from a session."""
+        self._session_read.labels(session=session).inc(size)
+
+    def session_written(self, session: str, size: int) -> None:
+        """`appliance.datastore.datastore.SessionIo`: bytes written to a session."""
+        self._session_written.labels(session=session).inc(size)
+
+    def count_ingest(self, size: int) -> None:
+        """`appliance.ingest.backup.ReadCounter`: bytes an ingest read from its source."""
+        self._ingest.inc(size)
+
+    def render(self) -> bytes:
+        """The text exposition of every metric. Blocks (a store scan): call it off the loop."""
+        return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class _Space:
+    statistics: StoreStatistics
+    taken: float  # time.monotonic() of the scan
+
+
+class _DatastoreCollector:
+    """Reads the store's and the datastore's own counters and sizes at each scrape."""
+
+    def __init__(self, datastore: Datastore, space_ttl: float) -> None:
+        self._datastore = datastore
+        self._space_ttl = space_ttl
+        self._space: _Space | None = None
+        self._space_lock = threading.Lock()
+
+    def _store_space(self) -> StoreStatistics:
+        """The last scan if it is fresh enough, else a new one (one scan at a time)."""
+        with self._space_lock:
+            now = time.monotonic()
+            if self._space is None or now - self._space.taken >= self._space_ttl:
+                self._space = _Space(store_statistics(self._datastore.store), now)
+            return self._space.statistics
+
+    def collect(self) -> Iterator[Metric]:
+        reads = self._datastore.read_path.statistics()
+        yield CounterMetricFamily("appliance_chunk_cache_hits", "Chunk lookups answered by the decompressed-chunk "
+                                  "cache.", value=reads.cache.hits)
+        yield CounterMetricFamily("appliance_chunk_cache_misses", "Chunk lookups the decompressed-chunk cache "
+                                  "could not answer.", value=reads.cache.misses)
+        yield GaugeMetricFamily("appliance_chunk_cache_bytes", "Decompressed bytes held by the chunk cache.",
+                                value=reads.cache.bytes)
+        yield GaugeMetricFamily("appliance_chunk_cache_capacity_bytes", "The chunk cache's size limit.",
+                                value=reads.cache.capacity)
+        yield CounterMetricFamily("appliance_chunk_loads", "Chunks read from packs, verified and decompressed "
+                                  "(cache misses and read-ahead).", value=reads.loads.chunks_loaded)
+        yield CounterMetricFamily("appliance_checksum_failures", "Chunk loads refused because the stored record "
+                                  "failed verification (checksum, header, identity); the reader got an I/O error.",
+                                  value=reads.loads.integrity_failures)
+        yield from _space_metrics(self._store_space())
+        yield from _session_metrics(self._datastore.store, list_sessions(self._datastore.namespace))
+
+
+def _space_metrics(space: StoreStatistics) -> Iterator[Metric]:
+    for name, text, value in (
+        ("appliance_store_logical_bytes", "Sum of every restore point's disk sizes.", space.logical_bytes),
+        ("appliance_store_referenced_bytes", "Non-zero chunk bytes every point references, before dedup.",
+         space.referenced_bytes),
+        ("appliance_store_unique_bytes", "Uncompressed bytes of the distinct stored chunks.", space.unique_bytes),
+        ("appliance_store_stored_bytes", "Bytes of committed pack files on disk.", space.stored_bytes),
+        ("appliance_store_dedup_ratio", "Referenced bytes per unique byte.", space.dedup_ratio),
+        ("appliance_store_compression_ratio", "Unique bytes per stored byte.", space.compression_ratio),
+        ("appliance_store_points", "Restore points in the catalog.", space.points),
+        ("appliance_store_chunks", "Distinct chunks in the store.", space.chunks),
+    ):
+        yield GaugeMetricFamily(name, text, value=value)
+
+
+def _session_metrics(store: Store, sessions: list[SessionInfo]) -> Iterator[Metric]:
+    yield GaugeMetricFamily("appliance_sessions", "Sessions (writable views of restore points).",
+                            value=len(sessions))
+    overlay = GaugeMetricFamily("appliance_session_overlay_bytes", "Disk space the copy-on-write overlays of a "
+                                "session's disks occupy.", labels=["session"])
+    for info in sessions:
+        overlay.add_metric([info.name], sum(_allocated_bytes(overlay_path(store, info.inode, disk))
+                                            for disk in range(len(info.disks))))
+    yield overlay
+
+
+def _allocated_bytes(directory: Path) -> int:
+    """Bytes the files in `directory` occupy (0 if a concurrent delete removed it)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sum(entry.stat().st_blocks * 512 for entry in entries if entry.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+# ----- the HTTP endpoint ------------------------------------------------------------------
+
+METRICS_PATH = "/metrics"
+#: Request line and headers together; a scraper sends a few hundred bytes.
+MAX_REQUEST_HEAD = 8192
+#: A client that has not sent its request by then is dropped (a stalled connection
+#: must not hold a task forever).
+REQUEST_TIMEOUT = 10.0
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+_HTTP_VERSION = re.compile(r"HTTP/1\.[01]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status, self.reason, self.headers = status, reason, headers
+
+
+async def _read_head(stream: trio.SocketStream) -> str | None:
+    """The request line and header lines, or None if the client closed first."""
+    head = bytearray()
+    while (end := _END_OF_HEAD.search(head)) is None:
+        if len(head) > MAX_REQUEST_HEAD:
+            raise _HttpError(431, "Request Header Fields Too Large")
+        chunk = await stream.receive_some(MAX_REQUEST_HEAD)
+        if not chunk:
+            return None
+        head += chunk
+    if end.start() > MAX_REQUEST_HEAD:
+        raise _HttpError(431, "Request Header Fields Too Large")
+    return head[: end.start()].decode("latin-1")
+
+
+def _route(head: str) -> str:
+    """Check the request (RFC 9112 syntax, Host present); its method if it is for us."""
+    request_line, *header_lines = re.split(r"\r?\n", head)
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _HTTP_VERSION.fullmatch(parts[2]):
+        raise _HttpError(400, "Bad Request")
+    method, target, version = parts
+    names = set()
+    for line in header_lines:
+        name, colon, _ = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise _HttpError(400, "Bad Request")
+        names.add(name.lower())
+    if version == "HTTP/1.1" and "host" not in names:
+        raise _HttpError(400, "Bad Request")
+    if urlsplit(target).path != METRICS_PATH:
+        raise _HttpError(404, "Not Found")
+    if method not in ("GET", "HEAD"):
+        raise _HttpError(405, "Method Not Allowed", (("Allow", "GET, HEAD"),))
+    return method
+
+
+def _response(status: int, reason: str, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = (),
+              *, send_body: bool = True) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
+             "Connection: close", *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body if send_body else b"")
+
+
+async def _respond(metrics: ApplianceMetrics, render_limiter: trio.CapacityLimiter,
+                   stream: trio.SocketStream) -> bytes | None:
+    """The response to the request on `stream`; None if no whole request came in time."""
+    head = None
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            head = await _read_head(stream)
+        if head is None:
+            return None
+        method = _route(head)
+    except _HttpError as exc:
+        return _response(exc.status, exc.reason, "text/plain; charset=utf-8", f"{exc.reason}\n".encode(),
+                         exc.headers)
+    try:
+        body = await trio.to_thread.run_sync(metrics.render, limiter=render_limiter)
+    except Exception:
+        log.exception("rendering metrics failed")
+        return _response(500, "Internal Server Error", "text/plain; charset=utf-8", b"Internal Server Error\n")
+    return _response(200, "OK", CONTENT_TYPE_LATEST, body, send_body=method == "GET")
+
+
+async def _answer(metrics: ApplianceMetrics, render_limiter: trio.CapacityLimiter,
+                  stream: trio.SocketStream) -> None:
+    """One request, one response, then close (no keep-alive: scrapes are seconds apart)."""
+    try:
+        response = await _respond(metrics, render_limiter, stream)
+        if response is not None:
+            await stream.send_all(response)
+            await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the scraper went away
+    except Exception:
+        # One connection's trouble must never end the listener, nor the serve nursery it runs in.
+        log.exception("metrics request failed")
+    finally:
+        await stream.aclose()
+
+
+async def serve_metrics(metrics: ApplianceMetrics, *, host: str, port: int,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``GET /metrics`` on one TCP address until cancelled; reports the bound port."""
+    listeners = await listen_tcp(host, port)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    # One render at a time: concurrent scrapes wait for a thread rather than each
+    # taking one from the pool FUSE's VFS calls use.
+    await trio.serve_listeners(partial(_answer, metrics, trio.CapacityLimiter(1)), listeners)
