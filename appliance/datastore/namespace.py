@@ -77,7 +77,7 @@ class Namespace:
 
     def node(self, txn: lmdb.Transaction, inode: int) -> Node | None:
         raw = txn.get(_U64.pack(inode), db=self._nodes)
-        return None if raw is None else Node.from_bytes(raw)
+        return None if raw is None else Node.from_bytes(bytes(raw))
 
     def child(self, txn: lmdb.Transaction, parent: int, name: str) -> int | None:
         raw = txn.get(_name_key(parent, name), db=self._names)

@@ -65,7 +65,7 @@ class SessionTable:
         raw = txn.get(name.encode(), db=self._db)
         if raw is None:
             return None
-        doc = json.loads(raw)
+        doc = json.loads(bytes(raw))
         doc["disks"] = tuple(doc["disks"])
         return SessionInfo(**doc)
 

@@ -21,13 +21,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import zstandard
 
 from appliance.errors import SourceError, UsageError
 from appliance.ingest.changed_areas import chunks_touched, load_changed_areas
-from appliance.ingest.sources import DiskSource, open_source
+from appliance.ingest.sources import open_source
 from appliance.names import check_name
 from appliance.store import formats
 from appliance.store.catalog import DiskInfo, RestorePoint, disk_name, new_point_id
@@ -38,6 +38,17 @@ from appliance.store.writer import PackSink
 ProgressCallback = Callable[[int, int], None]
 #: Hears the bytes of each chunk slot read from a source (metrics: ingest throughput).
 ReadCounter = Callable[[int], None]
+
+
+class IngestSource(Protocol):
+    """What ingest reads: a disk image file, or a session's merged disk."""
+
+    path: str
+    format: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def is_unallocated(self, offset: int, length: int) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +97,7 @@ class _ChunkProcessor:
 
 
 def _ingest_disk(
-    source: DiskSource,
+    source: IngestSource,
     slots: list[int],
     chunk_map: bytearray,
     chunk_size: int,
@@ -123,7 +134,7 @@ def _ingest_disk(
 
 
 def _slots_to_read(
-    source: DiskSource,
+    source: IngestSource,
     chunk_size: int,
     parent_map: bytes | None,
     parent_size: int,
@@ -177,7 +188,7 @@ def backup(
 def ingest(
     store: Store,
     vm: str,
-    sources: Sequence[DiskSource],
+    sources: Sequence[IngestSource],
     files: dict[str, bytes],
     parent_ref: str | None = None,
     changed: list[list[tuple[int, int]]] | None = None,
@@ -212,8 +223,9 @@ def ingest(
                     parent_size = parent.disks[number].size
                 disk_changes = changed[number] if changed is not None else None
                 plans.append(_slots_to_read(source, chunk_size, parent_map, parent_size, disk_changes))
-            for name in parent.files if parent is not None else ():
-                files.setdefault(name, store.catalog.file(txn, parent, name))
+            if parent is not None:
+                for name in parent.files:
+                    files.setdefault(name, store.catalog.file(txn, parent, name))
         total = sum(len(slots) for _, slots in plans) * chunk_size
         scanned = read = 0
 

@@ -13,7 +13,7 @@ import os
 import struct
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import lmdb
 
@@ -49,16 +49,15 @@ class RestorePoint:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, object]) -> "RestorePoint":
-        disks = tuple(DiskInfo(**d) for d in doc["disks"])  # type: ignore[arg-type, union-attr]
+    def from_json(cls, doc: dict[str, Any]) -> "RestorePoint":
         return cls(
             id=str(doc["id"]),
             vm=str(doc["vm"]),
-            created=float(doc["created"]),  # type: ignore[arg-type]
-            parent=doc.get("parent"),  # type: ignore[arg-type]
-            disks=disks,
-            files=tuple(doc.get("files", ())),  # type: ignore[arg-type]
-            stats=dict(doc.get("stats", {})),  # type: ignore[arg-type]
+            created=float(doc["created"]),
+            parent=doc.get("parent"),
+            disks=tuple(DiskInfo(**d) for d in doc["disks"]),
+            files=tuple(doc.get("files", ())),
+            stats=dict(doc.get("stats", {})),
         )
 
 
@@ -132,7 +131,7 @@ class Catalog:
     def points(self, txn: lmdb.Transaction, vm: str | None = None) -> list[RestorePoint]:
         """Restore points, oldest first (optionally of one VM)."""
         with txn.cursor(db=self._points) as cursor:
-            found = [RestorePoint.from_json(json.loads(value)) for _, value in cursor]
+            found = [RestorePoint.from_json(json.loads(bytes(value))) for _, value in cursor]
         if vm is not None:
             found = [p for p in found if p.vm == vm]
         return sorted(found, key=lambda p: (p.created, p.id))
@@ -147,7 +146,7 @@ class Catalog:
         raw = txn.get(point_id.encode(), db=self._points)
         if raw is None:
             raise NotFound(f"unknown restore point {point_id!r}")
-        return RestorePoint.from_json(json.loads(raw))
+        return RestorePoint.from_json(json.loads(bytes(raw)))
 
     def resolve(self, txn: lmdb.Transaction, vm: str, ref: str) -> RestorePoint:
         """Find a VM's point by exact id, unique id prefix, or `latest`."""
