@@ -94,6 +94,8 @@ class Datastore:
         self._fds: dict[int, int] = {}
         self._disk_mtimes: dict[int, int] = {}
         self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
+        self._node_cache: dict[int, Node] = {}
+        self._node_epoch = 0
 
     def close(self) -> None:
         with self._lock:
@@ -108,11 +110,36 @@ class Datastore:
     # ----- nodes and the restore-point mirror -------------------------------------------
 
     def _node(self, inode: int) -> Node:
+        """A node, from memory when possible: every NFS call and most FUSE calls need one."""
+        with self._lock:
+            node = self._node_cache.get(inode)
+            epoch = self._node_epoch
+        if node is not None:
+            return node
         with self.store.env.begin() as txn:
             node = self.namespace.node(txn, inode)
         if node is None:
             raise StaleHandle(f"inode {inode} does not exist (removed)")
+        with self._lock:
+            if self._node_epoch == epoch:  # no change committed since the read began
+                self._node_cache[inode] = node
         return node
+
+    def _changed(self, *inodes: int) -> None:
+        """After a commit that changed or removed `inodes` (none given: maybe any node).
+
+        Nodes change only through this process while it serves (the datastore lock keeps
+        `session delete` out; `session create` only adds), so dropping them here keeps the
+        cache exact. The epoch stops a read that began before the commit from caching a
+        node it read from the older snapshot.
+        """
+        with self._lock:
+            self._node_epoch += 1
+            if inodes:
+                for inode in inodes:
+                    self._node_cache.pop(inode, None)
+            else:
+                self._node_cache.clear()
 
     def _point(self, point_id: str) -> RestorePoint:
         point = self._points.get(point_id)
@@ -143,6 +170,7 @@ class Datastore:
                                        ref={"vm": name})
                 else:
                     self._add_point_dir(txn, directory.inode, self.store.catalog.get_point(txn, name))
+        self._changed()
 
     def _add_point_dir(self, txn: lmdb.Transaction, parent: int, point: RestorePoint) -> None:
         folder = self.namespace.add(txn, parent, point.id, Kind.DIRECTORY, "rp-point", READ_ONLY_DIR_MODE,
@@ -343,6 +371,7 @@ class Datastore:
             if current is None:
                 raise StaleHandle(f"inode {inode} was removed")
             self.namespace.put(txn, current.touched(**fields))
+        self._changed(inode)
         return self.getattr(inode)
 
     def read(self, inode: int, offset: int, length: int) -> bytes:
@@ -397,6 +426,7 @@ class Datastore:
                     current = self.namespace.node(txn, inode)
                     if current is not None:
                         self.namespace.put(txn, current.touched(mtime_ns=max(mtime, current.mtime_ns)))
+                self._changed(inode)
         elif node.role == "scratch":
             os.fsync(self._fd(node))
 
@@ -468,6 +498,7 @@ class Datastore:
             self._check_removable(txn, name, node, want_directory)
             self.namespace.unlink(txn, parent, name, inode)
             self.namespace.forget(txn, inode)
+        self._changed(inode)
         self._drop_data(node)
 
     def _check_removable(self, txn: lmdb.Transaction, name: str, node: Node, want_directory: bool) -> None:
@@ -515,6 +546,7 @@ class Datastore:
             self.namespace.unlink(txn, old_parent, old_name, inode)
             self.namespace.link(txn, new_parent, new_name, inode)
             self.namespace.put(txn, node.touched(parent=new_parent))
+        self._changed(inode, *((replaced.inode,) if replaced is not None else ()))
         if replaced is not None:
             self._drop_data(replaced)
 
