@@ -220,7 +220,36 @@ class Nfs3Server:
         async def run(call: Call, args: A) -> Encodable:
             return await self.workers.run(self._answer, procedure, call, args)
 
-        return run
+        async def read(call: Call, args: A) -> Encodable:
+            answer = self._read_from_memory(call, args)  # type: ignore[arg-type]
+            return answer if answer is not None else await run(call, args)
+
+        return read if procedure.handle is Nfs3Server.read else run
+
+    def _read_from_memory(self, call: Call, args: READ3args) -> NfsResult | None:
+        """A READ answered on the event loop when attributes and bytes are in memory.
+
+        Anything unusual (a refused client, a bad handle, permissions, a cache miss) goes
+        the ordinary way, through a worker thread, so errors are built in one place.
+        """
+        if not self.export.allows(call.client):
+            return None
+        try:
+            handle = self.codec.decode(args.file)
+        except BadHandle:
+            return None
+        attributes = self.vfs.getattr_nowait(handle.fileid)
+        if (attributes is None or handle.export_id != self.export.export_id
+                or attributes.generation & 0xFFFF_FFFF != handle.generation or attributes.kind is not Kind.FILE
+                or not self.export.may(attributes, self.export.identity(call.credential), ACCESS3_READ,
+                                       owner_override=True)):
+            return None
+        count = min(args.count, MAX_TRANSFER)
+        data = self.vfs.read_nowait(attributes.inode, args.offset, count) if count else b""
+        if data is None:
+            return None
+        eof = len(data) < count or args.offset + len(data) >= attributes.size
+        return NfsResult(nfsstat3.NFS3_OK, READ3resok(self.fattr(attributes), eof, data))
 
     def _answer(self, procedure: NfsProcedure[A], call: Call, args: A) -> NfsResult:
         allowed = self.export.allows(call.client)

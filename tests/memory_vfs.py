@@ -192,6 +192,12 @@ class MemoryVfs:
                 raise IsADirectory(f"inode {inode} is a directory")
             return bytes(node.data[offset : offset + length])
 
+    def getattr_nowait(self, inode: int) -> Attributes | None:
+        """Everything here is in memory; a missing inode is left to `getattr`."""
+        with self._lock:
+            present = inode in self._nodes
+        return self.getattr(inode) if present else None
+
     def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
         """Everything here is in memory; only errors are left to `read`."""
         with self._lock:

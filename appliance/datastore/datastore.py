@@ -394,6 +394,13 @@ class Datastore:
             self._session_io.session_read(self._session_name(node), len(data))
         return data
 
+    def getattr_nowait(self, inode: int) -> Attributes | None:
+        if inode not in self._flat_extents:  # known restore-point flat extents only: all in memory
+            return None
+        with self._lock:
+            node = self._node_cache.get(inode)
+        return None if node is None else self._attributes(node)
+
     def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
         target = self._flat_extents.get(inode)
         if target is None:
