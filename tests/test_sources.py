@@ -78,7 +78,7 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def need(disks: dict[str, Path], name: str) -> Path:
     if name not in disks:
-        pytest.skip("qemu-img is not installed")
+        pytest.fail("qemu-img is not installed (deploy/dev-setup.sh installs it)")
     return disks[name]
 
 
@@ -193,7 +193,7 @@ def with_extent(descriptor: str, extent: str, size: int) -> Setup:
 
 def qcow2(directory: Path) -> Path:
     if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+        pytest.fail("qemu-img is not installed (deploy/dev-setup.sh installs it)")
     (directory / "x.raw").write_bytes(IMAGE[:MIB])
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(directory / "x.raw"),
                     str(directory / "x.qcow2")], check=True)
@@ -239,7 +239,7 @@ def test_refused_with_useful_message(tmp_path: Path, case: str, setup: Setup, me
 
 def test_sparse_extent_size_must_match_descriptor(tmp_path: Path) -> None:
     if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+        pytest.fail("qemu-img is not installed (deploy/dev-setup.sh installs it)")
     (tmp_path / "x.raw").write_bytes(IMAGE[:MIB])
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(tmp_path / "x.raw"),
                     str(tmp_path / "s.vmdk")], check=True)

@@ -55,7 +55,7 @@ def add_footer(stream: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+        pytest.fail("qemu-img is not installed (deploy/dev-setup.sh installs it)")
     directory = tmp_path_factory.mktemp("vmdk")
     raw = directory / "disk.raw"
     raw.write_bytes(IMAGE)
