@@ -79,16 +79,22 @@ def store(tmp_path: Path) -> Iterator[Path]:
     yield store
 
 
-def test_serve_nfs_and_fuse_from_one_process(store: Path, tmp_path: Path) -> None:
-    mountpoint = tmp_path / "mnt"
+def serve_with_mount(store: Path, mountpoint: Path) -> Serve:
+    """`serve --mount`, returned once both NFS and the FUSE mount are up."""
     mountpoint.mkdir()
     server = Serve(store, "--mount", str(mountpoint))
     server.start()
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mountpoint):
+        assert time.monotonic() < deadline, "FUSE mount did not appear"
+        time.sleep(0.05)
+    return server
+
+
+def test_serve_nfs_and_fuse_from_one_process(store: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    server = serve_with_mount(store, mountpoint)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mountpoint):
-            assert time.monotonic() < deadline, "FUSE mount did not appear"
-            time.sleep(0.05)
         local = tmp_path / "vmware.log"
         local.write_bytes(b"written over NFS, read over FUSE\n")
         copy = subprocess.run(["nfs-cp", str(local), server.url("/sessions/s1/vmware.log")], capture_output=True,
@@ -125,14 +131,8 @@ def test_metrics_count_the_traffic_of_a_live_serve(store: Path) -> None:
 
 def test_fuse_writes_are_visible_over_nfs(store: Path, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    server = Serve(store, "--mount", str(mountpoint))
-    server.start()
+    server = serve_with_mount(store, mountpoint)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mountpoint):
-            assert time.monotonic() < deadline, "FUSE mount did not appear"
-            time.sleep(0.05)
         data = os.urandom(3 * 65536 + 17)
         with open(mountpoint / "sessions" / "s1" / "vm1-flat.vmdk", "r+b") as disk:
             disk.seek(12345)
