@@ -86,7 +86,9 @@ def serve_with_mount(store: Path, mountpoint: Path) -> Serve:
     server.start()
     deadline = time.monotonic() + 30
     while not os.path.ismount(mountpoint):
-        assert time.monotonic() < deadline, "FUSE mount did not appear"
+        if time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError("FUSE mount did not appear")
         time.sleep(0.05)
     return server
 
