@@ -38,10 +38,8 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +47,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.bench.ingest import GIB, drop_page_cache, log, make_ext4_image, mbps, run
+from tests.bench.ingest import GIB, drop_page_cache, image_bytes, log, make_ext4_image, mbps, medians, run, work_directory
 
 VM = "bench"
 PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
@@ -263,15 +261,8 @@ def main() -> int:
     if os.geteuid() != 0:
         parser.error("needs root: it drops the kernel page cache")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks unmount
-    size = int(args.size_gib * GIB) // (1 << 20) * (1 << 20)
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-        if any(args.work.iterdir()):
-            parser.error(f"--work {args.work} is not empty")
-        work = args.work.resolve()
-    else:
-        work = Path(tempfile.mkdtemp(prefix="fuse-bench-", dir="/var/tmp"))
-    log(f"work directory {work}")
+    size = image_bytes(args.size_gib)
+    work = work_directory(parser, args.work, "fuse-bench-")
     try:
         env = setup(work, size, args.skip_peers)
         runs = []
@@ -284,7 +275,7 @@ def main() -> int:
             log(f"warning: mounts left under {work}; not deleting it")
         elif not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    figures = {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+    figures = medians(runs, 1)
     result: dict[str, Any] = {"bench": "fuse", "image_bytes": size, "seconds": args.seconds, "runs": args.runs}
     result.update(figures, **ratios(figures, args.skip_peers))
     result["per_run"] = runs if args.runs > 1 else []

@@ -356,6 +356,29 @@ def measure(work: Path, images: list[Path], args: argparse.Namespace) -> dict[st
     return fig
 
 
+def image_bytes(size_gib: float) -> int:
+    """The image size asked for, rounded down to whole MiB."""
+    return int(size_gib * GIB) // (1 << 20) * (1 << 20)
+
+
+def work_directory(parser: argparse.ArgumentParser, work: Path | None, prefix: str) -> Path:
+    """`--work` (which must be empty), or a new directory under /var/tmp."""
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        if any(work.iterdir()):
+            parser.error(f"--work {work} is not empty")
+    log(f"work directory {work.resolve()}")
+    return work.resolve()
+
+
+def medians(runs: list[dict[str, Any]], ndigits: int | None = None) -> dict[str, Any]:
+    """Each figure's median over the runs (rounded to `ndigits` if given)."""
+    figures = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return figures if ndigits is None else {key: round(value, ndigits) for key, value in figures.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0, help="image size (1-4 GiB is the realistic range)")
@@ -367,15 +390,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1, help="repeat the measurement; report medians")
     parser.add_argument("--skip-peers", action="store_true", help="skip borg and restic")
     args = parser.parse_args()
-    size = int(args.size_gib * GIB) // (1 << 20) * (1 << 20)
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-        if any(args.work.iterdir()):
-            parser.error(f"--work {args.work} is not empty")
-        work = args.work
-    else:
-        work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir="/var/tmp"))
-    log(f"work directory {work}")
+    size = image_bytes(args.size_gib)
+    work = work_directory(parser, args.work, "ingest-bench-")
     try:
         images = build_series(work, size, args.days, args.change_fraction)
         runs = []
@@ -385,7 +401,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    figures = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    figures = medians(runs)
     met = {"readback_ge_50pct_raw": figures.get("ratio_readback_vs_raw", 0) >= 0.5}
     if not args.skip_peers:
         met.update(

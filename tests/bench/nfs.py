@@ -41,10 +41,8 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
-from tests.bench.ingest import GIB, log, make_ext4_image, mbps, run
+from tests.bench.ingest import image_bytes, log, make_ext4_image, mbps, medians, run, work_directory
 
 HOST = "127.0.0.1"
 DEPTH = 16
@@ -302,15 +300,8 @@ def main() -> int:
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the servers
-    size = int(args.size_gib * GIB) // (1 << 20) * (1 << 20)
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-        if any(args.work.iterdir()):
-            parser.error(f"--work {args.work} is not empty")
-        work = args.work.resolve()
-    else:
-        work = Path(tempfile.mkdtemp(prefix="nfs-bench-", dir="/var/tmp"))
-    log(f"work directory {work}")
+    size = image_bytes(args.size_gib)
+    work = work_directory(parser, args.work, "nfs-bench-")
     try:
         env = setup(work, size)
         runs = []
@@ -321,7 +312,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    figures = {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+    figures = medians(runs, 1)
     result: dict[str, Any] = {
         "bench": "nfs", "image_bytes": size, "runs": args.runs, "depth": DEPTH, "count_64k": args.count_64k,
         "count_4k": args.count_4k, "count_write": args.count_write,
