@@ -178,32 +178,70 @@ def _datastore(args: argparse.Namespace) -> Iterator[tuple[Store, Namespace, Rea
         yield store, namespace, read_path
 
 
+def _print_sessions(found: Sequence[Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([dataclasses.asdict(s) for s in found], indent=2))
+        return
+    print(f"{'SESSION':<24} {'VM':<20} {'POINT':<22} {'CREATED (UTC)':<20} EXPIRES (UTC)")
+    for s in found:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created))
+        expires = "-" if s.expires is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.expires))
+        print(f"{s.name:<24} {s.vm:<20} {s.point:<22} {created:<20} {expires}")
+
+
 def cmd_session(args: argparse.Namespace) -> int:
+    """Offline on the store, or through the API of the `serve` that holds it."""
+    from appliance.api.client import ApiClient
     from appliance.datastore import sessions
 
+    client = ApiClient.for_store(_store_path(args))
+    if client is not None:
+        with client:
+            return _session_via_api(client, args)
     with _datastore(args) as (store, namespace, read_path):
         if args.session_command == "create":
-            info = sessions.create_session(store, namespace, read_path, args.vm, args.point, args.name)
+            expires = None if args.expires_hours is None else time.time() + args.expires_hours * 3600
+            info = sessions.create_session(store, namespace, read_path, args.vm, args.point, args.name, expires)
             print(f"created session {info.name} of {info.vm} point {info.point}")
         elif args.session_command == "list":
-            found = sessions.list_sessions(namespace)
-            if args.json:
-                print(json.dumps([dataclasses.asdict(s) for s in found], indent=2))
-            else:
-                print(f"{'SESSION':<24} {'VM':<20} {'POINT':<22} CREATED (UTC)")
-                for s in found:
-                    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created))
-                    print(f"{s.name:<24} {s.vm:<20} {s.point:<22} {created}")
+            _print_sessions(sessions.list_sessions(namespace), args.json)
         elif args.session_command == "commit":
             point = sessions.commit_session(store, namespace, read_path, args.name)
-            print(f"committed session {args.name} as point {point.id} of {point.vm}", file=sys.stderr)
-            print(point.id)
+            _print_committed(args.name, point.id, point.vm)
         elif args.session_command == "export":
             sessions.export_session_disk(store, namespace, read_path, args.name, args.disk, Path(args.output))
             print(f"exported session {args.name} disk {args.disk} to {args.output}", file=sys.stderr)
         else:
             sessions.delete_session(store, namespace, args.name)
             print(f"deleted session {args.name}")
+    return 0
+
+
+def _print_committed(name: str, point: str, vm: str) -> None:
+    print(f"committed session {name} as point {point} of {vm}", file=sys.stderr)
+    print(point)
+
+
+def _session_via_api(client: Any, args: argparse.Namespace) -> int:
+    from appliance.datastore.sessions import SessionInfo
+
+    if args.session_command == "create":
+        doc = client.call("POST", "/sessions", {"vm": args.vm, "point": args.point, "name": args.name,
+                                               "expires_hours": args.expires_hours})
+        print(f"created session {doc['name']} of {doc['vm']} point {doc['point']}")
+    elif args.session_command == "list":
+        found = [SessionInfo(**dict(doc, disks=tuple(doc["disks"]))) for doc in client.call("GET", "/sessions")]
+        _print_sessions(found, args.json)
+    elif args.session_command == "commit":
+        doc = client.call("POST", f"/sessions/{args.name}/commit")
+        _print_committed(args.name, doc["id"], doc["vm"])
+    elif args.session_command == "export":
+        client.call("POST", f"/sessions/{args.name}/export",
+                    {"disk": args.disk, "output": os.path.abspath(args.output)})
+        print(f"exported session {args.name} disk {args.disk} to {args.output}", file=sys.stderr)
+    else:
+        client.call("DELETE", f"/sessions/{args.name}")
+        print(f"deleted session {args.name}")
     return 0
 
 
@@ -231,6 +269,8 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("cache_mib", "--cache-mib", "cache.chunk_cache_mib"),
     ("metrics", "--no-metrics", "metrics.enabled"),
     ("metrics_port", "--metrics-port", "metrics.port"),
+    ("api", "--no-api", "api.enabled"),
+    ("api_port", "--api-port", "api.port"),
 )
 #: Flags that name paths: made absolute here, as the configuration only takes absolute ones.
 PATH_FLAGS = frozenset({"store", "mount"})
@@ -341,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--vm", required=True)
     action.add_argument("--point", required=True, help="point id, unique prefix, or latest")
     action.add_argument("--name", required=True)
+    action.add_argument("--expires-hours", type=float, metavar="H",
+                        help="a serving appliance ends the session after H hours (default: limits.session_expiry_hours)")
     action = session_commands.add_parser("list", help="list sessions")
     action.add_argument("--json", action="store_true")
     action = session_commands.add_parser("commit", help="store a session's disks as a new restore point")
@@ -388,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-metrics", dest="metrics", action="store_false", default=None,
                      help="do not serve Prometheus metrics")
     sub.add_argument("--metrics-port", type=int, help="port of http://BIND:PORT/metrics (default 9750)")
+    sub.add_argument("--no-api", dest="api", action="store_false", default=None,
+                     help="do not serve the HTTP API (the CLI then cannot change sessions while this runs)")
+    sub.add_argument("--api-port", type=int, help="port of the HTTP API on 127.0.0.1 (default 9751; 0: any free)")
 
     sub = command("config", cmd_config, "validate a configuration file without starting anything")
     config_commands = sub.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -291,8 +291,9 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    """The HTTP API's listener; validated now so a file written today stays valid when it lands."""
+    """The HTTP API's listener and the file holding its bearer token."""
 
+    enabled: bool = option(True, boolean)
     bind: str = option("127.0.0.1", ip_address)
     port: int = option(9751, tcp_port)
     token_file: Path | None = option(None, secret_file)
@@ -365,7 +366,8 @@ class ApplianceConfig:
             yield "nfs.mount_port", self.nfs.bind, self.nfs.mount_port
         if self.metrics.enabled:
             yield "metrics.port", self.metrics.bind, self.metrics.port
-        yield "api.port", self.api.bind, self.api.port
+        if self.api.enabled:
+            yield "api.port", self.api.bind, self.api.port
 
 
 def _overlap(first: str, second: str) -> bool:
@@ -463,6 +465,7 @@ def summary(config: ApplianceConfig) -> str:
         served = "NFS off"
     fuse = f"FUSE at {config.fuse.mountpoint}" if config.fuse.mountpoint else "FUSE off"
     metrics = f"metrics on {config.metrics.bind}:{config.metrics.port}" if config.metrics.enabled else "metrics off"
+    api = f"API on {config.api.bind}:{config.api.port}" if config.api.enabled else "API off"
     count = len(config.vsphere.connections)
-    return (f"store {config.store.path}; {served}; {fuse}; {metrics}; cache {config.cache.chunk_cache_mib} MiB; "
+    return (f"store {config.store.path}; {served}; {fuse}; {metrics}; {api}; cache {config.cache.chunk_cache_mib} MiB; "
             f"{count} vSphere connection{'' if count == 1 else 's'}")

@@ -118,3 +118,19 @@ class SessionBusy(ApplianceError):
     """A session that a running `mount`/`serve` holds open."""
 
     exit_code = 75
+
+
+class TryAgain(ApplianceError):
+    """A session paused for a moment (being committed or removed): clients retry."""
+
+    exit_code = 75
+
+
+class LimitReached(ApplianceError):
+    """A configured limit (sessions, instant boots) would be exceeded."""
+
+    exit_code = 75
+
+
+class Unauthorized(ApplianceError):
+    """An API call without the appliance's token."""

@@ -53,6 +53,7 @@ ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (errors.NameTooLong, errno.ENAMETOOLONG),
     (errors.InvalidName, errno.EINVAL),
     (errors.IntegrityError, errno.EIO),
+    (errors.TryAgain, errno.EAGAIN),
     (OverlayError, errno.EIO),
 )
 READ_ONLY_TIMEOUT = 300.0  # restore points never change

@@ -1,7 +1,7 @@
 """Running the datastore: one process, one trio loop, one shared datastore object.
 
-`serve_datastore` runs the NFS server and the FUSE mount (either may be off) as tasks of
-one nursery over one `Datastore`; the HTTP API joins it later. `serve_options` turns a
+`serve_datastore` runs the NFS server, the FUSE mount (either may be off), the HTTP API,
+the metrics endpoint and the job runner as tasks of one nursery over one `Datastore`. `serve_options` turns a
 validated configuration file (`appliance.config`) into the options it takes. The process
 holds the store's reader lock (GC will not delete packs under it) and the datastore lock
 (sessions are not committed or deleted under it). SIGINT/SIGTERM end every task: FUSE
@@ -20,14 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
 
-from appliance.config import ApplianceConfig
+from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
+from appliance.api.app import build_app
+from appliance.config import ApplianceConfig, LimitsConfig
+from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
 from appliance.durable import fsync_directory
 from appliance.errors import ApplianceError, StoreError
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
+from appliance.jobs import JobRunner
 from appliance.store.cache import MemoryChunkCache
 from appliance.metrics import ApplianceMetrics, serve_metrics
 from nfs_export import Export, serve_nfs
@@ -54,6 +60,9 @@ class ServeOptions:
     cache_bytes: int = DEFAULT_SERVE_CACHE_BYTES
     nfs_enabled: bool = True
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9750)  # (bind, port) of /metrics; None: off
+    api_address: tuple[str, int] | None = ("127.0.0.1", 9751)  # (bind, port) of the HTTP API; None: off
+    token_file: Path | None = None  # the API token; None: STORE/api.token, made on first start
+    limits: LimitsConfig = LimitsConfig()
 
 
 def serve_options(config: ApplianceConfig) -> ServeOptions:
@@ -63,7 +72,10 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
     return ServeOptions(export=export, bind=nfs.bind, nfs_port=nfs.port, mount_port=nfs.mount_port,
                         register_portmap=nfs.portmap, mountpoint=config.fuse.mountpoint,
                         cache_bytes=config.cache.chunk_cache_mib << 20, nfs_enabled=nfs.enabled,
-                        metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None)
+                        metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None,
+                        api_address=(config.api.bind, config.api.port) if config.api.enabled else None,
+                        token_file=config.api.token_file,
+                        limits=config.limits)
 
 
 def _logging() -> None:
@@ -114,9 +126,44 @@ async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[Non
     scope.cancel()
 
 
-async def _serve(datastore: Datastore, metrics: ApplianceMetrics, secret: bytes, options: ServeOptions) -> None:
+async def _serve_api(control: Control, token: str, options: ServeOptions, *,
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """The HTTP API on hypercorn; announces its URL in STORE/serve.json while it runs."""
+    assert options.api_address is not None
+    host, port = options.api_address
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("appliance.api")
+    store_path = control.store.path
+
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await hypercorn_serve(build_app(control, token), config, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(run)
+        url = urls[0]
+        write_runtime(store_path, RuntimeInfo(os.getpid(), url,
+                                              str(token_path(store_path, options.token_file))))
+        task_status.started(url)
+        try:
+            await trio.sleep_forever()
+        finally:
+            remove_runtime(store_path)
+
+
+async def _expire_periodically(control: Control) -> None:
+    while True:
+        await trio.to_thread.run_sync(control.expire_sessions)
+        await trio.sleep(EXPIRY_CHECK_SECONDS)
+
+
+async def _serve(control: Control, metrics: ApplianceMetrics, secret: bytes, token: str,
+                 options: ServeOptions) -> None:
+    datastore = control.datastore
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(control.jobs.run)
             if options.metrics_address is not None:
                 host, port = options.metrics_address
                 bound = await nursery.start(partial(serve_metrics, metrics, host=host, port=port))
@@ -134,6 +181,10 @@ async def _serve(datastore: Datastore, metrics: ApplianceMetrics, secret: bytes,
                 await nursery.start(_then_stop, nursery.cancel_scope, partial(serve_fuse, observe_op=metrics.observe_op),
                                     datastore, options.mountpoint)
                 log.info("serving FUSE at %s", options.mountpoint)
+            if options.api_address is not None:
+                url = await nursery.start(_serve_api, control, token, options)
+                log.info("serving the HTTP API on %s", url)
+            nursery.start_soon(_expire_periodically, control)
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -165,11 +216,13 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         ReadPath(store, cache=MemoryChunkCache(options.cache_bytes)) as read_path,
     ):
         secret = handle_secret(store.path)
+        token = load_token(token_path(store.path, options.token_file), create=options.token_file is None)
         metrics = ApplianceMetrics()
         datastore = Datastore(store, read_path, session_io=metrics)
         metrics.watch(datastore)
+        control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
         try:
-            trio.run(_serve, datastore, metrics, secret, options)
+            trio.run(_serve, control, metrics, secret, token, options)
         except BaseExceptionGroup as group:
             cause = _single_cause(group)
             if cause is None:

@@ -114,6 +114,7 @@ ERRORS: tuple[tuple[type[BaseException], nfsstat3], ...] = (
     (errors.NameTooLong, nfsstat3.NFS3ERR_NAMETOOLONG),
     (errors.InvalidName, nfsstat3.NFS3ERR_INVAL),
     (errors.IntegrityError, nfsstat3.NFS3ERR_IO),
+    (errors.TryAgain, nfsstat3.NFS3ERR_JUKEBOX),
     (OverlayError, nfsstat3.NFS3ERR_IO),
 )
 #: OSError errnos a client can act on; every other OSError is NFS3ERR_IO.

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,20 +43,30 @@ class Serve:
         self.store, self.extra = store, extra
         self.ports = NfsService(free_port(), free_port(), ())
         self.metrics_port = free_port()
+        self.api_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = store.parent / f"serve-{self.api_port}.log"
+
+    def log_text(self) -> str:
+        """What serve wrote to stderr (a file: a pipe nobody reads would fill and block it)."""
+        return self.log_path.read_text()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve", "--no-portmap",
-             "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
-             "--metrics-port", str(self.metrics_port), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with self.log_path.open("ab") as log:
+            self.process = self._spawn(log)
         deadline = time.monotonic() + 30
-        while not (accepting(self.ports.nfs_port) and accepting(self.ports.mount_port)):
+        while not all(map(accepting, (self.ports.nfs_port, self.ports.mount_port, self.api_port))):
             if self.process.poll() is not None:
-                raise AssertionError(f"serve exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+                raise AssertionError(f"serve exited: {self.log_text()}")
             assert time.monotonic() < deadline, "serve did not start listening"
             time.sleep(0.05)
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve", "--no-portmap",
+             "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
+             "--metrics-port", str(self.metrics_port), "--api-port", str(self.api_port), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=log)
 
     def stop(self) -> int:
         assert self.process is not None

@@ -21,6 +21,7 @@ inode belongs to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -53,7 +54,9 @@ from appliance.errors import (
     NotSupported,
     PermissionDenied,
     ReadOnly,
+    SessionBusy,
     StaleHandle,
+    TryAgain,
 )
 from appliance.names import check_component
 from appliance.store.catalog import RestorePoint
@@ -96,6 +99,7 @@ class Datastore:
         self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
         self._node_cache: dict[int, Node] = {}
         self._node_epoch = 0
+        self._paused: set[str] = set()  # sessions the control plane is committing or removing
 
     def close(self) -> None:
         with self._lock:
@@ -106,6 +110,49 @@ class Datastore:
             overlay.close()
         for fd in fds:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def session_paused(self, name: str) -> Iterator[None]:
+        """Let go of a session's files while the serving process commits or removes it.
+
+        Changes to the session are refused with `TryAgain` (NFS clients retry on JUKEBOX)
+        and its overlays are flushed and closed, so the caller sees every acknowledged
+        write and no open handle outlives a removal. Reads go on.
+        """
+        with self._lock:
+            if name in self._paused:
+                raise SessionBusy(f"session {name!r} is already being committed or removed")
+            self._paused.add(name)
+        try:
+            self._release_session(name)
+            yield
+        finally:
+            with self._lock:
+                self._paused.discard(name)
+            self._changed()
+
+    def _release_session(self, name: str) -> None:
+        with self._lock:
+            held = set(self._overlays) | set(self._fds)
+        for inode in held:
+            try:
+                if self._session_name(self._node(inode)) != name:
+                    continue
+            except StaleHandle:
+                pass
+            with self._lock:
+                overlay = self._overlays.pop(inode, None)
+                fd = self._fds.pop(inode, None)
+            if overlay is not None:
+                overlay.flush()
+                overlay.close()
+            if fd is not None:
+                os.fsync(fd)
+                os.close(fd)
+
+    def _check_not_paused(self, node: Node) -> None:
+        if self._paused and self._session_name(node) in self._paused:
+            raise TryAgain(f"session {self._session_name(node)!r} is being committed or removed; retry")
 
     # ----- nodes and the restore-point mirror -------------------------------------------
 
@@ -334,12 +381,14 @@ class Datastore:
             raise PermissionDenied("sessions are made and removed with `appliance session create|delete`")
         if directory.kind is not Kind.DIRECTORY:
             raise NotADirectory(f"inode {parent} is not a directory")
+        self._check_not_paused(directory)
         return directory
 
     def _writable(self, inode: int) -> Node:
         node = self._node(inode)
         if node.role in _READ_ONLY_ROLES:
             raise ReadOnly(f"restore point files are read-only (inode {inode})")
+        self._check_not_paused(node)
         return node
 
     def setattr(self, inode: int, changes: AttributeChanges) -> Attributes:

@@ -10,7 +10,9 @@ any moment harmless (leftovers are unreferenced files, never dangling references
 - The ``sessions`` LMDB table: name -> what the session was made from.
 
 Sessions are created while the datastore is served (LMDB serialises the writers), but
-commit and delete need the serving process to let go: it holds ``datastore.lock``.
+commit and delete need the session's files let go of: offline by taking
+``datastore.lock`` (a serving process holds it), or inside the serving process through
+``Datastore.session_paused``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SessionInfo:
     created: float
     inode: int  # the session directory; also names its area on disk
     disks: tuple[int, ...]  # inode of each disk's flat extent, in disk order
+    expires: float | None = None  # epoch seconds after which a serving appliance ends it
 
 
 class SessionTable:
@@ -89,7 +92,7 @@ def point_files(store: Store, txn: lmdb.Transaction, point: RestorePoint) -> dic
 
 
 def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: str, point_ref: str,
-                   name: str) -> SessionInfo:
+                   name: str, expires: float | None = None) -> SessionInfo:
     """Make a writable session of a restore point; usable at once by a running server."""
     check_name("session", name)
     table = SessionTable(namespace)
@@ -119,7 +122,7 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
             target.mkdir()
             Overlay.create(target, read_path.disk(point, index)).close()
             disks.append(flat.inode)
-        info = SessionInfo(name, vm, point.id, time.time(), directory.inode, tuple(disks))
+        info = SessionInfo(name, vm, point.id, time.time(), directory.inode, tuple(disks), expires)
         table.put(txn, info)
         store.catalog.add_hold(txn, point.id, _holder(name))
     return info
@@ -159,17 +162,23 @@ def datastore_lock(store: Store, exclusive_for: str | None = None) -> Iterator[N
 
 
 def delete_session(store: Store, namespace: Namespace, name: str) -> None:
+    """Drop a session while no process serves the datastore."""
     with datastore_lock(store, f"delete session {name!r}"):
-        info = get_session(namespace, name)
-        with store.env.begin(write=True) as txn:
-            _forget_tree(namespace, txn, info.inode)
-            node = namespace.node(txn, info.inode)
-            if node is not None:
-                namespace.unlink(txn, node.parent, name, info.inode)
-                namespace.forget(txn, info.inode)
-            SessionTable(namespace).delete(txn, name)
-            store.catalog.release_hold(txn, info.point, _holder(name))
-        shutil.rmtree(area_of(store, info.inode), ignore_errors=True)
+        remove_released_session(store, namespace, name)
+
+
+def remove_released_session(store: Store, namespace: Namespace, name: str) -> None:
+    """Drop a session nothing holds open: the datastore lock, or `Datastore.session_paused`."""
+    info = get_session(namespace, name)
+    with store.env.begin(write=True) as txn:
+        _forget_tree(namespace, txn, info.inode)
+        node = namespace.node(txn, info.inode)
+        if node is not None:
+            namespace.unlink(txn, node.parent, name, info.inode)
+            namespace.forget(txn, info.inode)
+        SessionTable(namespace).delete(txn, name)
+        store.catalog.release_hold(txn, info.point, _holder(name))
+    shutil.rmtree(area_of(store, info.inode), ignore_errors=True)
 
 
 def _forget_tree(namespace: Namespace, txn: lmdb.Transaction, directory: int) -> None:
@@ -218,14 +227,21 @@ def _open_overlays(store: Store, namespace: Namespace, read_path: ReadPath, info
 
 
 def commit_session(store: Store, namespace: Namespace, read_path: ReadPath, name: str) -> RestorePoint:
+    """Store a session's disks as a new restore point while no process serves the datastore."""
+    with datastore_lock(store, f"commit session {name!r}"):
+        return commit_released_session(store, namespace, read_path, name)
+
+
+def commit_released_session(store: Store, namespace: Namespace, read_path: ReadPath, name: str) -> RestorePoint:
     """Store the session's disks as a new restore point, a child of its base point.
 
-    Only the overlay's changed ranges are read: everything else is the parent's chunks.
-    The session's current .vmx/.nvram go with it.
+    The caller makes sure nothing writes to the session meanwhile (see
+    `remove_released_session`). Only the overlay's changed ranges are read: everything
+    else is the parent's chunks. The session's current .vmx/.nvram go with it.
     """
     from appliance.ingest.backup import ingest
 
-    with datastore_lock(store, f"commit session {name!r}"), contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         info = get_session(namespace, name)
         point, overlays = _open_overlays(store, namespace, read_path, info, stack)
         files = {}
@@ -241,8 +257,15 @@ def commit_session(store: Store, namespace: Namespace, read_path: ReadPath, name
 
 def export_session_disk(store: Store, namespace: Namespace, read_path: ReadPath, name: str, disk: int,
                         output: Path) -> None:
-    """Write the session's merged view of one disk to a new sparse file."""
-    with datastore_lock(store, f"export session {name!r}"), contextlib.ExitStack() as stack:
+    """Write a session disk's merged view to a new sparse file while no process serves the datastore."""
+    with datastore_lock(store, f"export session {name!r}"):
+        export_released_session_disk(store, namespace, read_path, name, disk, output)
+
+
+def export_released_session_disk(store: Store, namespace: Namespace, read_path: ReadPath, name: str, disk: int,
+                                 output: Path) -> None:
+    """Write the session's merged view of one disk to a new sparse file (see `remove_released_session`)."""
+    with contextlib.ExitStack() as stack:
         info = get_session(namespace, name)
         if not 0 <= disk < len(info.disks):
             raise NotFound(f"session {name!r} has no disk {disk}")

@@ -1,0 +1,77 @@
+"""The CLI's way to act on a running appliance: its HTTP API, with the store's token.
+
+Errors come back as the appliance's own exceptions (the server names the kind), so a
+command fails with the same message and exit code whether it ran here or in the server.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance import errors
+from appliance.api.access import RuntimeInfo, load_token, read_runtime
+from appliance.api.app import PREFIX
+
+#: Generous: a commit of a large session answers only when it is stored.
+REQUEST_TIMEOUT_SECONDS = 3600.0
+
+
+class ApiClient:
+    def __init__(self, base_url: str, token: str) -> None:
+        self._client = httpx.Client(base_url=base_url + PREFIX, timeout=REQUEST_TIMEOUT_SECONDS,
+                                    headers={"Authorization": f"Bearer {token}"})
+
+    @classmethod
+    def for_store(cls, store_path: Path) -> ApiClient | None:
+        """A client of the server that runs this store, or None when none runs."""
+        info: RuntimeInfo | None = read_runtime(store_path)
+        if info is None:
+            return None
+        return cls(info.api_url, load_token(Path(info.token_file)))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._client.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise errors.ApplianceError(f"the appliance's API at {self._client.base_url} did not answer: {exc}") from None
+        if response.status_code == 204:
+            return None
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
+        if response.is_success:
+            return doc
+        if isinstance(doc, dict) and "message" in doc:
+            kind = getattr(errors, str(doc.get("error")), None)
+            cls = kind if isinstance(kind, type) and issubclass(kind, errors.ApplianceError) else errors.ApplianceError
+            raise cls(str(doc["message"]))
+        if isinstance(doc, dict) and "detail" in doc:  # request validation by the framework
+            raise errors.UsageError(f"the appliance refused the request: {doc['detail']}")
+        raise errors.ApplianceError(f"the appliance's API answered {response.status_code} to {method} {path}")
+
+    def wait_job(self, job_id: str, poll_seconds: float = 0.5, on_change: Any = None) -> dict[str, Any]:
+        """Poll a job until it finishes; `on_change(job)` sees each new state of it."""
+        seen = None
+        while True:
+            job = self.call("GET", f"/jobs/{job_id}")
+            marker = (job["state"], len(job["steps"]), len(job["log"]))
+            if marker != seen and on_change is not None:
+                on_change(job)
+            seen = marker
+            if job["finished"] is not None:
+                return job
+            time.sleep(poll_seconds)
