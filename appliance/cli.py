@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.cli_recovery import register as register_recovery_commands
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.progress import Progress, human_bytes
 from appliance.store import init_store, open_store
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-api", dest="api", action="store_false", default=None,
                      help="do not serve the HTTP API (the CLI then cannot change sessions while this runs)")
     sub.add_argument("--api-port", type=int, help="port of the HTTP API on 127.0.0.1 (default 9751; 0: any free)")
+
+    register_recovery_commands(command)
 
     sub = command("config", cmd_config, "validate a configuration file without starting anything")
     config_commands = sub.add_subparsers(dest="config_command", required=True, metavar="ACTION")

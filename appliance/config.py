@@ -410,12 +410,17 @@ def read_table(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
 
 
-def config_from_table(table: Mapping[str, Any], source: str) -> ApplianceConfig:
-    """Validate a whole configuration; `source` names where it came from in errors."""
+def build_document(schema: type, table: Mapping[str, Any], source: str) -> Any:
+    """Validate a TOML document against a schema dataclass; `source` names it in errors."""
     try:
-        config: ApplianceConfig = _build(ApplianceConfig, dict(table))
+        return _build(schema, dict(table))
     except Invalid as exc:
         raise ConfigError(source, exc.reason, exc.key) from None
+
+
+def config_from_table(table: Mapping[str, Any], source: str) -> ApplianceConfig:
+    """Validate a whole configuration; `source` names where it came from in errors."""
+    config: ApplianceConfig = build_document(ApplianceConfig, table, source)
     return config
 
 

@@ -56,6 +56,7 @@ class Control:
         self.jobs = jobs
         self._sessions_lock = threading.Lock()  # the limit check and the creation are one step
         self._end_session: SessionEnder = self.delete_session
+        self._ending: set[tuple[str, float]] = set()  # (name, created) of sessions already being ended
 
     @property
     def store(self) -> Store:
@@ -133,16 +134,22 @@ class Control:
         self._end_session = ender
 
     def expire_sessions(self, now: float | None = None) -> list[str]:
-        """End every session past its expiry; returns their names. Failures are logged, not raised."""
+        """End every session past its expiry, once each; returns their names.
+
+        A failure to end one is logged and not retried (an operator looks at it), and
+        does not stop the others.
+        """
         now = time.time() if now is None else now
         ended = []
         for info in self.list_sessions():
-            if info.expires is None or info.expires > now:
+            key = (info.name, info.created)
+            if info.expires is None or info.expires > now or key in self._ending:
                 continue
+            self._ending.add(key)
             event("session.expired", session=info.name, vm=info.vm)
             try:
                 self._end_session(info.name)
-            except Exception as exc:  # one session failing to end must not stop the others
+            except Exception as exc:  # logged; the other sessions still expire
                 event("session.expiry_failed", session=info.name, reason=str(exc))
                 continue
             ended.append(info.name)

@@ -31,6 +31,7 @@ from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
 from appliance.durable import fsync_directory
 from appliance.errors import ApplianceError, StoreError
+from appliance.events import event
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
 from appliance.jobs import JobRunner
@@ -38,7 +39,6 @@ from appliance.store.cache import MemoryChunkCache
 from appliance.metrics import ApplianceMetrics, serve_metrics
 from nfs_export import Export, serve_nfs
 
-log = logging.getLogger(__name__)
 #: A serving appliance keeps whole booted disks' working sets decompressed; a one-shot
 #: restore needs far less (`reader.DEFAULT_CACHE_BYTES`).
 DEFAULT_SERVE_CACHE_BYTES = 1 << 30
@@ -167,26 +167,27 @@ async def _serve(control: Control, metrics: ApplianceMetrics, secret: bytes, tok
             if options.metrics_address is not None:
                 host, port = options.metrics_address
                 bound = await nursery.start(partial(serve_metrics, metrics, host=host, port=port))
-                log.info("serving metrics on http://%s:%d/metrics", host, bound)
+                event("metrics.serving", url=f"http://{host}:{bound}/metrics")
             if options.nfs_enabled:
                 service = await nursery.start(partial(
                     serve_nfs, datastore, handle_secret=secret, export=options.export, host=options.bind,
                     nfs_port=options.nfs_port, mount_port=options.mount_port,
                     register_portmap=options.register_portmap, observe_call=metrics.observe_call))
-                log.info("serving NFSv3 on %s port %d, MOUNT port %d; export allows %s, %s, root %s", options.bind,
-                         service.nfs_port, service.mount_port, ", ".join(map(str, options.export.allow)),
-                         "read-only" if options.export.read_only else "read-write",
-                         "squashed" if options.export.root_squash else "not squashed")
+                event("nfs.serving", address=options.bind, nfs_port=service.nfs_port,
+                      mount_port=service.mount_port, export=options.export.path,
+                      allow=",".join(map(str, options.export.allow)),
+                      access="ro" if options.export.read_only else "rw",
+                      root="squashed" if options.export.root_squash else "not-squashed")
             if options.mountpoint is not None:
                 await nursery.start(_then_stop, nursery.cancel_scope, partial(serve_fuse, observe_op=metrics.observe_op),
                                     datastore, options.mountpoint)
-                log.info("serving FUSE at %s", options.mountpoint)
+                event("datastore.mounted", via="fuse", mountpoint=str(options.mountpoint))
             if options.api_address is not None:
                 url = await nursery.start(_serve_api, control, token, options)
-                log.info("serving the HTTP API on %s", url)
+                event("api.serving", url=url)
             nursery.start_soon(_expire_periodically, control)
             async for signum in signals:
-                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                event("appliance.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 

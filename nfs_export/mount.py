@@ -19,6 +19,7 @@ import trio
 
 from appliance import errors
 from appliance.datastore.vfs import Kind, Vfs
+from appliance.events import event
 from nfs_export.exports import Export
 from nfs_export.handles import FileHandle, HandleCodec
 from nfs_export.rpc import (
@@ -32,7 +33,6 @@ from nfs_export.rpc import (
 )
 from nfs_export.xdr import Decoder, Encoder
 
-log = logging.getLogger(__name__)
 
 MOUNT_PROGRAM = 100005
 MOUNT_V3 = 3
@@ -153,16 +153,17 @@ class MountServer:
 
     async def mnt(self, call: Call, path: str) -> Encodable:
         if not self.export.allows(call.client):
-            log.warning("MNT %s refused: client %s is not in the export's allowed networks", path, call.client)
+            event("nfs.mount_refused", logging.WARNING, client=call.client, path=path,
+                  reason="client not in the export's allowed networks")
             return mountres3(mountstat3.MNT3ERR_ACCES)
         try:
             handle = await trio.to_thread.run_sync(self._resolve, self.components(path))
         except (errors.ApplianceError, OSError) as exc:
             status = next((s for kind, s in _MOUNT_ERRORS if isinstance(exc, kind)), mountstat3.MNT3ERR_IO)
-            log.warning("MNT %s from %s: %s (%s)", path, call.client, status.name, exc)
+            event("nfs.mount_refused", logging.WARNING, client=call.client, path=path, status=status.name, reason=str(exc))
             return mountres3(status)
         self._mounts.add((call.client, path))
-        log.info("client %s mounted %s", call.client, path)
+        event("nfs.client_mounted", client=call.client, path=path)
         return mountres3(mountstat3.MNT3_OK, handle)
 
     async def dump(self, call: Call, args: None) -> Encodable:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import hmac
 import os
 import time
+import tomllib
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from appliance import errors
 from appliance.control import Control, session_doc
 from appliance.jobs import Job
+from appliance.recovery.orchestrator import BootRequest, Recovery
+from appliance.recovery.plan import parse_verification, plan_from_table
 
 PREFIX = "/api/v1"
 VERSION = "0.1.0"
@@ -84,11 +88,50 @@ class SessionExport(BaseModel):
     output: str = Field(description="absolute path of a new file on the appliance host")
 
 
+class InstantBootCreate(BaseModel):
+    vm: str
+    point: str = "latest"
+    target: Literal["vsphere", "qemu"] = "vsphere"
+    session: str | None = Field(None, description="session name (default: <vm>-<UTC time>)")
+    host: str | None = Field(None, description="ESXi host to register the VM on (vsphere)")
+    network: str | None = Field(None, description="port group every NIC is moved to (isolation)")
+    connection: str | None = Field(None, description="vSphere connection name (default: the only one)")
+    power_on: bool = True
+    verify: str = Field("none", description="tools | ip | script:CMD | console:TEXT | none")
+    timeout: float = Field(600.0, gt=0, description="seconds to wait for the verification")
+    memory_mib: int = Field(512, ge=64, description="guest memory (qemu)")
+    keep: bool = Field(False, description="on failure keep what was done, for inspection")
+
+
+class MigrationCreate(BaseModel):
+    session: str
+    destination: str = Field(description="production datastore (vsphere) or directory on the appliance host (qemu)")
+
+
+class StopRequest(BaseModel):
+    commit: bool = Field(False, description="store the session's disks as a new restore point before dropping it")
+
+
+class RecoveryGroupRun(BaseModel):
+    plan: str = Field(description="the plan, TOML text")
+    source: str = Field("plan", description="the plan's file name, for error messages")
+    keep: bool = Field(False, description="leave the VMs running after the report")
+
+
 def job_doc(job: Job) -> dict[str, Any]:
     return job.to_dict()
 
 
-def build_app(control: Control, token: str, started: float | None = None) -> ASGIApp:
+def boot_request(body: InstantBootCreate) -> BootRequest:
+    if body.target == "vsphere" and not body.host:
+        raise errors.UsageError("a vSphere instant boot needs the ESXi host (host)")
+    return BootRequest(vm=body.vm, target=body.target, point=body.point, session=body.session, host=body.host,
+                       network=body.network, connection=body.connection, power_on=body.power_on,
+                       verify=parse_verification(body.verify), timeout=body.timeout, memory_mib=body.memory_mib,
+                       keep=body.keep)
+
+
+def build_app(control: Control, token: str, recovery: Recovery | None = None, started: float | None = None) -> ASGIApp:
     """The API of one serving appliance, wrapped in token authentication."""
     app = FastAPI(title="Instant-recovery appliance", version=VERSION, openapi_url=f"{PREFIX}/openapi.json",
                   docs_url=None, redoc_url=None)
@@ -167,4 +210,56 @@ def build_app(control: Control, token: str, started: float | None = None) -> ASG
         job.cancel()
         return job_doc(job)
 
+    if recovery is not None:
+        _recovery_routes(app, recovery)
     return TokenAuth(app, token)
+
+
+def _recovery_routes(app: FastAPI, recovery: Recovery) -> None:
+    """Instant boots, migrations, stops and recovery groups: each one a job (202 + its record)."""
+    jobs = recovery.control.jobs
+
+    @app.post(f"{PREFIX}/instant-boots", status_code=202)
+    async def instant_boot(body: InstantBootCreate) -> dict[str, Any]:
+        """Create a session and run its VM from it; poll the job for steps and verdict."""
+        request = boot_request(body)
+        recovery.check_boot_capacity()
+        job = jobs.submit("instant-boot", body.model_dump(), partial_work(recovery.instant_boot, request))
+        return job_doc(job)
+
+    @app.get(f"{PREFIX}/instant-boots")
+    def running_boots() -> list[dict[str, Any]]:
+        """VMs running from sessions (or migrated off them but not yet stopped)."""
+        return [asdict(record) for record in recovery.running_boots()]
+
+    @app.post(f"{PREFIX}/migrations", status_code=202)
+    async def migrate(body: MigrationCreate) -> dict[str, Any]:
+        """Move a running VM's disks to production, then remove its session."""
+        recovery.control.get_session(body.session)
+        job = jobs.submit("migrate", body.model_dump(), partial_work(recovery.migrate, body.session, body.destination))
+        return job_doc(job)
+
+    @app.post(f"{PREFIX}/sessions/{{name}}/stop", status_code=202)
+    async def stop(name: str, body: StopRequest) -> dict[str, Any]:
+        """Power off and unregister the session's VM, then drop (or commit) the session."""
+        recovery.control.get_session(name)
+        job = jobs.submit("stop", {"session": name, **body.model_dump()}, partial_work(recovery.stop, name, body.commit))
+        return job_doc(job)
+
+    @app.post(f"{PREFIX}/recovery-groups", status_code=202)
+    async def run_group(body: RecoveryGroupRun) -> dict[str, Any]:
+        """Boot a plan's VMs in dependency order, verify each, report; tear down unless kept."""
+        try:
+            table = tomllib.loads(body.plan)
+        except tomllib.TOMLDecodeError as exc:
+            raise errors.ConfigError(body.source, f"not valid TOML: {exc}") from None
+        plan = plan_from_table(table, body.source)
+        recovery.check_boot_capacity(len(plan.vms))
+        job = jobs.submit("recovery-group", {"group": plan.group.name, "keep": body.keep, "vms": len(plan.vms)},
+                          partial_work(recovery.run_group, plan, body.keep))
+        return job_doc(job)
+
+
+def partial_work(function: Callable[..., dict[str, Any]], *args: Any) -> Callable[[Job], dict[str, Any]]:
+    """Job work: `function(job, *args)`."""
+    return lambda job: function(job, *args)

@@ -20,6 +20,19 @@ from appliance.api.app import PREFIX
 REQUEST_TIMEOUT_SECONDS = 3600.0
 
 
+def _error_of(kind_name: str, message: str) -> errors.ApplianceError:
+    """The server's error as the same kind here (its exit code included)."""
+    kind = getattr(errors, kind_name, None)
+    if isinstance(kind, type) and issubclass(kind, errors.ApplianceError):
+        try:
+            return kind(message)
+        except TypeError:  # a kind built from parts (ConfigError): keep the message and exit code
+            error = errors.ApplianceError(message)
+            error.exit_code = kind.exit_code
+            return error
+    return errors.ApplianceError(message)
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str) -> None:
         self._client = httpx.Client(base_url=base_url + PREFIX, timeout=REQUEST_TIMEOUT_SECONDS,
@@ -56,9 +69,7 @@ class ApiClient:
         if response.is_success:
             return doc
         if isinstance(doc, dict) and "message" in doc:
-            kind = getattr(errors, str(doc.get("error")), None)
-            cls = kind if isinstance(kind, type) and issubclass(kind, errors.ApplianceError) else errors.ApplianceError
-            raise cls(str(doc["message"]))
+            raise _error_of(str(doc.get("error")), str(doc["message"]))
         if isinstance(doc, dict) and "detail" in doc:  # request validation by the framework
             raise errors.UsageError(f"the appliance refused the request: {doc['detail']}")
         raise errors.ApplianceError(f"the appliance's API answered {response.status_code} to {method} {path}")

@@ -10,12 +10,15 @@ one; zstd and pread release the GIL, so this uses every core.
 
 from __future__ import annotations
 
+import logging
+
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from appliance.errors import IntegrityError
+from appliance.events import event
 from appliance.store.cache import CacheStatistics, ChunkCache, MemoryChunkCache
 from appliance.store.catalog import RestorePoint
 from appliance.store.chunks import ChunkLoader, LoaderStatistics
@@ -51,6 +54,8 @@ class DiskReader:
         try:
             return self._path.fetch(cid)
         except IntegrityError as exc:
+            event("checksum.failed", logging.ERROR, vm=self.point.vm, point=self.point.id, disk=self.disk,
+                  offset=index * self._chunk_size, reason=str(exc))
             raise IntegrityError(
                 f"restore point {self.point.id} of VM {self.point.vm!r}, disk {self.disk}, "
                 f"offset {index * self._chunk_size}: {exc}"
