@@ -118,6 +118,14 @@ def text(value: Any) -> str:
     return str(value)
 
 
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str:
+        if text(value) not in choices:
+            raise Invalid(f'"{value}" is not one of: {", ".join(choices)}')
+        return str(value)
+    return check
+
+
 def ip_address(value: Any) -> str:
     """A literal address: a host name could resolve to another address after a reboot."""
     try:
@@ -305,6 +313,14 @@ class LimitsConfig:
     max_instant_boots: int = option(16, integer(1, 10_000))
     #: Absent: sessions live until deleted or committed.
     session_expiry_hours: float | None = option(None, positive_number)
+    #: What ends an expired session whose VM runs: "stop" (power off, drop the overlay) or
+    #: "migrate" (to expiry_migrate_to: a production datastore, or a directory for QEMU guests).
+    expiry_action: str = option("stop", one_of("stop", "migrate"))
+    expiry_migrate_to: str | None = option(None, text)
+
+    def __post_init__(self) -> None:
+        if self.expiry_action == "migrate" and self.expiry_migrate_to is None:
+            raise Invalid('required when expiry_action is "migrate": where the disks go', "expiry_migrate_to")
 
 
 @dataclass(frozen=True)

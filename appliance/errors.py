@@ -134,3 +134,7 @@ class LimitReached(ApplianceError):
 
 class Unauthorized(ApplianceError):
     """An API call without the appliance's token."""
+
+
+class VerificationFailed(ApplianceError):
+    """A booted VM did not pass its verification (tools, IP, console text, script) in time."""

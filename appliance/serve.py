@@ -35,6 +35,8 @@ from appliance.events import event
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
 from appliance.jobs import JobRunner
+from appliance.recovery.orchestrator import Recovery
+from appliance.recovery.targets import target_factory
 from appliance.store.cache import MemoryChunkCache
 from appliance.metrics import ApplianceMetrics, serve_metrics
 from nfs_export import Export, serve_nfs
@@ -126,7 +128,7 @@ async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[Non
     scope.cancel()
 
 
-async def _serve_api(control: Control, token: str, options: ServeOptions, *,
+async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """The HTTP API on hypercorn; announces its URL in STORE/serve.json while it runs."""
     assert options.api_address is not None
@@ -135,10 +137,10 @@ async def _serve_api(control: Control, token: str, options: ServeOptions, *,
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("appliance.api")
-    store_path = control.store.path
+    store_path = recovery.control.store.path
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await hypercorn_serve(build_app(control, token), config, task_status=task_status)
+        await hypercorn_serve(build_app(recovery.control, token, recovery), config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(run)
@@ -158,8 +160,9 @@ async def _expire_periodically(control: Control) -> None:
         await trio.sleep(EXPIRY_CHECK_SECONDS)
 
 
-async def _serve(control: Control, metrics: ApplianceMetrics, secret: bytes, token: str,
+async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, token: str,
                  options: ServeOptions) -> None:
+    control = recovery.control
     datastore = control.datastore
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -183,7 +186,7 @@ async def _serve(control: Control, metrics: ApplianceMetrics, secret: bytes, tok
                                     datastore, options.mountpoint)
                 event("datastore.mounted", via="fuse", mountpoint=str(options.mountpoint))
             if options.api_address is not None:
-                url = await nursery.start(_serve_api, control, token, options)
+                url = await nursery.start(_serve_api, recovery, token, options)
                 event("api.serving", url=url)
             nursery.start_soon(_expire_periodically, control)
             async for signum in signals:
@@ -222,8 +225,10 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         datastore = Datastore(store, read_path, session_io=metrics)
         metrics.watch(datastore)
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
+        recovery = Recovery(control, target_factory(control, options.bind, options.export.path))
+        control.set_session_ender(recovery.end_expired)
         try:
-            trio.run(_serve, control, metrics, secret, token, options)
+            trio.run(_serve, recovery, metrics, secret, token, options)
         except BaseExceptionGroup as group:
             cause = _single_cause(group)
             if cause is None:

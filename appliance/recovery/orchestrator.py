@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import trio
+
 from appliance.control import Control
 from appliance.datastore.sessions import SessionInfo
 from appliance.errors import ApplianceError, LimitReached, NotFound, UsageError
@@ -205,6 +207,21 @@ class Recovery:
         if record is not None and record.state == "running":
             target.release(job, record)
         return result
+
+    def end_expired(self, session: str) -> None:
+        """The control plane's ender of expired sessions: a stop or migrate job, per limits.expiry_action.
+
+        Called from the expiry worker thread; the job is started on the trio loop.
+        """
+        limits = self.control.limits
+        record = load_record(self.control.store, self.control.get_session(session))
+        work: Callable[[Job], dict[str, Any]]
+        if limits.expiry_action == "migrate" and record is not None and record.state == "running":
+            destination = str(limits.expiry_migrate_to)
+            kind, work = "migrate", lambda job: self.migrate(job, session, destination)
+        else:
+            kind, work = "stop", lambda job: self.stop(job, session)
+        trio.from_thread.run_sync(self.control.jobs.submit, kind, {"session": session, "reason": "expired"}, work)
 
     # ----- recovery groups ---------------------------------------------------------------
 
