@@ -54,6 +54,7 @@ from appliance.vsphere import (
     unmount_datastore,
     unregister_vm,
     verify_vm,
+    vm_with_uuid,
 )
 from appliance.vsphere.client import wait_for_task
 from tests.vcsim import NFS_SERVER, Vcsim, vcsim
@@ -169,6 +170,12 @@ def test_connect_and_find(connection: Connection) -> None:
     assert find_datastore(connection, "LocalDS_0").name == "LocalDS_0"
 
 
+def test_vm_with_uuid(connection: Connection) -> None:
+    original = find_vm(connection, ORIGINAL)
+    assert vm_with_uuid(connection, original.config.uuid) == original
+    assert vm_with_uuid(connection, "00000000-0000-4000-8000-000000000000") is None
+
+
 @pytest.mark.parametrize(("finder", "what"), [
     (find_host, "ESXi host"), (find_vm, "VM"), (find_network, "network"), (find_datastore, "datastore"),
 ])
@@ -206,6 +213,18 @@ def test_unreachable_url(vcsim: Vcsim) -> None:
         port = unused.getsockname()[1]
     settings = vcsim.settings(url=f"https://127.0.0.1:{port}/sdk", timeout=5)
     with pytest.raises(VsphereUnreachable, match=f"127.0.0.1:{port}/sdk: cannot connect"):
+        connect(settings, settings.password())
+
+
+def test_url_without_sdk_path_means_the_sdk(vcsim: Vcsim) -> None:
+    settings = vcsim.settings(url=vcsim.url.removesuffix("sdk"))
+    with open_connection(settings, settings.password()) as connection:
+        assert find_host(connection, HOST).name == HOST
+
+
+def test_url_that_is_no_vsphere_api(vcsim: Vcsim) -> None:
+    settings = vcsim.settings(url=vcsim.url.replace("/sdk", "/nothing-here"))
+    with pytest.raises(VsphereUnreachable, match="/nothing-here: no vSphere API there"):
         connect(settings, settings.password())
 
 

@@ -16,6 +16,7 @@ from appliance.vsphere.client import find_host as find_host
 from appliance.vsphere.client import find_network as find_network
 from appliance.vsphere.client import find_vm as find_vm
 from appliance.vsphere.client import open_connection as open_connection
+from appliance.vsphere.client import vm_with_uuid as vm_with_uuid
 from appliance.vsphere.datastores import datastore_users as datastore_users
 from appliance.vsphere.datastores import mount_datastore as mount_datastore
 from appliance.vsphere.datastores import unmount_datastore as unmount_datastore

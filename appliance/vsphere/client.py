@@ -50,11 +50,12 @@ def connect(settings: VsphereSettings, password: Secret) -> Connection:
     """Log in to vCenter/ESXi, verifying its certificate unless the settings opt out."""
     parts = urlsplit(settings.url)
     host, port = parts.hostname or "", parts.port or 443
+    path = parts.path.rstrip("/") or "/sdk"  # "https://vcenter/" means its SDK, as in every vSphere client
     try:
         # A plain TCP connect first: pyvmomi's version probe has no timeout, so an address
         # that drops packets would hang the worker thread for minutes.
         socket.create_connection((host, port), timeout=settings.timeout).close()
-        service = SmartConnect(host=host, port=port, path=parts.path or "/sdk", user=settings.user,
+        service = SmartConnect(host=host, port=port, path=path, user=settings.user,
                                pwd=password.reveal(), sslContext=_tls_context(settings),
                                httpConnectionTimeout=settings.timeout)
     except vim.fault.InvalidLogin:
@@ -66,7 +67,9 @@ def connect(settings: VsphereSettings, password: Secret) -> Connection:
     except (OSError, http.client.HTTPException) as exc:
         raise VsphereUnreachable(f"{settings.url}: cannot connect: {exc}") from None
     except vmodl.MethodFault as exc:
-        raise VsphereUnreachable(f"{settings.url}: login failed: {exc.msg}") from None
+        raise VsphereUnreachable(f"{settings.url}: login failed: {fault_text(exc)}") from None
+    except Exception as exc:  # what pyvmomi raises when the URL answers but is no vSphere SDK
+        raise VsphereUnreachable(f"{settings.url}: no vSphere API there ({exc})") from None
     return Connection(settings, service)
 
 
@@ -171,6 +174,14 @@ def find_network(connection: Connection, name: str) -> vim.Network:
 
 def find_datastore(connection: Connection, name: str) -> vim.Datastore:
     return _find(connection, vim.Datastore, "datastore", name)
+
+
+def vm_with_uuid(connection: Connection, bios_uuid: str) -> vim.VirtualMachine | None:
+    """The VM whose BIOS uuid (a .vmx's `uuid.bios`) this is, or None: is the original still there?"""
+    with faults(f"look up the VM with uuid {bios_uuid}"):
+        found: vim.VirtualMachine | None = connection.content.searchIndex.FindByUuid(
+            uuid=bios_uuid, vmSearch=True, instanceUuid=False)
+    return found
 
 
 def datacenter_of(entity: vim.ManagedEntity) -> vim.Datacenter:

@@ -45,7 +45,8 @@ def register_vm(connection: Connection, host: vim.HostSystem, session: str, vm: 
                 fresh_identity: bool, timeout: float | None = None) -> vim.VirtualMachine:
     """Register the session's .vmx on `host` as `name`, in its datacenter's VM folder and its resource pool.
 
-    `fresh_identity` is for when the original VM still exists: the copy gets a new
+    `fresh_identity` is for when the original VM still exists (`vm_with_uuid` of the
+    backed-up .vmx's `uuid.bios`, or a VM of the original's name): the copy gets a new
     uuid and instanceUuid (vCenter, backup tools and licences tell VMs apart by them)
     and `uuid.action = create`, so ESXi never stops at power-on to ask whether it
     was moved or copied. The appliance's datastore must be mounted on `host` first.

@@ -3,7 +3,7 @@
 # binary's path. Offline: Debian's golang-go and golang-github-vmware-govmomi-dev in
 # GOPATH mode, no module proxy. The binary is cached under a key made of the Go
 # sources, this script and the toolchain's and govmomi's versions, so only a change
-# to one of them rebuilds (about a minute on two cores); concurrent test runs wait
+# to one of them rebuilds (about 10 s on two cores, cold); concurrent test runs wait
 # for one build instead of racing.
 set -euo pipefail
 
@@ -29,6 +29,6 @@ if [ ! -x "$binary" ]; then
   GO111MODULE=off GOPATH="$cache/gopath:/usr/share/gocode" GOPROXY=off GOFLAGS= GOCACHE="$cache/go-build" \
     go build -overlay "$overlay" -o "$binary.tmp" "$here/main.go" >&2
   mv "$binary.tmp" "$binary"
-  find "$cache" -maxdepth 1 \( -name 'vcsim-*' -o -name 'overlay-*.json' \) ! -name "*-$key*" -delete
+  find "$cache" -mindepth 1 -maxdepth 1 -type f \( -name 'vcsim-*' -o -name 'overlay-*.json' \) ! -name "*-$key*" -delete
 fi
 echo "$binary"
