@@ -70,7 +70,8 @@ ORIGINAL = "DC0_C0_RP0_VM0"  # a VM of vcsim's inventory, standing in for the ba
 @pytest.fixture
 def connection(vcsim: Vcsim) -> Iterator[Connection]:
     vcsim.stage_session(DATASTORE, "s0", "web", "web-restore")  # makes the NAS folder exist
-    with open_connection(vcsim.settings(), vcsim.settings().password()) as opened:
+    settings = vcsim.settings()
+    with open_connection(settings, settings.password()) as opened:
         yield opened
 
 
@@ -83,14 +84,14 @@ def boot(vcsim: Vcsim, connection: Connection, session: str, name: str, *, vm: s
     return register_vm(connection, host, session, vm, name, fresh_identity=fresh_identity)
 
 
-def reconfigure(connection: Connection, machine: vim.VirtualMachine, spec: vim.vm.ConfigSpec) -> None:
+def reconfigure(machine: vim.VirtualMachine, spec: vim.vm.ConfigSpec) -> None:
     wait_for_task(machine.ReconfigVM_Task(spec), "test reconfigure", 10)
 
 
 def set_guest(connection: Connection, machine: vim.VirtualMachine, **properties: str) -> None:
     """What VMware Tools in the guest would report, set the way vcsim takes it."""
     options = [vim.option.OptionValue(key=f"SET.guest.{key}", value=value) for key, value in properties.items()]
-    reconfigure(connection, machine, vim.vm.ConfigSpec(extraConfig=options))
+    reconfigure(machine, vim.vm.ConfigSpec(extraConfig=options))
 
 
 def add_nic(connection: Connection, machine: vim.VirtualMachine, network: str) -> None:
@@ -99,7 +100,7 @@ def add_nic(connection: Connection, machine: vim.VirtualMachine, network: str) -
         key=-1, backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
             deviceName=network, network=find_network(connection, network)))
     add = vim.vm.device.VirtualDeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.add, device=nic)
-    reconfigure(connection, machine, vim.vm.ConfigSpec(deviceChange=[add]))
+    reconfigure(machine, vim.vm.ConfigSpec(deviceChange=[add]))
 
 
 def mount_foreign(vcsim: Vcsim, host: vim.HostSystem, server: str, path: str, name: str = DATASTORE) -> None:
@@ -113,11 +114,12 @@ def mount_foreign(vcsim: Vcsim, host: vim.HostSystem, server: str, path: str, na
 # --- settings ----------------------------------------------------------------------------
 
 def test_settings_defaults_and_password_file(vcsim: Vcsim) -> None:
-    settings = vcsim.settings(verify_tls=True)
-    assert (settings.verify_tls, settings.datastore_name, settings.export_path, settings.timeout) == (
-        True, "instant-recovery", "/datastore", 60.0)
+    settings = from_mapping({"url": vcsim.url, "user": "u", "password_file": str(vcsim.password_file),
+                             "nfs_server": "nas-1.example.com"}, "appliance.toml")
+    assert (settings.verify_tls, settings.ca_file, settings.datastore_name, settings.export_path,
+            settings.timeout) == (True, None, "instant-recovery", "/", 60.0)
     assert settings.password().reveal() == vcsim.password_file.read_text().strip()
-    assert "****" in repr(settings.password())
+    assert "****" in repr(settings.password()) and settings.password().reveal() not in repr(settings)
 
 
 def test_password_from_environment() -> None:
@@ -196,6 +198,12 @@ def test_tls_verification_passes_with_its_ca(vcsim: Vcsim) -> None:
     assert connection.content.about.apiVersion == "8.0.3.0"
     disconnect(connection)
     disconnect(connection)  # a second logout is harmless
+
+
+def test_unreadable_ca_file(vcsim: Vcsim, tmp_path: Path) -> None:
+    settings = vcsim.settings(verify_tls=True, ca_file=str(tmp_path / "missing.pem"))
+    with pytest.raises(VsphereUnreachable, match="cannot read ca_file .*missing.pem: No such file"):
+        connect(settings, settings.password())
 
 
 def test_wrong_password_is_refused(vcsim: Vcsim, tmp_path: Path) -> None:
@@ -302,9 +310,11 @@ def test_name_taken_by_a_local_datastore(vcsim: Vcsim) -> None:
 
 def test_unmount_refused_while_used_then_allowed(vcsim: Vcsim, connection: Connection) -> None:
     machine = boot(vcsim, connection, "s1", "web-restore")
-    host = find_host(connection, HOST)
+    host, other = find_host(connection, HOST), find_host(connection, OTHER_HOST)
+    mount_datastore(connection, other)
     with pytest.raises(DatastoreInUse, match=f"'{DATASTORE}' stays mounted on host {HOST}: used by VM web-restore"):
         unmount_datastore(connection, host)
+    assert unmount_datastore(connection, other) is True  # no VM on that host uses it
     assert unregister_vm(connection, machine) is True
     assert unmount_datastore(connection, host) is True
     assert DATASTORE not in [ds.name for ds in host.datastore]

@@ -51,12 +51,13 @@ def connect(settings: VsphereSettings, password: Secret) -> Connection:
     parts = urlsplit(settings.url)
     host, port = parts.hostname or "", parts.port or 443
     path = parts.path.rstrip("/") or "/sdk"  # "https://vcenter/" means its SDK, as in every vSphere client
+    context = _tls_context(settings)
     try:
         # A plain TCP connect first: pyvmomi's version probe has no timeout, so an address
         # that drops packets would hang the worker thread for minutes.
         socket.create_connection((host, port), timeout=settings.timeout).close()
         service = SmartConnect(host=host, port=port, path=path, user=settings.user,
-                               pwd=password.reveal(), sslContext=_tls_context(settings),
+                               pwd=password.reveal(), sslContext=context,
                                httpConnectionTimeout=settings.timeout)
     except vim.fault.InvalidLogin:
         raise VsphereUnreachable(f"{settings.url}: login as {settings.user!r} refused (wrong user or password)") \
