@@ -3,7 +3,8 @@
 `tests/vcsim/build.sh` builds the launcher (cached by a hash of its Go sources); each
 test gets its own simulator on a free loopback port, in its own working directory, so
 inventories never leak from one test into the next (starting one takes well under a
-second). vcsim's default vCenter inventory: datacenter DC0, standalone host DC0_H0,
+second; its TMPDIR, where it keeps the local datastores, is the test's directory too).
+vcsim's default vCenter inventory: datacenter DC0, standalone host DC0_H0,
 cluster DC0_C0 of DC0_C0_H0..H2, VMs DC0_H0_VM0/1 and DC0_C0_RP0_VM0/1, datastore
 LocalDS_0, networks "VM Network" and DC0_DVPG0 (distributed).
 
@@ -86,7 +87,7 @@ def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
     certificate = root / "certificate.pem"
     with open(root / "vcsim.log", "w") as log:
         process = subprocess.Popen([str(binary), "-user", USER, "-certificate", str(certificate)],
-                                   cwd=workdir, env={**os.environ, "VCSIM_PASSWORD": password},
+                                   cwd=workdir, env={**os.environ, "VCSIM_PASSWORD": password, "TMPDIR": str(root)},
                                    stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert process.stdout is not None

@@ -70,12 +70,14 @@ func main() {
 		}
 	}
 
+	// Listen for the stop signal before announcing the URL: a client may stop us at once,
+	// and the deferred cleanup must still remove the local datastores' directories.
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+
 	sdk := *server.URL
 	sdk.User = nil
 	fmt.Println(sdk.String())
-
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	<-stop
 }
 
