@@ -126,6 +126,17 @@ def one_of(*choices: str) -> Check:
     return check
 
 
+#: vSphere keeps datastore names to 42 characters; brackets and "/" would break "[name] path".
+_DATASTORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,41}")
+
+
+def datastore_name(value: Any) -> str:
+    name = text(value)
+    if not _DATASTORE_NAME.fullmatch(name):
+        raise Invalid(f'"{name}" must be 1 to 42 letters, digits, ".", "_" or "-", starting with a letter or digit')
+    return name
+
+
 def ip_address(value: Any) -> str:
     """A literal address: a host name could resolve to another address after a reboot."""
     try:
@@ -323,22 +334,57 @@ class LimitsConfig:
             raise Invalid('required when expiry_action is "migrate": where the disks go', "expiry_migrate_to")
 
 
-@dataclass(frozen=True)
-class VsphereConnection:
-    name: str = required(connection_name)
+@dataclass(frozen=True, kw_only=True)
+class VsphereLogin:
+    """How the appliance logs in to vCenter or ESXi; `appliance.vsphere.settings` builds on it too."""
+
     url: str = required(https_url)
     user: str = required(text)
     password_env: str | None = option(None, env_name)
     password_file: Path | None = option(None, secret_file)
     verify_tls: bool = option(True, boolean)
-    #: The address ESXi mounts this appliance's export from; defaults to nfs.bind.
-    nfs_server_address: str | None = option(None, host)
+    #: The CA (PEM) that signed vCenter's certificate, when it is not a public one (VMCA).
+    ca_file: Path | None = option(None, absolute_path)
+    #: One datastore per appliance, mounted under this name on every host that boots from it.
+    datastore_name: str = option("instant-recovery", datastore_name)
+    #: Seconds for one API call or short task; long waits (boot, Storage vMotion) take their own.
+    timeout: float = option(60.0, positive_number)
 
     def __post_init__(self) -> None:
+        # Exactly one: a password given twice leaves the operator guessing which one is used.
         if self.password_env and self.password_file:
             raise Invalid("give password_env or password_file, not both", "password_file")
         if not (self.password_env or self.password_file):
             raise Invalid("missing: give password_env (a variable name) or password_file", "password_env")
+
+    def read_password(self, environ: Mapping[str, str] = os.environ) -> Secret:
+        """The password from the variable or the file, read now; refusals keyed `password_env`/`password_file`.
+
+        The file is checked again (owner, mode): it may have changed since the
+        configuration was read.
+        """
+        if self.password_env is not None:
+            value = environ.get(self.password_env, "")
+            if not value:
+                raise Invalid(f"environment variable {self.password_env} is not set or empty", "password_env")
+            return Secret(value)
+        assert self.password_file is not None  # __post_init__ demands one of the two
+        try:
+            value = secret_file(str(self.password_file)).read_text().rstrip("\r\n")
+        except Invalid as exc:
+            raise Invalid(exc.reason, "password_file") from None
+        except OSError as exc:
+            raise Invalid(f"cannot read {self.password_file}: {exc.strerror}", "password_file") from None
+        if not value:
+            raise Invalid(f"{self.password_file} is empty", "password_file")
+        return Secret(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VsphereConnection(VsphereLogin):
+    name: str = required(connection_name)
+    #: The address ESXi mounts this appliance's export from; defaults to nfs.bind.
+    nfs_server_address: str | None = option(None, host)
 
 
 @dataclass(frozen=True)
@@ -454,24 +500,10 @@ def resolve_secrets(config: ApplianceConfig, source: str,
     """
     secrets: dict[str, Secret] = {}
     for index, connection in enumerate(config.vsphere.connections):
-        where = f"vsphere.connections[{index}]"
-        if connection.password_env is not None:
-            value = environ.get(connection.password_env, "")
-            if not value:
-                raise ConfigError(source, f"environment variable {connection.password_env} is not set or empty",
-                                  f"{where}.password_env")
-        else:
-            assert connection.password_file is not None  # __post_init__ demands one of the two
-            try:
-                value = secret_file(str(connection.password_file)).read_text().rstrip("\r\n")
-            except Invalid as exc:
-                raise ConfigError(source, exc.reason, f"{where}.password_file") from None
-            except OSError as exc:
-                raise ConfigError(source, f"cannot read {connection.password_file}: {exc.strerror}",
-                                  f"{where}.password_file") from None
-            if not value:
-                raise ConfigError(source, f"{connection.password_file} is empty", f"{where}.password_file")
-        secrets[connection.name] = Secret(value)
+        try:
+            secrets[connection.name] = connection.read_password(environ)
+        except Invalid as exc:
+            raise ConfigError(source, exc.reason, exc.under(f"vsphere.connections[{index}]").key) from None
     return secrets
 
 

@@ -48,7 +48,7 @@ class StoreBusy(StoreError):
 
 
 class NotFound(ApplianceError):
-    """An unknown VM, restore point or disk was named."""
+    """An unknown VM, restore point or disk was named (in the store or in vSphere)."""
 
 
 class InvalidName(ApplianceError):
@@ -134,6 +134,26 @@ class LimitReached(ApplianceError):
 
 class Unauthorized(ApplianceError):
     """An API call without the appliance's token."""
+
+
+class VsphereError(ApplianceError):
+    """vCenter or ESXi refused or failed an operation; the message names the object and the fault."""
+
+
+class VsphereUnreachable(VsphereError):
+    """No session: the URL does not answer, its certificate fails verification, or the login is refused."""
+
+
+class VsphereTimeout(VsphereError):
+    """A vSphere task did not finish in time; it may still be running in vCenter."""
+
+
+class DatastoreConflict(VsphereError):
+    """The appliance's datastore name is taken by a datastore of another NFS server or path."""
+
+
+class DatastoreInUse(VsphereError):
+    """An unmount refused because VMs registered on the host still use the datastore."""
 
 
 class VerificationFailed(ApplianceError):

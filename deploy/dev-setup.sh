@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse3-dev pkg-config fio bindfs
-      libnfs-utils rpcbind tshark systemd)
+      libnfs-utils rpcbind tshark systemd golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
