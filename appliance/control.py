@@ -20,6 +20,7 @@ from typing import Any
 from appliance.config import LimitsConfig
 from appliance.datastore import sessions
 from appliance.datastore.datastore import Datastore
+from appliance.datastore.layout import scratch_path
 from appliance.datastore.sessions import SessionInfo
 from appliance.errors import LimitReached, UsageError
 from appliance.events import event
@@ -89,6 +90,15 @@ class Control:
 
     def get_session(self, name: str) -> SessionInfo:
         return sessions.get_session(self.datastore.namespace, name)
+
+    def session_file(self, name: str, file_name: str) -> bytes | None:
+        """A plain file of a session as it is now (e.g. the .vmx ESXi reads), or None."""
+        info = self.get_session(name)
+        with self.store.env.begin() as txn:
+            inode = self.datastore.namespace.child(txn, info.inode, file_name)
+        if inode is None:
+            return None
+        return scratch_path(self.store, info.inode, inode).read_bytes()
 
     def create_session(self, vm: str, point_ref: str, name: str, expires_hours: float | None = None) -> SessionInfo:
         """A new session, refused past `limits.max_sessions`; expiry defaults to the configured one."""

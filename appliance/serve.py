@@ -25,7 +25,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
-from appliance.config import ApplianceConfig, LimitsConfig
+from appliance.config import ApplianceConfig, LimitsConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
@@ -65,6 +65,7 @@ class ServeOptions:
     api_address: tuple[str, int] | None = ("127.0.0.1", 9751)  # (bind, port) of the HTTP API; None: off
     token_file: Path | None = None  # the API token; None: STORE/api.token, made on first start
     limits: LimitsConfig = LimitsConfig()
+    vsphere: tuple[VsphereConnection, ...] = ()  # where instant boots run (secrets checked at start)
 
 
 def serve_options(config: ApplianceConfig) -> ServeOptions:
@@ -77,7 +78,7 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None,
                         api_address=(config.api.bind, config.api.port) if config.api.enabled else None,
                         token_file=config.api.token_file,
-                        limits=config.limits)
+                        limits=config.limits, vsphere=config.vsphere.connections)
 
 
 def _logging() -> None:
@@ -225,7 +226,7 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         datastore = Datastore(store, read_path, session_io=metrics)
         metrics.watch(datastore)
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
-        recovery = Recovery(control, target_factory(control, options.bind, options.export.path))
+        recovery = Recovery(control, target_factory(control, options.bind, options.export.path, options.vsphere))
         control.set_session_ender(recovery.end_expired)
         try:
             trio.run(_serve, recovery, metrics, secret, token, options)

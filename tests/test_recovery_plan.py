@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError, UsageError
-from appliance.recovery.plan import Verification, boot_order, load_plan, parse_verification, plan_from_table
+from appliance.recovery.plan import boot_order, load_plan, plan_from_table
+from appliance.verification import Verification, parse_verification
 
 GROUP = {"name": "shop", "host": "esx1.example.com", "network": "isolated"}
 

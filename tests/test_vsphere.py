@@ -30,7 +30,6 @@ from appliance.errors import (
     VsphereUnreachable,
 )
 from appliance.vsphere import (
-    Check,
     Connection,
     connect,
     datastore_users,
@@ -45,7 +44,6 @@ from appliance.vsphere import (
     move_nics,
     nic_networks,
     open_connection,
-    parse_check,
     power_off,
     power_on,
     register_vm,
@@ -56,6 +54,7 @@ from appliance.vsphere import (
     verify_vm,
     vm_with_uuid,
 )
+from appliance.verification import Verification
 from appliance.vsphere.client import wait_for_task
 from tests.vcsim import NFS_SERVER, Vcsim, vcsim
 
@@ -447,34 +446,20 @@ def test_power_on_and_off_are_idempotent(vcsim: Vcsim, connection: Connection) -
 
 # --- verification ------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "check"), [
-    ("tools", Check("tools")), ("ip", Check("ip")), ("script:curl -f http://$VM_IP/", Check("script", "curl -f http://$VM_IP/")),
-])
-def test_parse_check(text: str, check: Check) -> None:
-    assert parse_check(text) == check
-    assert str(check) == text
-
-
-@pytest.mark.parametrize("text", ["", "heartbeat", "script:", "script:  "])
-def test_parse_check_refuses(text: str) -> None:
-    with pytest.raises(UsageError, match="expected tools, ip or script:COMMAND"):
-        parse_check(text)
-
-
 def test_verify_tools_and_ip(vcsim: Vcsim, connection: Connection) -> None:
     machine = boot(vcsim, connection, "s1", "web-restore")
     power_on(connection, machine)
     set_guest(connection, machine, toolsRunningStatus="guestToolsRunning", ipAddress="10.9.8.7")
-    assert verify_vm(connection, machine, Check("tools"), timeout=5) == "VMware Tools running"
-    assert verify_vm(connection, machine, Check("ip"), timeout=5) == "guest IP 10.9.8.7"
+    assert verify_vm(connection, machine, Verification("tools"), timeout=5) == "VMware Tools running"
+    assert verify_vm(connection, machine, Verification("ip"), timeout=5) == "guest IP 10.9.8.7"
 
 
 @pytest.mark.parametrize(("check", "message"), [
-    (Check("tools"), "VMware Tools not running after 1.5 s"),
-    (Check("ip"), "no guest IP address after 1.5 s"),
-    (Check("script", "true"), "no guest IP address after 1.5 s"),
+    (Verification("tools"), "VMware Tools not running after 1.5 s"),
+    (Verification("ip"), "no guest IP address after 1.5 s"),
+    (Verification("script", "true"), "no guest IP address after 1.5 s"),
 ])
-def test_verify_times_out(vcsim: Vcsim, connection: Connection, check: Check, message: str) -> None:
+def test_verify_times_out(vcsim: Vcsim, connection: Connection, check: Verification, message: str) -> None:
     machine = boot(vcsim, connection, "s1", "web-restore")
     power_on(connection, machine)
     started = time.monotonic()
@@ -487,17 +472,22 @@ def test_verify_script_passes_with_name_and_ip(vcsim: Vcsim, connection: Connect
     machine = boot(vcsim, connection, "s1", "web-restore")
     set_guest(connection, machine, ipAddress="10.9.8.7")
     seen = tmp_path / "seen"
-    result = verify_vm(connection, machine, Check("script", f'echo "$VM_NAME $VM_IP" > {seen}'), timeout=5)
+    result = verify_vm(connection, machine, Verification("script", f'echo "$APPLIANCE_VM $APPLIANCE_VM_IP" > {seen}'),
+                       timeout=5)
     assert result == "script passed (10.9.8.7)"
     assert seen.read_text() == "web-restore 10.9.8.7\n"
 
 
-def test_verify_script_fails(vcsim: Vcsim, connection: Connection) -> None:
+def test_verify_script_fails(vcsim: Vcsim, connection: Connection, tmp_path: Path) -> None:
     machine = boot(vcsim, connection, "s1", "web-restore")
     set_guest(connection, machine, ipAddress="10.9.8.7")
-    with pytest.raises(VerificationFailed, match=r"script exited 3: .*: no answer from 10.9.8.7 port 80$"):
-        verify_vm(connection, machine, Check("script", 'echo "no answer from $VM_IP"; echo port 80 >&2; exit 3'),
-                  timeout=5)
+    runs = tmp_path / "runs"
+    started = time.monotonic()
+    with pytest.raises(VerificationFailed, match=r"exited 3 after 2 run\(s\) in 3 s: no answer from 10.9.8.7\nport 80$"):
+        verify_vm(connection, machine, Verification(
+            "script", f'echo run >> {runs}; echo "no answer from $APPLIANCE_VM_IP"; echo port 80 >&2; exit 3'), timeout=4)
+    assert runs.read_text() == "run\nrun\n"  # retried every 3 s until the timeout
+    assert time.monotonic() - started < 6
 
 
 def test_verify_script_timeout_kills_what_it_started(vcsim: Vcsim, connection: Connection, tmp_path: Path) -> None:
@@ -505,8 +495,8 @@ def test_verify_script_timeout_kills_what_it_started(vcsim: Vcsim, connection: C
     set_guest(connection, machine, ipAddress="10.9.8.7")
     late = tmp_path / "late"
     started = time.monotonic()
-    with pytest.raises(VerificationFailed, match="verification script did not finish in time"):
-        verify_vm(connection, machine, Check("script", f"(sleep 2; touch {late}) & wait"), timeout=1)
+    with pytest.raises(VerificationFailed, match="was killed at the timeout"):
+        verify_vm(connection, machine, Verification("script", f"(sleep 2; touch {late}) & wait"), timeout=1)
     assert time.monotonic() - started < 1.9
     time.sleep(1.5)
     assert not late.exists()

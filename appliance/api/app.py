@@ -29,7 +29,8 @@ from appliance import errors
 from appliance.control import Control, session_doc
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, Recovery
-from appliance.recovery.plan import parse_verification, plan_from_table
+from appliance.recovery.plan import plan_from_table
+from appliance.verification import parse_verification
 
 PREFIX = "/api/v1"
 VERSION = "0.1.0"

@@ -22,7 +22,8 @@ from appliance.control import Control
 from appliance.datastore.sessions import SessionInfo
 from appliance.errors import ApplianceError, LimitReached, NotFound, UsageError
 from appliance.jobs import Job, JobCancelled
-from appliance.recovery.plan import RecoveryPlan, Verification, boot_order
+from appliance.recovery.plan import RecoveryPlan, boot_order
+from appliance.verification import Verification
 from appliance.recovery.records import BootRecord, load_record, new_record, save_record
 
 

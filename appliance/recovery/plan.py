@@ -47,38 +47,10 @@ from appliance.config import (
 )
 from appliance.errors import InvalidName, UsageError
 from appliance.names import check_name
+from appliance.verification import Verification, parse_verification
 
-VERIFICATION_KINDS = ("none", "tools", "ip", "script", "console")
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DEFAULT_MEMORY_MIB = 512
-
-
-@dataclass(frozen=True)
-class Verification:
-    """How to decide that a booted VM works.
-
-    tools: VMware Tools report running; ip: the guest reports an IP address;
-    script:CMD: CMD (run by /bin/sh on the appliance, with APPLIANCE_VM,
-    APPLIANCE_VM_IP and APPLIANCE_SESSION set) exits 0, retried until the timeout;
-    console:TEXT: TEXT appears on a QEMU guest's serial console; none: powered on is enough.
-    """
-
-    kind: str
-    argument: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.argument}" if self.argument else self.kind
-
-
-def parse_verification(value: str) -> Verification:
-    kind, _, argument = value.partition(":")
-    if kind not in VERIFICATION_KINDS:
-        raise UsageError(f'unknown verification "{value}": use tools, ip, script:CMD, console:TEXT or none')
-    if kind in ("script", "console") and not argument:
-        raise UsageError(f'verification "{kind}:" needs {"a command" if kind == "script" else "a text"} after the colon')
-    if kind not in ("script", "console") and argument:
-        raise UsageError(f'verification "{kind}" takes no argument')
-    return Verification(kind, argument)
 
 
 def verification(value: Any) -> Verification:

@@ -34,6 +34,4 @@ from appliance.vsphere.machines import unregister_vm as unregister_vm
 from appliance.vsphere.machines import vmx_path as vmx_path
 from appliance.vsphere.settings import VsphereSettings as VsphereSettings
 from appliance.vsphere.settings import from_mapping as from_mapping
-from appliance.vsphere.verify import Check as Check
-from appliance.vsphere.verify import parse_check as parse_check
 from appliance.vsphere.verify import verify_vm as verify_vm
