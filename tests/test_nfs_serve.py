@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nfs_export import NfsService
+from nfs_export.portmap import PMAP_PORT
 from tests.conftest import run_cli, write_image
 from tests.test_nfs3 import COMMIT, GETATTR, OK, UNSTABLE, NfsClient, fattr
 from tests.test_nfs_server import with_client
@@ -36,22 +37,29 @@ def accepting(port: int) -> bool:
 
 
 class Serve:
-    """`appliance serve` as a child process on fixed free ports."""
+    """`appliance serve` as a child process on fixed free ports.
 
-    def __init__(self, store: Path, *extra: str) -> None:
+    With `portmap`, serve registers with the portmapper on port 111 (or answers as it),
+    which QEMU's nfs:// driver needs: it cannot be told the ports.
+    """
+
+    def __init__(self, store: Path, *extra: str, portmap: bool = False) -> None:
         self.store, self.extra = store, extra
+        self.portmap = portmap
         self.ports = NfsService(free_port(), free_port(), ())
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve", "--no-portmap",
+            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve",
+             *([] if self.portmap else ["--no-portmap"]),
              "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
              "--metrics-port", str(self.metrics_port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
-        while not (accepting(self.ports.nfs_port) and accepting(self.ports.mount_port)):
+        ports = [self.ports.nfs_port, self.ports.mount_port, *([PMAP_PORT] if self.portmap else [])]
+        while not all(accepting(port) for port in ports):
             if self.process.poll() is not None:
                 raise AssertionError(f"serve exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "serve did not start listening"
