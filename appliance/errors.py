@@ -158,3 +158,19 @@ class DatastoreInUse(VsphereError):
 
 class VerificationFailed(ApplianceError):
     """A booted VM did not pass its verification (tools, IP, console text, script) in time."""
+
+
+class HypervisorError(ApplianceError):
+    """QEMU could not start, answer, or do what it was asked (the message says which guest)."""
+
+
+class HypervisorTimeout(HypervisorError):
+    """QEMU or its guest did not answer or reach a state within the time allowed."""
+
+
+class QmpCommandFailed(HypervisorError):
+    """QEMU answered a QMP command with an error; `error_class` is QEMU's class name."""
+
+    def __init__(self, message: str, error_class: str) -> None:
+        self.error_class = error_class
+        super().__init__(message)

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse3-dev pkg-config fio bindfs
-      libnfs-utils rpcbind tshark systemd golang-go golang-github-vmware-govmomi-dev)
+      libnfs-utils rpcbind tshark systemd
+      golang-go golang-github-vmware-govmomi-dev        # the vSphere tests build vcsim
+      qemu-system-x86 busybox-static kmod cpio iproute2)  # the QEMU boot tests build and boot a guest
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -15,6 +17,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The QEMU boot tests `apt-get download` Debian's current kernel: they need package lists.
+if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nfs_export import NfsService
+from nfs_export.portmap import PMAP_PORT
 from tests.conftest import run_cli, write_image
 from tests.test_nfs3 import COMMIT, GETATTR, OK, UNSTABLE, NfsClient, fattr
 from tests.test_nfs_server import with_client
@@ -37,10 +38,15 @@ def accepting(port: int) -> bool:
 
 
 class Serve:
-    """`appliance serve` as a child process on fixed free ports."""
+    """`appliance serve` as a child process on fixed free ports.
 
-    def __init__(self, store: Path, *extra: str) -> None:
+    With `portmap`, serve registers with the portmapper on port 111 (or answers as it),
+    which QEMU's nfs:// driver needs: it cannot be told the ports.
+    """
+
+    def __init__(self, store: Path, *extra: str, portmap: bool = False) -> None:
         self.store, self.extra = store, extra
+        self.portmap = portmap
         self.ports = NfsService(free_port(), free_port(), ())
         self.metrics_port = free_port()
         self.api_port = free_port()
@@ -55,7 +61,8 @@ class Serve:
         with self.log_path.open("ab") as log:
             self.process = self._spawn(log)
         deadline = time.monotonic() + 30
-        while not all(map(accepting, (self.ports.nfs_port, self.ports.mount_port, self.api_port))):
+        ports = [self.ports.nfs_port, self.ports.mount_port, self.api_port, *([PMAP_PORT] if self.portmap else [])]
+        while not all(map(accepting, ports)):
             if self.process.poll() is not None:
                 raise AssertionError(f"serve exited: {self.log_text()}")
             assert time.monotonic() < deadline, "serve did not start listening"
@@ -63,8 +70,8 @@ class Serve:
 
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve", "--no-portmap",
-             "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
+            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve",
+             *([] if self.portmap else ["--no-portmap"]), "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
              "--metrics-port", str(self.metrics_port), "--api-port", str(self.api_port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=log)
 
