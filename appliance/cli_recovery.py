@@ -118,6 +118,21 @@ def cmd_recovery_group(args: argparse.Namespace) -> int:
         return follow(client, job, args.json, args.detach, render=_print_group_report)
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    query = f"?connection={args.connection}" if args.connection else ""
+    with _client(args) as client:
+        found = client.call("GET", f"/discover{query}")
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"{'STATUS':<12} {'VM':<28} {'POWER':<11} {'NEWEST POINT':<22} {'AGE (h)':>8}  POLICY")
+    for row in found:
+        age = "-" if row["age_hours"] is None else f"{row['age_hours']:.1f}"
+        print(f"{row['status']:<12} {row['vm']:<28} {row['power_state']:<11} {row['newest_point'] or '-':<22} "
+              f"{age:>8}  {row['policy'] or ''}")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.jobs_command == "show":
@@ -183,6 +198,10 @@ def register(command: Command) -> None:
     action.add_argument("plan", metavar="PLAN.toml")
     action.add_argument("--keep", action="store_true", help="leave the VMs running after the report")
     _job_flags(action)
+
+    sub = command("discover", cmd_discover, "every VM in vCenter: unprotected first, then stale, then protected")
+    sub.add_argument("--connection", metavar="NAME", help="vSphere connection (default: the only one)")
+    sub.add_argument("--json", action="store_true")
 
     sub = command("jobs", cmd_jobs, "jobs of the running appliance")
     actions = sub.add_subparsers(dest="jobs_command", metavar="ACTION")

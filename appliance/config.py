@@ -334,6 +334,16 @@ class LimitsConfig:
             raise Invalid('required when expiry_action is "migrate": where the disks go', "expiry_migrate_to")
 
 
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """What discovery reports for VMs in vCenter (see `appliance discover`)."""
+
+    #: The policy a VM nobody announced falls under: listed, never silently skipped.
+    default_policy: str = option("default: daily backup, keep 14 restore points", text)
+    #: A protected VM whose newest restore point is older than this is reported stale.
+    stale_after_hours: float = option(26.0, positive_number)
+
+
 @dataclass(frozen=True, kw_only=True)
 class VsphereLogin:
     """How the appliance logs in to vCenter or ESXi; `appliance.vsphere.settings` builds on it too."""
@@ -402,6 +412,7 @@ class ApplianceConfig:
     api: ApiConfig = part(ApiConfig)
     limits: LimitsConfig = part(LimitsConfig)
     vsphere: VsphereConfig = part(VsphereConfig)
+    protection: ProtectionConfig = part(ProtectionConfig)
 
     def __post_init__(self) -> None:
         if not self.nfs.enabled and self.fuse.mountpoint is None:

@@ -29,7 +29,7 @@ def format_event(name: str, fields: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
-def event(name: str, level: int = logging.INFO, **fields: object) -> str:
+def event(name: str, level: int = logging.INFO, /, **fields: object) -> str:
     """Log one event; returns its line (jobs keep it in their own log as well)."""
     line = format_event(name, fields)
     log.log(level, line)

@@ -83,13 +83,13 @@ class Job:
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     _changed: Callable[[Job], None] = field(default=lambda job: None, repr=False, compare=False)
 
-    def note(self, name: str, **fields: object) -> None:
+    def note(self, name: str, /, level: int = logging.INFO, **fields: object) -> None:
         """Log an operator-visible event and keep its line in the job's own log."""
-        self.log.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event(name, job=self.id, **fields)}")
+        self.log.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event(name, level, job=self.id, **fields)}")
         self._changed(self)
 
     @contextlib.contextmanager
-    def step(self, name: str, **fields: object) -> Iterator[Step]:
+    def step(self, name: str, /, **fields: object) -> Iterator[Step]:
         """Time one step; an exception marks it failed (and goes on up)."""
         self.check_cancelled()
         record = Step(name, time.time())

@@ -25,7 +25,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
-from appliance.config import ApplianceConfig, LimitsConfig, VsphereConnection
+from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
@@ -36,7 +36,7 @@ from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
 from appliance.jobs import JobRunner
 from appliance.recovery.orchestrator import Recovery
-from appliance.recovery.targets import target_factory
+from appliance.recovery.targets import ConfiguredTargets
 from appliance.store.cache import MemoryChunkCache
 from appliance.metrics import ApplianceMetrics, serve_metrics
 from nfs_export import Export, serve_nfs
@@ -66,6 +66,7 @@ class ServeOptions:
     token_file: Path | None = None  # the API token; None: STORE/api.token, made on first start
     limits: LimitsConfig = LimitsConfig()
     vsphere: tuple[VsphereConnection, ...] = ()  # where instant boots run (secrets checked at start)
+    protection: ProtectionConfig = ProtectionConfig()
 
 
 def serve_options(config: ApplianceConfig) -> ServeOptions:
@@ -78,7 +79,7 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None,
                         api_address=(config.api.bind, config.api.port) if config.api.enabled else None,
                         token_file=config.api.token_file,
-                        limits=config.limits, vsphere=config.vsphere.connections)
+                        limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection)
 
 
 def _logging() -> None:
@@ -226,7 +227,8 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         datastore = Datastore(store, read_path, session_io=metrics)
         metrics.watch(datastore)
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
-        recovery = Recovery(control, target_factory(control, options.bind, options.export.path, options.vsphere))
+        targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere)
+        recovery = Recovery(control, targets, options.protection)
         control.set_session_ender(recovery.end_expired)
         try:
             trio.run(_serve, recovery, metrics, secret, token, options)

@@ -247,6 +247,11 @@ def _recovery_routes(app: FastAPI, recovery: Recovery) -> None:
         job = jobs.submit("stop", {"session": name, **body.model_dump()}, partial_work(recovery.stop, name, body.commit))
         return job_doc(job)
 
+    @app.get(f"{PREFIX}/discover")
+    def discover(connection: str | None = None) -> list[dict[str, Any]]:
+        """Every VM of a vSphere connection: unprotected (with the default policy) first, then stale, then protected."""
+        return recovery.discover(connection)
+
     @app.post(f"{PREFIX}/recovery-groups", status_code=202)
     async def run_group(body: RecoveryGroupRun) -> dict[str, Any]:
         """Boot a plan's VMs in dependency order, verify each, report; tear down unless kept."""

@@ -18,12 +18,14 @@ from typing import Any, Protocol
 
 import trio
 
+from appliance.config import ProtectionConfig
 from appliance.control import Control
 from appliance.datastore.sessions import SessionInfo
 from appliance.errors import ApplianceError, LimitReached, NotFound, UsageError
 from appliance.jobs import Job, JobCancelled
 from appliance.recovery.plan import RecoveryPlan, boot_order
 from appliance.verification import Verification
+from appliance.vsphere.inventory import VmInfo
 from appliance.recovery.records import BootRecord, load_record, new_record, save_record
 
 
@@ -87,15 +89,23 @@ class Target(Protocol):
         """After a migration and the session's removal: drop what only served the session."""
 
 
-TargetFactory = Callable[[str, dict[str, Any]], Target]  # (kind, request or record details) -> target
+class Targets(Protocol):
+    """The hypervisors a serving appliance is configured for."""
+
+    def make(self, kind: str, details: dict[str, Any]) -> Target:
+        """The target of `kind` ("vsphere", "qemu"); `details` names its connection (request or record)."""
+
+    def inventory(self, connection: str | None) -> list[VmInfo]:
+        """Every VM a vSphere connection knows (for discovery)."""
 
 
 class Recovery:
     """The orchestrator of one serving appliance."""
 
-    def __init__(self, control: Control, make_target: TargetFactory) -> None:
+    def __init__(self, control: Control, targets: Targets, protection: ProtectionConfig) -> None:
         self.control = control
-        self.make_target = make_target
+        self.targets = targets
+        self.protection = protection
         self._boots_lock = threading.Lock()
         self._booting = 0  # VMs between "limit checked" and "boot record saved"
 
@@ -141,7 +151,7 @@ class Recovery:
     def _instant_boot(self, job: Job, request: BootRequest) -> dict[str, Any]:
         name = request.session_name()
         undo = UndoStack(job)
-        target = self.make_target(request.target, {"host": request.host, "connection": request.connection})
+        target = self.targets.make(request.target, {"host": request.host, "connection": request.connection})
         try:
             with job.step("create session", session=name, vm=request.vm, point=request.point) as step:
                 info = self.control.create_session(request.vm, request.point, name)
@@ -179,7 +189,7 @@ class Recovery:
         info, record = self._record(session)
         if record.state != "running":
             raise UsageError(f"session {session!r} is {record.state}, not running")
-        target = self.make_target(record.target, record.details)
+        target = self.targets.make(record.target, record.details)
         with job.step("migrate", session=session, destination=destination) as step:
             moved = target.migrate(job, record, destination)
             step.detail = ", ".join(f"{key}={value}" for key, value in moved.items())
@@ -196,7 +206,7 @@ class Recovery:
         record = load_record(self.control.store, info)
         result: dict[str, Any] = {"session": session, "vm": info.vm}
         if record is not None and record.state == "running":
-            target = self.make_target(record.target, record.details)
+            target = self.targets.make(record.target, record.details)
             target.stop(job, record)
         if commit:
             with job.step("commit session", session=session) as step:
@@ -223,6 +233,33 @@ class Recovery:
         else:
             kind, work = "stop", lambda job: self.stop(job, session)
         trio.from_thread.run_sync(self.control.jobs.submit, kind, {"session": session, "reason": "expired"}, work)
+
+    # ----- discovery ---------------------------------------------------------------------
+
+    def discover(self, connection: str | None = None, now: float | None = None) -> list[dict[str, Any]]:
+        """Every VM of vCenter against the catalog: unprotected first (with the default policy), then stale, then protected.
+
+        A VM counts as protected when the store holds restore points under its name.
+        """
+        now = time.time() if now is None else now
+        backed_up = {vm.name: vm for vm in self.control.vms()}
+        stale_after = self.protection.stale_after_hours * 3600
+        found = []
+        for vm in self.targets.inventory(connection):
+            if vm.template:
+                continue
+            summary = backed_up.get(vm.name)
+            row: dict[str, Any] = {"vm": vm.name, "uuid": vm.uuid, "power_state": vm.power_state, "host": vm.host}
+            if summary is None:
+                row.update(status="unprotected", policy=self.protection.default_policy, newest_point=None,
+                           age_hours=None)
+            else:
+                age = now - summary.newest_created
+                row.update(status="stale" if age > stale_after else "protected", policy=None,
+                           newest_point=summary.newest_point, age_hours=round(age / 3600, 1), points=summary.points)
+            found.append(row)
+        order = {"unprotected": 0, "stale": 1, "protected": 2}
+        return sorted(found, key=lambda row: (order[row["status"]], row["vm"]))
 
     # ----- recovery groups ---------------------------------------------------------------
 

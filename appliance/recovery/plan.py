@@ -35,7 +35,6 @@ from appliance.config import (
     boolean,
     build_document,
     connection_name,
-    host,
     integer,
     option,
     part,
@@ -82,14 +81,14 @@ class PlanVm:
     after: tuple[str, ...] = option((), vm_names)
     verify: Verification = option(Verification("tools"), verification)
     timeout: float = option(DEFAULT_TIMEOUT_SECONDS, positive_number)
-    host: str | None = option(None, host)
+    host: str | None = option(None, text)  # the ESXi host as vCenter names it
     memory_mib: int = option(DEFAULT_MEMORY_MIB, integer(64, 1 << 20))
 
 
 @dataclass(frozen=True)
 class PlanGroup:
     name: str = required(session_name)
-    host: str | None = option(None, host)
+    host: str | None = option(None, text)  # the ESXi host as vCenter names it
     network: str | None = option(None, text)
     connection: str | None = option(None, connection_name)
     #: Boot on this machine's QEMU instead of vSphere (proves the data path without ESXi).

@@ -8,9 +8,10 @@ from typing import Any
 from appliance.config import VsphereConnection
 from appliance.control import Control
 from appliance.errors import NotFound, NotSupported, UsageError
-from appliance.recovery.orchestrator import Target, TargetFactory
+from appliance.recovery.orchestrator import Target
 from appliance.recovery.qemu_target import QemuSettings, QemuTarget
 from appliance.recovery.vsphere_target import VsphereTarget
+from appliance.vsphere.inventory import VmInfo
 from appliance.vsphere.settings import settings_for
 
 
@@ -22,30 +23,39 @@ def local_address(bind: str) -> str:
     return str(address)
 
 
-def target_factory(control: Control, nfs_bind: str, export_path: str,
-                   connections: tuple[VsphereConnection, ...] = ()) -> TargetFactory:
-    """Targets for a server whose NFS listens on `nfs_bind` and exports the datastore at `export_path`."""
-    qemu = QemuSettings(nfs_host=local_address(nfs_bind), export_path=export_path,
-                        guests=control.store.path / "guests")
-    by_name = {connection.name: connection for connection in connections}
+class ConfiguredTargets:
+    """QEMU on this host, and the configured vSphere connections, for a serving appliance.
 
-    def vsphere(name: str | None) -> Target:
-        if name is None:
-            if len(by_name) != 1:
-                raise UsageError(f"{len(by_name)} vSphere connections are configured: name one (connection)"
-                                 if by_name else "no vSphere connection is configured ([[vsphere.connections]])")
-            name = next(iter(by_name))
-        connection = by_name.get(name)
-        if connection is None:
-            raise NotFound(f"no vSphere connection named {name!r} (configured: {', '.join(by_name) or 'none'})")
-        settings = settings_for(connection, connection.nfs_server_address or nfs_bind, export_path)
-        return VsphereTarget(control, name, settings)
+    The NFS server listens on `nfs_bind` and exports the datastore at `export_path`.
+    """
 
-    def make(kind: str, details: dict[str, Any]) -> Target:
+    def __init__(self, control: Control, nfs_bind: str, export_path: str,
+                 connections: tuple[VsphereConnection, ...] = ()) -> None:
+        self.control = control
+        self.nfs_bind = nfs_bind
+        self.export_path = export_path
+        self.qemu = QemuSettings(nfs_host=local_address(nfs_bind), export_path=export_path,
+                                 guests=control.store.path / "guests")
+        self.connections = {connection.name: connection for connection in connections}
+
+    def make(self, kind: str, details: dict[str, Any]) -> Target:
         if kind == "qemu":
-            return QemuTarget(control, qemu)
+            return QemuTarget(self.control, self.qemu)
         if kind == "vsphere":
-            return vsphere(details.get("connection"))
+            return self.vsphere(details.get("connection"))
         raise NotSupported(f"no boot target {kind!r}")
 
-    return make
+    def vsphere(self, name: str | None) -> VsphereTarget:
+        if name is None:
+            if len(self.connections) != 1:
+                raise UsageError(f"{len(self.connections)} vSphere connections are configured: name one (connection)"
+                                 if self.connections else "no vSphere connection is configured ([[vsphere.connections]])")
+            name = next(iter(self.connections))
+        connection = self.connections.get(name)
+        if connection is None:
+            raise NotFound(f"no vSphere connection named {name!r} (configured: {', '.join(self.connections) or 'none'})")
+        settings = settings_for(connection, connection.nfs_server_address or self.nfs_bind, self.export_path)
+        return VsphereTarget(self.control, name, settings)
+
+    def inventory(self, connection: str | None) -> list[VmInfo]:
+        return self.vsphere(connection).inventory()

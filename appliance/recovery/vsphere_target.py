@@ -28,6 +28,7 @@ from appliance.vsphere import (
     find_host,
     find_network,
     find_vm,
+    inventory,
     mount_datastore,
     move_nics,
     open_connection,
@@ -41,6 +42,7 @@ from appliance.vsphere import (
     vm_with_uuid,
 )
 from appliance.vsphere.client import named
+from appliance.vsphere.inventory import VmInfo
 from appliance.vsphere.settings import VsphereSettings
 
 T = TypeVar("T")
@@ -139,6 +141,10 @@ class VsphereTarget:
         host = record.details["host"]
         with job.step("unmount datastore unless used", host=host) as step:
             step.detail = "unmounted" if self._unmount_if_unused(host) else "kept: other VMs use it"
+
+    def inventory(self) -> list[VmInfo]:
+        with self._connection() as connection:
+            return inventory(connection)
 
     def _unmount_if_unused(self, host_name: str) -> bool:
         with self._connection() as connection:
