@@ -25,6 +25,7 @@ ASGI app needs an ASGI server, a dependency for one read-only endpoint.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -43,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.layout import overlay_path
 from appliance.datastore.sessions import SessionInfo, list_sessions
+from appliance.jobs import JobRunner
 from appliance.store.repository import Store
 from appliance.store.stats import StoreStatistics, store_statistics
 from nfs_export.mount import MOUNT_PROGRAM
@@ -95,6 +97,10 @@ class ApplianceMetrics:
         """
         self.registry.register(_DatastoreCollector(datastore, self._space_ttl))
 
+    def watch_jobs(self, jobs: JobRunner) -> None:
+        """Export how many jobs (instant boots, recovery groups, migrations, stops) are in each state."""
+        self.registry.register(_JobsCollector(jobs))
+
     def observe_call(self, program: int, procedure: str, seconds: float, outcome: str) -> None:
         """`nfs_export.rpc.CallObserver`: one RPC message the dispatcher ended."""
         if procedure:
@@ -131,6 +137,19 @@ class ApplianceMetrics:
 class _Space:
     statistics: StoreStatistics
     taken: float  # time.monotonic() of the scan
+
+
+class _JobsCollector:
+    def __init__(self, jobs: JobRunner) -> None:
+        self._jobs = jobs
+
+    def collect(self) -> Iterator[Metric]:
+        counts = collections.Counter((job.kind, job.state.value) for job in self._jobs.list())
+        family = GaugeMetricFamily("appliance_jobs", "Jobs this appliance ran or runs (the last few hundred), "
+                                   "by kind and state.", labels=["kind", "state"])
+        for (kind, state), count in sorted(counts.items()):
+            family.add_metric([kind, state], count)
+        yield family
 
 
 class _DatastoreCollector:

@@ -227,6 +227,7 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         datastore = Datastore(store, read_path, session_io=metrics)
         metrics.watch(datastore)
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
+        metrics.watch_jobs(control.jobs)
         targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere)
         recovery = Recovery(control, targets, options.protection)
         control.set_session_ender(recovery.end_expired)

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pyVmomi import vim
 
 from appliance.vsphere import Connection, find_host, open_connection
@@ -127,6 +129,11 @@ def test_instant_boot_verify_then_stop(appliance: Api, vcsim: Vcsim, vsphere: Co
     assert vm_named(vsphere, "web-1") is None and not mounted(vsphere)
     assert appliance.client.get("/sessions/web-1").status_code == 404
     assert "power off" in stopped.stderr and "unmount datastore unless used" in stopped.stderr
+    scraped = httpx.get(f"http://127.0.0.1:{appliance.server.metrics_port}/metrics").text
+    jobs = {(sample.labels["kind"], sample.labels["state"]): sample.value
+            for family in text_string_to_metric_families(scraped) if family.name == "appliance_jobs"
+            for sample in family.samples}
+    assert jobs == {("instant-boot", "succeeded"): 1, ("stop", "succeeded"): 1}
 
 
 @pytest.mark.parametrize(("extra", "failed_step"), [
