@@ -28,6 +28,7 @@ from appliance.datastore import sessions
 from appliance.datastore.datastore import Datastore
 from appliance.fuse_adapter import serve_fuse
 from appliance.ingest.backup import backup
+from appliance.jobs import JobRunner
 from appliance.metrics import ApplianceMetrics, serve_metrics
 from appliance.store import ReadPath, Store, init_store, open_store
 from appliance.store.stats import StoreStatistics, store_statistics
@@ -91,6 +92,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
         point = backup(store, "vm1", [image], count_read=metrics.count_ingest)
         datastore = Datastore(store, read_path, session_io=metrics)
         metrics.watch(datastore)
+        metrics.watch_jobs(JobRunner(work / "jobs"))
         sessions.create_session(store, datastore.namespace, read_path, "vm1", "latest", "s1")
         try:
             with background(partial(serve_appliance, datastore, metrics)) as (service, port):
