@@ -21,6 +21,7 @@ explicit timeouts: a caller on an event loop runs these in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -81,7 +82,7 @@ def _process_start(pid: int) -> int | None:
     """The process's start time in clock ticks after boot; None if it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+    except FileNotFoundError:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
     return None if fields[0] == "Z" else int(fields[19])
@@ -135,9 +136,12 @@ class QemuGuest:
         seen, offset = b"", 0
         while True:
             running = self.is_running()  # before reading: output written just before an exit still counts
-            with open(self.console_log, "rb") as console:
-                console.seek(offset)
-                fresh = console.read()
+            try:
+                with open(self.console_log, "rb") as console:
+                    console.seek(offset)
+                    fresh = console.read()
+            except FileNotFoundError:
+                fresh = b""
             offset += len(fresh)
             seen = seen[-len(needle):] + fresh
             if needle in seen:
@@ -165,6 +169,8 @@ class QemuGuest:
         files. On failure the jobs are cancelled, the guest stays on its old disks and
         the partial targets are removed.
         """
+        if not self.is_running():
+            raise HypervisorError(f"the guest in {self.run_dir} is not running: nothing to mirror")
         to_dir.mkdir(parents=True, exist_ok=True)
         targets = [to_dir.resolve() / self._mirror_name(disk) for disk in self.record.disks]
         if len(set(targets)) != len(targets):
@@ -248,8 +254,10 @@ class QemuGuest:
                 continue
             if self._exited_within(seconds):
                 return how
-        os.kill(self.record.pid, signal.SIGKILL)
-        self.wait_exit(QUIT_SECONDS)
+        if self.is_running():  # never a later process that got QEMU's PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.record.pid, signal.SIGKILL)
+            self.wait_exit(QUIT_SECONDS)
         return "kill"
 
     def wait_exit(self, timeout: float) -> None:
