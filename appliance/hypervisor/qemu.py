@@ -166,8 +166,9 @@ class QemuGuest:
         are in sync, and block-job-complete switches the guest to the target, after
         which nothing it writes reaches the source. query-block then has to name the
         targets, or this raises. The record is updated so later commands see the local
-        files. On failure the jobs are cancelled, the guest stays on its old disks and
-        the partial targets are removed.
+        files. On failure the unfinished jobs are cancelled and their partial targets
+        removed: the guest stays on those old disks (and on the new one of any disk whose
+        switch had completed, which the record then names).
         """
         if not self.is_running():
             raise HypervisorError(f"the guest in {self.run_dir} is not running: nothing to mirror")
@@ -197,8 +198,13 @@ class QemuGuest:
                     finished.append(job)
             except BaseException:
                 self._cancel(qmp, [job for job in started if job not in finished])
-                for target in targets:
-                    target.unlink(missing_ok=True)
+                moved = [n for n, job in enumerate(jobs) if job in finished]
+                for n, target in enumerate(targets):
+                    if n not in moved:
+                        target.unlink(missing_ok=True)
+                if moved:  # a disk the guest already switched to is its disk now: keep and record it
+                    self._save(dataclasses.replace(self.record, disks=[
+                        str(targets[n]) if n in moved else disk for n, disk in enumerate(self.record.disks)]))
                 raise
             in_use = {device["device"]: device.get("inserted", {}).get("file")
                       for device in qmp.execute("query-block")}
