@@ -13,12 +13,14 @@ on a machine without a kernel package installed and within a test's time budget.
 - The root disk is an ext4 image made by `mkfs.ext4 -d` from a busybox tree, without a
   journal so that what the guest synced is in place on the disk (the tests read it
   back with `debugfs`, which does not replay a journal). Its /sbin/init is the guest's
-  program: print BOOTED_MARKER, write /guest/started, append a line to /guest/progress
+  program: read every file under /payload (if built with one: real files of this
+  machine, standing in for the binaries and libraries a real OS reads while it boots),
+  print BOOTED_MARKER, write /guest/started, append a line to /guest/progress
   and sync once a second for `appliance_guest_seconds=N` seconds (from the kernel
   command line), write /guest/finished, print DONE_MARKER, power off.
 
-Everything is cached under a directory keyed by the kernel package, the busybox version
-and this file's scripts, so only the first run pays for the build (~10 s).
+Everything is cached under a directory keyed by the kernel package, the busybox version,
+this file's scripts and the payload size, so only the first run pays for the build.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.bench.ingest import stage_files
 
 BOOTED_MARKER = "APPLIANCE-GUEST: booted"
 DONE_MARKER = "APPLIANCE-GUEST: done"
@@ -62,6 +66,9 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t devtmpfs devtmpfs /dev
 seconds=$(sed -n 's/.*appliance_guest_seconds=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+if [ -d /payload ]; then
+    find /payload -type f -exec cat {{}} + > /dev/null
+fi
 mkdir -p /guest
 echo "booted $(cat /proc/sys/kernel/random/boot_id)" > /guest/started
 sync
@@ -111,20 +118,22 @@ def kernel_package() -> str:
     raise RuntimeError("apt-cache knows no linux-image-amd64 dependency (run apt-get update)")
 
 
-def _cache_key(package: str) -> str:
+def _cache_key(package: str, payload_mib: int) -> str:
     busybox = _run("dpkg-query", "-W", "-f=${Version}", "busybox-static")
-    inputs = "\n".join([package, busybox, INITRAMFS_INIT, GUEST_INIT, str(ROOT_MODULES), str(ROOT_MIB)])
+    inputs = "\n".join([package, busybox, INITRAMFS_INIT, GUEST_INIT, str(ROOT_MODULES), str(ROOT_MIB),
+                        str(payload_mib)])
     return hashlib.sha256(inputs.encode()).hexdigest()[:16]
 
 
-def build_guest(cache: Path = DEFAULT_CACHE) -> GuestImage:
+def build_guest(cache: Path = DEFAULT_CACHE, payload_mib: int = 0) -> GuestImage:
     """The cached guest for today's kernel package, built first if missing.
 
-    A lock serializes concurrent test processes; the build happens in a temporary
+    `payload_mib` MiB of real files are read by the guest before its boot marker. A
+    lock serializes concurrent test processes; the build happens in a temporary
     directory renamed into place, so an interrupted build never looks complete.
     """
     package = kernel_package()
-    target = cache / f"guest-{_cache_key(package)}"
+    target = cache / f"guest-{_cache_key(package, payload_mib)}"
     image = GuestImage(target / "vmlinuz", target / "initrd.cpio", target / "root.img")
     if target.is_dir():
         return image
@@ -133,12 +142,12 @@ def build_guest(cache: Path = DEFAULT_CACHE) -> GuestImage:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
             with tempfile.TemporaryDirectory(dir=cache, prefix="building-") as work:
-                _build(package, Path(work))
+                _build(package, payload_mib, Path(work))
                 os.rename(Path(work) / "out", target)
     return image
 
 
-def _build(package: str, work: Path) -> None:
+def _build(package: str, payload_mib: int, work: Path) -> None:
     _run("apt-get", "download", package, cwd=work)
     (deb,) = work.glob(f"{package}_*.deb")
     tree = work / "kernel"
@@ -149,7 +158,7 @@ def _build(package: str, work: Path) -> None:
     out.mkdir()
     shutil.copyfile(tree / "boot" / f"vmlinuz-{version}", out / "vmlinuz")
     _write_initramfs(work / "initramfs", _module_files(tree, version), out / "initrd.cpio")
-    _write_root(work / "root", out / "root.img")
+    _write_root(work / "root", payload_mib, out / "root.img")
 
 
 def _module_files(tree: Path, version: str) -> list[Path]:
@@ -188,9 +197,11 @@ def _write_initramfs(root: Path, modules: list[Path], output: Path) -> None:
                        stdout=archive, cwd=root, timeout=120, check=True)
 
 
-def _write_root(root: Path, output: Path) -> None:
+def _write_root(root: Path, payload_mib: int, output: Path) -> None:
     _busybox_tree(root)
     (root / "sbin" / "init").write_text(GUEST_INIT)
     (root / "sbin" / "init").chmod(0o755)
+    if payload_mib:
+        stage_files(root / "payload", payload_mib << 20)
     _run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "guest-root", "-E", "root_owner=0:0",
-         "-d", str(root), str(output), f"{ROOT_MIB}M")
+         "-d", str(root), str(output), f"{ROOT_MIB + payload_mib * 5 // 4}M")

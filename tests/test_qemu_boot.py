@@ -175,10 +175,46 @@ def test_a_guest_outlives_the_process_that_booted_it(guest_image: GuestImage, gu
     guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
     with pytest.raises(HypervisorError, match="already runs from"):
         boot_guest(run_dir, [guest_disk])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "guest.raw").write_bytes(b"an operator's file")
+    with pytest.raises(HypervisorError, match="guest.raw already exists"):
+        guest.mirror_disks(taken)
+    assert (taken / "guest.raw").read_bytes() == b"an operator's file"
     assert guest.power_off(timeout=2) == "quit"  # busybox init ignores the ACPI power button
     assert not guest.is_running()
     assert guest.power_off() == "not running"
     guest.wait_exit(1)
+    with pytest.raises(HypervisorError, match="is not running: nothing to mirror"):
+        guest.mirror_disks(tmp_path / "late")
+
+
+@pytest.fixture
+def full_directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 256 KiB tmpfs: a mirror target there runs out of space."""
+    path = tmp_path / "full"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], timeout=30, check=True)
+    yield path
+    subprocess.run(["umount", str(path)], timeout=30, check=True)
+
+
+@pytest.mark.slow
+def test_a_failed_mirror_leaves_the_guest_on_its_disks(guest_image: GuestImage, guest_disk: Path,
+                                                       guests: list[QemuGuest], tmp_path: Path,
+                                                       full_directory: Path) -> None:
+    guest = boot_guest(tmp_path / "run", [guest_disk], MEMORY_MIB, kernel=guest_image.kernel,
+                       initrd=guest_image.initrd, append=guest_image.append(600))
+    guests.append(guest)
+    guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
+    with pytest.raises(HypervisorError, match="mirror-disk0 .* ended with BLOCK_JOB_COMPLETED: No space left"):
+        guest.mirror_disks(full_directory)
+    assert not any(full_directory.iterdir())
+    assert guest.is_running()
+    assert QemuGuest.load(tmp_path / "run").record.disks == [str(guest_disk)]
+    with guest.qmp() as qmp:
+        assert [device["inserted"]["file"] for device in qmp.execute("query-block")] == [str(guest_disk)]
+        assert qmp.execute("query-block-jobs") == []
 
 
 def test_boot_fails_with_qemus_message_for_a_missing_disk(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ debug; a port in the authority is ignored), so it always asks the portmapper on 
 (or answer as the portmapper itself, which it does when nothing else listens on 111).
 
 It also cannot follow a VMDK descriptor's extent over nfs://, so the URL names the flat
-extent, `<disk>-flat.vmdk`, which QEMU opens as a raw disk.
+extent, `<disk>-flat.vmdk`, which QEMU opens as a raw disk. No `readahead` option: libnfs
+would keep bytes the guest did not ask for of a disk the guest writes, and not every
+libnfs version keeps them coherent with writes.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ explicit timeouts: a caller on an event loop runs these in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -81,7 +82,7 @@ def _process_start(pid: int) -> int | None:
     """The process's start time in clock ticks after boot; None if it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+    except FileNotFoundError:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
     return None if fields[0] == "Z" else int(fields[19])
@@ -135,9 +136,12 @@ class QemuGuest:
         seen, offset = b"", 0
         while True:
             running = self.is_running()  # before reading: output written just before an exit still counts
-            with open(self.console_log, "rb") as console:
-                console.seek(offset)
-                fresh = console.read()
+            try:
+                with open(self.console_log, "rb") as console:
+                    console.seek(offset)
+                    fresh = console.read()
+            except FileNotFoundError:
+                fresh = b""
             offset += len(fresh)
             seen = seen[-len(needle):] + fresh
             if needle in seen:
@@ -162,9 +166,12 @@ class QemuGuest:
         are in sync, and block-job-complete switches the guest to the target, after
         which nothing it writes reaches the source. query-block then has to name the
         targets, or this raises. The record is updated so later commands see the local
-        files. On failure the jobs are cancelled, the guest stays on its old disks and
-        the partial targets are removed.
+        files. On failure the unfinished jobs are cancelled and their partial targets
+        removed: the guest stays on those old disks (and on the new one of any disk whose
+        switch had completed, which the record then names).
         """
+        if not self.is_running():
+            raise HypervisorError(f"the guest in {self.run_dir} is not running: nothing to mirror")
         to_dir.mkdir(parents=True, exist_ok=True)
         targets = [to_dir.resolve() / self._mirror_name(disk) for disk in self.record.disks]
         if len(set(targets)) != len(targets):
@@ -191,8 +198,13 @@ class QemuGuest:
                     finished.append(job)
             except BaseException:
                 self._cancel(qmp, [job for job in started if job not in finished])
-                for target in targets:
-                    target.unlink(missing_ok=True)
+                moved = [n for n, job in enumerate(jobs) if job in finished]
+                for n, target in enumerate(targets):
+                    if n not in moved:
+                        target.unlink(missing_ok=True)
+                if moved:  # a disk the guest already switched to is its disk now: keep and record it
+                    self._save(dataclasses.replace(self.record, disks=[
+                        str(targets[n]) if n in moved else disk for n, disk in enumerate(self.record.disks)]))
                 raise
             in_use = {device["device"]: device.get("inserted", {}).get("file")
                       for device in qmp.execute("query-block")}
@@ -248,8 +260,10 @@ class QemuGuest:
                 continue
             if self._exited_within(seconds):
                 return how
-        os.kill(self.record.pid, signal.SIGKILL)
-        self.wait_exit(QUIT_SECONDS)
+        if self.is_running():  # never a later process that got QEMU's PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.record.pid, signal.SIGKILL)
+            self.wait_exit(QUIT_SECONDS)
         return "kill"
 
     def wait_exit(self, timeout: float) -> None:

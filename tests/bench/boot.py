@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Boot benchmark: a guest booted from a local raw file against an instant boot from the store.
+
+What is measured, and why:
+
+* The guest: the QEMU tests' guest (``tests/guest_image.py``: Debian's kernel and a
+  busybox initramfs given with -kernel/-initrd, an ext4 root disk), built with
+  ``--payload-mib`` of real files of this machine on its root that it reads before
+  printing its boot marker: a real OS reads its binaries and libraries (a few hundred
+  MB) while it boots, and without them the disk would be a negligible part of the boot.
+  Its root disk is backed up once into our store; the local boot uses a fresh copy of
+  the same disk.
+  Same QEMU settings for both (``appliance.hypervisor.boot_guest``, accelerator chosen
+  once before timing), same memory, one vCPU.
+* local: ``boot_guest`` on the raw file -> the guest's boot marker on the serial console.
+* instant: what an instant boot does from the moment it is asked: ``session create``
+  of the point (a CLI process), then ``boot_guest`` on the session's flat extent over
+  ``nfs://`` from a running ``appliance serve`` (QEMU's libnfs driver, through the
+  portmapper) -> the same marker. ``nfs_boot`` is the boot part alone.
+* Cold, both: the kernel page cache is dropped before each boot and serve is a fresh
+  process per run (empty chunk cache), so the instant boot reads packs from disk, as
+  the first boot after a failure does. Local and instant boots alternate within a run.
+* The bytes and read requests the guest issued to its disk until the marker (QMP
+  ``query-blockstats``) are reported for both: they say how much of the boot was disk
+  I/O at all, and ``nfs_extra_ms_per_read`` = (nfs_boot - local_boot) / nfs_read_ops
+  is what each read cost over NFS beyond a local read: the guest reads mostly one
+  request at a time, so that latency, not bandwidth, decides the ratio.
+* serve and QEMU run in a private network namespace (``tests/netns.py``) where serve
+  answers as the portmapper on port 111, so no other NFS server on the machine can
+  take QEMU's requests.
+
+Target (from the issue): instant boot <= 1.3x the local boot time.
+Output: one JSON line on stdout (medians over ``--runs``, plus each run); logs on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from appliance.hypervisor import boot_guest, session_disk_url
+from appliance.hypervisor.accel import best_accelerator
+from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
+from tests.bench.ingest import log, medians, run, work_directory
+from tests.bench.nfs import free_port, listening, server, url
+from tests.guest_image import BOOTED_MARKER, GuestImage, build_guest
+from tests.netns import private_network
+
+HOST = "127.0.0.1"
+PORTMAP_PORT = 111
+MEMORY_MIB = 256
+BOOT_TIMEOUT = 300.0
+TARGET_RATIO = 1.3
+GUEST_SECONDS = 600  # the guest keeps running after its marker until the bench powers it off
+
+
+def boot_seconds(run_dir: Path, disk: str, image: GuestImage) -> tuple[float, int, int]:
+    """Seconds from boot_guest to the boot marker; the bytes and requests the guest read from its disk by then."""
+    started = time.perf_counter()
+    guest = boot_guest(run_dir, [disk], MEMORY_MIB, kernel=image.kernel, initrd=image.initrd,
+                       append=image.append(GUEST_SECONDS), timeout=BOOT_TIMEOUT)
+    try:
+        guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
+        seconds = time.perf_counter() - started
+        with guest.qmp() as qmp:
+            stats = [device["stats"] for device in qmp.execute("query-blockstats")]
+    finally:
+        guest.power_off(timeout=0)
+    return seconds, sum(s["rd_bytes"] for s in stats), sum(s["rd_operations"] for s in stats)
+
+
+def measure(work: Path, number: int, image: GuestImage, store: Path) -> dict[str, float]:
+    """One local boot, then one instant boot from a fresh serve process and a fresh session."""
+    fig: dict[str, float] = {}
+    local = work / "local.img"
+    shutil.copyfile(image.disk, local)
+    must_drop_page_cache()
+    fig["local_boot_s"], fig["local_read_bytes"], fig["local_read_ops"] = boot_seconds(
+        work / f"local-{number}", str(local), image)
+    log(f"local: marker after {fig['local_boot_s']:.2f}s ({fig['local_read_bytes'] / 1e6:.1f} MB read "
+        f"in {fig['local_read_ops']} requests)")
+
+    ports = (free_port(), free_port())
+    command = appliance(store, "serve", "--nfs-port", str(ports[0]), "--mount-port", str(ports[1]),
+                        "--metrics-port", str(free_port()), "--bind", HOST)
+    with server("ours", command, url("/", ports), work / "logs", cwd=REPO):
+        while not listening(PORTMAP_PORT):
+            time.sleep(0.02)
+        session = f"boot{number}"
+        must_drop_page_cache()
+        started = time.perf_counter()
+        run(appliance(store, "session", "create", "--vm", VM, "--point", "latest", "--name", session), cwd=REPO)
+        fig["session_create_s"] = time.perf_counter() - started
+        fig["nfs_boot_s"], fig["nfs_read_bytes"], fig["nfs_read_ops"] = boot_seconds(
+            work / f"nfs-{number}", session_disk_url(HOST, session, VM), image)
+    fig["instant_boot_s"] = fig["session_create_s"] + fig["nfs_boot_s"]
+    log(f"instant: session in {fig['session_create_s']:.2f}s, marker {fig['nfs_boot_s']:.2f}s later "
+        f"({fig['nfs_read_bytes'] / 1e6:.1f} MB read over NFS in {fig['nfs_read_ops']} requests)")
+    local.unlink()
+    return fig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="repeat the measurement; report medians")
+    parser.add_argument("--payload-mib", type=int, default=256, help="real files the guest reads while it boots")
+    parser.add_argument("--work", type=Path, help="work directory (default: a new one under /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (store, consoles, logs)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("needs root: it drops the kernel page cache and enters a network namespace")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop serve and QEMU
+    work = work_directory(parser, args.work, "boot-bench-")
+    try:
+        image = build_guest(payload_mib=args.payload_mib)
+        (work / "logs").mkdir()
+        store = work / "store"
+        backup_image(store, image.disk)
+        accel = best_accelerator()
+        log(f"accelerator: {accel}")
+        runs = []
+        with private_network():
+            for number in range(args.runs):
+                log(f"run {number + 1} of {args.runs}")
+                runs.append(measure(work, number, image, store))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    figures = medians(runs, 3)
+    ratio = round(figures["instant_boot_s"] / figures["local_boot_s"], 3)
+    result: dict[str, Any] = {
+        "bench": "boot", "runs": args.runs, "accel": accel, "memory_mib": MEMORY_MIB,
+        "payload_mib": args.payload_mib, "disk_bytes": image.disk.stat().st_size, **figures,
+        "nfs_extra_ms_per_read": round(1000 * (figures["nfs_boot_s"] - figures["local_boot_s"])
+                                       / max(figures["nfs_read_ops"], 1), 3),
+        "ratio_instant_boot": ratio, "ratio_nfs_boot": round(figures["nfs_boot_s"] / figures["local_boot_s"], 3),
+        "target_ratio": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO,
+        "per_run": runs if args.runs > 1 else [],
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
