@@ -85,7 +85,7 @@ def cmd_instant_boot(args: argparse.Namespace) -> int:
     body = {"vm": args.vm, "point": args.point, "target": "qemu" if args.qemu else "vsphere",
             "session": args.session, "host": args.host, "network": args.network, "connection": args.connection,
             "power_on": not args.no_power_on, "verify": args.verify, "timeout": args.timeout,
-            "memory_mib": args.memory, "keep": args.keep}
+            "memory_mib": args.memory, "keep": args.keep, "expires_hours": args.expires_hours}
     if not args.qemu and not args.host:
         raise UsageError("give --host ESXI_HOST (or --qemu to boot on this machine)")
     with _client(args) as client:
@@ -179,6 +179,8 @@ def register(command: Command) -> None:
     sub.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds for the verification")
     sub.add_argument("--memory", type=int, default=512, metavar="MiB", help="guest memory with --qemu")
     sub.add_argument("--keep", action="store_true", help="on failure leave everything for inspection")
+    sub.add_argument("--expires-hours", type=float, metavar="H",
+                     help="stop (or migrate, per limits.expiry_action) after H hours")
     _job_flags(sub)
 
     sub = command("migrate", cmd_migrate, "move a running VM to production storage, then drop its session")

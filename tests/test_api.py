@@ -210,3 +210,26 @@ def test_api_token_file_must_be_private(store: Path, tmp_path: Path) -> None:
     result = run_cli("--store", str(store), "serve", "--config", str(config), "--no-portmap", "--nfs-port", "0",
                      "--mount-port", "0", "--no-metrics", timeout=60)
     assert result.returncode == 2 and str(token) in result.stderr
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"vm": "vm1", "target": "vsphere"}, "needs the ESXi host"),
+    ({"vm": "vm1", "target": "qemu", "verify": "tools"}, "QEMU guest reports no tools"),
+    ({"vm": "vm1", "target": "vsphere", "host": "h", "verify": "console:up"}, "no console"),
+    ({"vm": "vm1", "target": "qemu", "verify": "ping"}, "unknown verification"),
+])
+def test_instant_boot_requests_are_checked_before_a_job_starts(api: Api, body: dict[str, object], reason: str) -> None:
+    answer = api.client.post("/instant-boots", json=body)
+    assert answer.status_code == 400 and reason in answer.json()["message"], answer.text
+    assert api.client.get("/jobs").json() == []
+
+
+def test_boots_migrations_and_stops_of_unknown_sessions_are_refused(api: Api) -> None:
+    assert api.client.post("/migrations", json={"session": "ghost", "destination": "ds"}).status_code == 404
+    assert api.client.post("/sessions/ghost/stop", json={}).status_code == 404
+    malformed = api.client.post("/recovery-groups", json={"plan": "[group\nname=", "source": "p.toml"})
+    assert malformed.status_code == 400 and "p.toml" in malformed.json()["message"]
+    cyclic = api.client.post("/recovery-groups", json={"plan": '[group]\nname="g"\nqemu=true\n[[vms]]\nname="a"\n'
+                                                                'after=["a"]\n', "source": "p.toml"})
+    assert cyclic.status_code == 400 and "cycle" in cyclic.json()["message"]
+    assert api.client.get("/jobs").json() == []

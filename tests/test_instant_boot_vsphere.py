@@ -289,3 +289,41 @@ def test_discover_lists_unprotected_vms_first(store: Path, vcsim: Vcsim, tmp_pat
     finally:
         running.close()
         running.server.stop()
+
+
+def test_a_running_job_shows_its_progress(appliance: Api, vcsim: Vcsim, vsphere: Connection) -> None:  # noqa: F811
+    vcsim.stage_session(DATASTORE, "web-1", "vm1", "web-1")
+    detached = cli(appliance, "instant-boot", "--vm", "vm1", "--host", HOST, "--session", "web-1", "--verify", "tools",
+                   "--timeout", "60", "--detach")
+    assert detached.returncode == 0, detached.stderr
+    job_id = detached.stdout.strip()
+    deadline = time.monotonic() + 30
+    while True:  # the VM is on and the job waits for its tools: the steps so far are visible
+        job = appliance.client.get(f"/jobs/{job_id}").json()
+        if ("power on", "ok") in steps(job):
+            break
+        assert time.monotonic() < deadline and job["state"] == "running", job
+        time.sleep(0.1)
+    assert job["state"] == "running" and steps(job)[-1] == ("verify", "running")
+    assert [j["id"] for j in appliance.client.get("/jobs").json()] == [job_id]
+    report_guest_once_registered(vcsim, "web-1", toolsRunningStatus="guestToolsRunning").join()
+    while job["finished"] is None:
+        time.sleep(0.1)
+        job = appliance.client.get(f"/jobs/{job_id}").json()
+    assert job["state"] == "succeeded" and steps(job)[-1] == ("verify", "ok")
+    shown = cli(appliance, "jobs", "show", job_id)
+    assert "state: succeeded" in shown.stdout and "event=job.finished" in shown.stdout
+
+
+def test_an_expired_boot_is_stopped(appliance: Api, vcsim: Vcsim, vsphere: Connection) -> None:  # noqa: F811
+    result = instant_boot(appliance, vcsim, "web-1", "--expires-hours", str(2 / 3600))
+    assert result.returncode == 0, result.stderr
+    assert vm_named(vsphere, "web-1") is not None
+    deadline = time.monotonic() + 30
+    while appliance.client.get("/sessions/web-1").status_code == 200:
+        assert time.monotonic() < deadline, "the expired session was not stopped"
+        time.sleep(0.2)
+    assert vm_named(vsphere, "web-1") is None and not mounted(vsphere)
+    stop_jobs = [job for job in appliance.client.get("/jobs").json() if job["kind"] == "stop"]
+    assert [job["params"] for job in stop_jobs] == [{"session": "web-1", "reason": "expired"}]
+    assert stop_jobs[0]["state"] == "succeeded"

@@ -102,6 +102,8 @@ class InstantBootCreate(BaseModel):
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the verification")
     memory_mib: int = Field(512, ge=64, description="guest memory (qemu)")
     keep: bool = Field(False, description="on failure keep what was done, for inspection")
+    expires_hours: float | None = Field(None, gt=0, description="stop (or migrate, per limits.expiry_action) "
+                                        "after this long (default: limits.session_expiry_hours)")
 
 
 class MigrationCreate(BaseModel):
@@ -126,10 +128,15 @@ def job_doc(job: Job) -> dict[str, Any]:
 def boot_request(body: InstantBootCreate) -> BootRequest:
     if body.target == "vsphere" and not body.host:
         raise errors.UsageError("a vSphere instant boot needs the ESXi host (host)")
+    verification = parse_verification(body.verify)
+    if body.target == "qemu" and verification.kind in ("tools", "ip"):
+        raise errors.UsageError(f"a QEMU guest reports no {verification.kind}: verify with console:TEXT or script:CMD")
+    if body.target == "vsphere" and verification.kind == "console":
+        raise errors.UsageError("a vSphere VM has no console to watch: verify with tools, ip or script:CMD")
     return BootRequest(vm=body.vm, target=body.target, point=body.point, session=body.session, host=body.host,
                        network=body.network, connection=body.connection, power_on=body.power_on,
-                       verify=parse_verification(body.verify), timeout=body.timeout, memory_mib=body.memory_mib,
-                       keep=body.keep)
+                       verify=verification, timeout=body.timeout, memory_mib=body.memory_mib,
+                       keep=body.keep, expires_hours=body.expires_hours)
 
 
 def build_app(control: Control, token: str, recovery: Recovery | None = None, started: float | None = None) -> ASGIApp:

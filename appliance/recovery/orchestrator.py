@@ -43,6 +43,7 @@ class BootRequest:
     timeout: float = 600.0
     memory_mib: int = 512
     keep: bool = False  # on failure, leave what was done for inspection
+    expires_hours: float | None = None  # end the session (stop or migrate, per limits) after this long
 
     def session_name(self) -> str:
         return self.session or f"{self.vm}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -154,7 +155,7 @@ class Recovery:
         target = self.targets.make(request.target, {"host": request.host, "connection": request.connection})
         try:
             with job.step("create session", session=name, vm=request.vm, point=request.point) as step:
-                info = self.control.create_session(request.vm, request.point, name)
+                info = self.control.create_session(request.vm, request.point, name, request.expires_hours)
                 step.detail = f"session {name} of point {info.point}"
             undo.push(f"delete session {name}", lambda: self.control.delete_session(name))
             details = target.boot(job, info, request, undo)
