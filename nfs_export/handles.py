@@ -38,6 +38,10 @@ class FileHandle:
     generation: int
 
 
+#: Checked handles remembered by `HandleCodec.decode` (then forgotten all at once).
+OPENED_LIMIT = 4096
+
+
 class HandleCodec:
     """Seals and opens file handles with one secret."""
 
@@ -45,6 +49,7 @@ class HandleCodec:
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"a handle secret needs at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
         self._secret = bytes(secret[:64])  # BLAKE2b keys are at most 64 bytes
+        self._opened: dict[bytes, FileHandle] = {}
 
     def _check(self, body: bytes) -> bytes:
         return hashlib.blake2b(body, digest_size=CHECK_BYTES, key=self._secret).digest()
@@ -54,7 +59,22 @@ class HandleCodec:
         return body + self._check(body)
 
     def decode(self, raw: bytes | bytearray | memoryview) -> FileHandle:
+        """The handle `raw` names; BadHandle if it is not one of ours.
+
+        Handles that passed the check are remembered (a client repeats the same few with
+        every call), so the keyed hash runs once per handle, not once per call.
+        """
         raw = bytes(raw)
+        known = self._opened.get(raw)
+        if known is not None:
+            return known
+        handle = self._open(raw)
+        if len(self._opened) >= OPENED_LIMIT:
+            self._opened.clear()
+        self._opened[raw] = handle
+        return handle
+
+    def _open(self, raw: bytes) -> FileHandle:
         if len(raw) != HANDLE_SIZE:
             raise BadHandle(f"handle of {len(raw)} bytes (ours have {HANDLE_SIZE})")
         body, check = raw[: _BODY.size], raw[_BODY.size :]

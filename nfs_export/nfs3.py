@@ -211,7 +211,8 @@ class Nfs3Server:
     def program(self) -> Program:
         procedures: dict[int, Procedure[Any]] = {0: Procedure("NULL", decode_void, self._null)}
         for number, procedure in PROCEDURES.items():
-            procedures[number] = Procedure(procedure.name, procedure.decode, self._runner(procedure))
+            nowait = self._read_from_memory if procedure.handle is Nfs3Server.read else None
+            procedures[number] = Procedure(procedure.name, procedure.decode, self._runner(procedure), nowait)
         return Program(NFS_PROGRAM, NFS_V3, "NFS", procedures)
 
     async def _null(self, call: Call, args: None) -> Encodable:
@@ -221,11 +222,7 @@ class Nfs3Server:
         async def run(call: Call, args: A) -> Encodable:
             return await self.workers.run(self._answer, procedure, call, args)
 
-        async def read(call: Call, args: A) -> Encodable:
-            answer = self._read_from_memory(call, args)  # type: ignore[arg-type]
-            return answer if answer is not None else await run(call, args)
-
-        return read if procedure.handle is Nfs3Server.read else run
+        return run
 
     def _read_from_memory(self, call: Call, args: READ3args) -> NfsResult | None:
         """A READ answered on the event loop when attributes and bytes are in memory.

@@ -140,6 +140,9 @@ class Call:
     client: str  # the peer's IP address, for export rules
 
 
+_NOBODY = Credential()
+
+
 class Encodable(Protocol):
     def encode(self, encoder: Encoder) -> None: ...
 
@@ -163,6 +166,8 @@ class Procedure(Generic[A]):
     name: str
     decode: Callable[[Decoder], A]
     run: Callable[[Call, A], Awaitable[Encodable]]
+    #: Answers on the event loop when it can do so at once, else None (then `run` answers).
+    run_nowait: Callable[[Call, A], Encodable | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +215,7 @@ _COUNTED_AS: Mapping[CallOutcome, str] = {
 
 @dataclass(frozen=True, slots=True)
 class _Ended:
-    """What `_dispatch` did with one message, for the counters and the observer."""
+    """What became of one message, for the counters and the observer."""
 
     outcome: CallOutcome
     program: int = 0
@@ -223,13 +228,32 @@ class _AuthError(Exception):
         self.stat = stat
 
 
-def _decode_credential(decoder: Decoder) -> Credential:
-    flavor = decoder.uint32()
-    body = decoder.opaque_view(MAX_AUTH_BYTES)
-    if flavor == AuthFlavor.AUTH_NONE:
-        return Credential()
-    if flavor != AuthFlavor.AUTH_SYS:
-        raise _AuthError(AuthStat.AUTH_BADCRED)
+class _CredentialCache:
+    """Decoded AUTH_SYS credentials by their bytes: a client sends the same one with every call."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._known: dict[bytes, Credential] = {}
+
+    def decode(self, decoder: Decoder) -> Credential:
+        flavor = decoder.uint32()
+        body = decoder.opaque_view(MAX_AUTH_BYTES)
+        if flavor == AuthFlavor.AUTH_NONE:
+            return _NOBODY
+        if flavor != AuthFlavor.AUTH_SYS:
+            raise _AuthError(AuthStat.AUTH_BADCRED)
+        key = body.tobytes()
+        credential = self._known.get(key)
+        if credential is None:
+            credential = _auth_sys(body)
+            if len(self._known) >= self.LIMIT:
+                self._known.clear()  # many clients or changing stamps: start over rather than grow
+            self._known[key] = credential
+        return credential
+
+
+def _auth_sys(body: memoryview) -> Credential:
     fields = Decoder(body)
     try:
         stamp = fields.uint32()
@@ -266,6 +290,7 @@ class RpcDispatcher:
     _table: dict[tuple[int, int], Program] = field(init=False)
     _versions: dict[int, tuple[int, int]] = field(init=False)
     _counters: _Counters = field(init=False, default_factory=_Counters)
+    _credentials: _CredentialCache = field(init=False, default_factory=_CredentialCache)
 
     def __post_init__(self) -> None:
         self._table = {(p.number, p.version): p for p in self.programs}
@@ -298,12 +323,32 @@ class RpcDispatcher:
 
         A message too short to hold an xid, or a REPLY, has no caller to answer.
         """
-        started = time.perf_counter()
-        ended = await self._dispatch(record, client, out)
-        self._ended(ended, time.perf_counter() - started)
-        return ended.outcome is not CallOutcome.NOT_A_CALL
+        started = self.start(record, client, out)
+        return started if isinstance(started, bool) else await started.finish()
 
-    async def _dispatch(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> _Ended:
+    def start(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> bool | PendingCall:
+        """Answer what can be answered without waiting; else the call, to `finish` in a task.
+
+        Errors in the header or arguments, and calls whose procedure answers them on the
+        loop (`Procedure.run_nowait`), are done here: the transport spares them a task.
+        """
+        started = time.perf_counter()
+        prepared = self._prepare(record, client, out)
+        if isinstance(prepared, _Ended):
+            self._ended(prepared, time.perf_counter() - started)
+            return prepared.outcome is not CallOutcome.NOT_A_CALL
+        pending = PendingCall(self, prepared, out, started)
+        if prepared.procedure.run_nowait is not None:
+            try:
+                result = prepared.procedure.run_nowait(prepared.call, prepared.args)
+            except Exception:
+                return pending.failed()
+            if result is not None:
+                return pending.succeeded(result)
+        return pending
+
+    def _prepare(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> _Ended | _Prepared:
+        """Decode a message up to its arguments; an `_Ended` (reply written) when it goes no further."""
         decoder = Decoder(record)
         try:
             xid, msg_type = decoder.uint32(), decoder.uint32()
@@ -319,7 +364,7 @@ class RpcDispatcher:
                 out.uint32(RPC_VERSION)
                 return _Ended(CallOutcome.RPC_MISMATCH)
             number, version, procedure_number = decoder.uint32(), decoder.uint32(), decoder.uint32()
-            credential = _decode_credential(decoder)
+            credential = self._credentials.decode(decoder)
             decoder.uint32()  # the verifier: AUTH_NONE or AUTH_SYS clients send nothing we check
             decoder.opaque_view(MAX_AUTH_BYTES)
         except XdrError:
@@ -349,15 +394,55 @@ class RpcDispatcher:
             log.debug("%s %s from %s: garbage arguments: %s", program.name, procedure.name, client, exc)
             _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
             return _Ended(CallOutcome.GARBAGE_ARGS, number, procedure.name)
-        call = Call(xid, number, version, procedure_number, credential, client)
-        start = len(out)
+        return _Prepared(program, procedure, Call(xid, number, version, procedure_number, credential, client), args)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A call decoded up to its arguments, about to be run."""
+
+    program: Program
+    procedure: Procedure[Any]
+    call: Call
+    args: Any
+
+
+class PendingCall:
+    """A call whose procedure must wait (a worker thread, I/O): the transport awaits `finish`."""
+
+    __slots__ = ("_dispatcher", "_prepared", "_out", "_started", "_start")
+
+    def __init__(self, dispatcher: RpcDispatcher, prepared: _Prepared, out: Encoder, started: float) -> None:
+        self._dispatcher, self._prepared, self._out, self._started = dispatcher, prepared, out, started
+        self._start = len(out)
+
+    async def finish(self) -> bool:
+        """Run the procedure and write its reply; True (a call always has a caller to answer)."""
         try:
-            result = await procedure.run(call, args)
-            _accepted(out, xid, AcceptStat.SUCCESS)
-            result.encode(out)
+            result = await self._prepared.procedure.run(self._prepared.call, self._prepared.args)
         except Exception:
-            log.exception("%s %s from %s failed", program.name, procedure.name, client)
-            del out.data[start:]
-            _accepted(out, xid, AcceptStat.SYSTEM_ERR)
-            return _Ended(CallOutcome.SYSTEM_ERR, number, procedure.name)
-        return _Ended(CallOutcome.SUCCESS, number, procedure.name)
+            return self.failed()
+        return self.succeeded(result)
+
+    def succeeded(self, result: Encodable) -> bool:
+        prepared = self._prepared
+        try:
+            _accepted(self._out, prepared.call.xid, AcceptStat.SUCCESS)
+            result.encode(self._out)
+        except Exception:
+            return self.failed()
+        self._done(CallOutcome.SUCCESS)
+        return True
+
+    def failed(self) -> bool:
+        """After the procedure raised: SYSTEM_ERR, with the traceback in the log."""
+        prepared = self._prepared
+        log.exception("%s %s from %s failed", prepared.program.name, prepared.procedure.name, prepared.call.client)
+        del self._out.data[self._start:]
+        _accepted(self._out, prepared.call.xid, AcceptStat.SYSTEM_ERR)
+        self._done(CallOutcome.SYSTEM_ERR)
+        return True
+
+    def _done(self, outcome: CallOutcome) -> None:
+        ended = _Ended(outcome, self._prepared.program.number, self._prepared.procedure.name)
+        self._dispatcher._ended(ended, time.perf_counter() - self._started)

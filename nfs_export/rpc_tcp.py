@@ -22,6 +22,7 @@ from nfs_export.rpc import (
     AuthStat,
     Credential,
     MsgType,
+    PendingCall,
     RejectStat,
     ReplyStat,
     RpcDispatcher,
@@ -157,21 +158,30 @@ class _ReplyWriter:
                 return
 
 
-async def _answer(dispatcher: RpcDispatcher, record: bytearray, client: str, writer: _ReplyWriter) -> None:
-    out = _mark(Encoder())
-    writer.put(_sealed(out) if await dispatcher.dispatch(record, client, out) else None)
+async def _finish(call: PendingCall, out: Encoder, writer: _ReplyWriter) -> None:
+    await call.finish()
+    writer.put(_sealed(out))
 
 
 async def _read_calls(dispatcher: RpcDispatcher, reader: RecordReader, client: str, writer: _ReplyWriter,
                       slots: trio.Semaphore, nursery: trio.Nursery) -> None:
-    """Start a task per call until the stream ends or breaks the record size limit."""
+    """Answer calls until the stream ends or breaks the record size limit.
+
+    A call answered at once (a READ from memory, a malformed one) is queued for the
+    writer here; only a call that has to wait gets a task of its own.
+    """
     try:
         while True:
             await slots.acquire()
             record = await reader.read_record()
             if record is None:
                 return
-            nursery.start_soon(_answer, dispatcher, record, client, writer)
+            out = _mark(Encoder())
+            started = dispatcher.start(record, client, out)
+            if isinstance(started, bool):
+                writer.put(_sealed(out) if started else None)
+            else:
+                nursery.start_soon(_finish, started, out, writer)
     except RecordTooLarge as exc:
         dispatcher.record_oversized()
         log.warning("closing RPC connection from %s: %s", client, exc)

@@ -108,6 +108,8 @@ class Overlay:
         self._data_dirty = False
         self._closed = False
         self._lock = threading.Lock()
+        #: `allocated_bytes` as last measured; None once a write, truncate or flush may change it.
+        self._allocated: int | None = None
         self._flush_lock = threading.Lock()  # taken before _lock, never after
 
     @classmethod
@@ -246,6 +248,7 @@ class Overlay:
             self._flush_locked()
             with self._lock, _os_errors(self._where, f"data truncate at offset {size}"):
                 os.ftruncate(self._data_fd, len(self._map) * self._block)
+                self._allocated = None
 
     def flush(self) -> None:
         """Make every write so far survive a crash (see the module docstring for the order)."""
@@ -279,10 +282,19 @@ class Overlay:
         return ranges
 
     def allocated_bytes(self) -> int:
-        """Bytes both overlay files occupy on disk (allocated, not apparent, size)."""
+        """Bytes both overlay files occupy on disk (allocated, not apparent, size).
+
+        Every NFS reply about a session disk carries it, so it is measured again only
+        after something that can change it (a write to a new block, a truncate, a
+        flush), not on each call: a rewrite in place allocates nothing.
+        """
+        known = self._allocated
+        if known is not None:
+            return known
         with self._lock, _os_errors(self._where, "stat"):
             self._check_open()
-            return sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
+            self._allocated = sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
+            return self._allocated
 
     def export(self, path: Path) -> None:
         """Write the merged disk to a new sparse file at `path`, atomically.
@@ -426,6 +438,7 @@ class Overlay:
             _pwrite_all(self._data_fd, view if len(parts) == 1 else b"".join(parts), offset - head)
         self._data_dirty = True
         if self._map.find(0, first, last + 1) != -1:
+            self._allocated = None
             self._map[first : last + 1] = b"\x01" * (last + 1 - first)
             self._dirty_pages.update(range(first // _MAP_PAGE, last // _MAP_PAGE + 1))
 
@@ -481,6 +494,7 @@ class Overlay:
                     _pwrite_all(self._map_fd, header.encode(), 0)
                     os.fsync(self._map_fd)
                 self._sequence, self._durable_blocks = header.sequence, header.blocks
+                self._allocated = None  # the map file may have grown
         except BaseException:
             with self._lock:
                 self._dirty_pages.update(pages)

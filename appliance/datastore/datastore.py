@@ -97,6 +97,7 @@ class Datastore:
         self._fds: dict[int, int] = {}
         self._disk_mtimes: dict[int, int] = {}
         self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
+        self._flat_attributes: dict[int, Attributes] = {}
         self._node_cache: dict[int, Node] = {}
         self._node_epoch = 0
         self._paused: set[str] = set()  # sessions the control plane is committing or removing
@@ -447,8 +448,13 @@ class Datastore:
         if inode not in self._flat_extents:  # known restore-point flat extents only: all in memory
             return None
         with self._lock:
-            node = self._node_cache.get(inode)
-        return None if node is None else self._attributes(node)
+            node = self._node_cache.get(inode)  # gone when the point was removed: the slow path says so
+        if node is None:
+            return None
+        attributes = self._flat_attributes.get(inode)
+        if attributes is None:  # a restore point never changes: its attributes are computed once
+            attributes = self._flat_attributes[inode] = self._attributes(node)
+        return attributes
 
     def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
         target = self._flat_extents.get(inode)
