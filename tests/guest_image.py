@@ -16,8 +16,9 @@ The disk (`GuestImage.disk`), MBR-partitioned:
 - The kernel is Debian's, taken from the `linux-image-<version>-amd64` package with
   `apt-get download` + `dpkg-deb -x` (nothing is installed). It and the initramfs are
   also kept beside the disk (`kernel`, `initrd`) for a direct -kernel boot.
-- The initramfs is busybox-static plus the modules the root needs (virtio_pci,
-  virtio_blk, ext4 and what `modprobe --show-depends` says they depend on). Its /init
+- The initramfs is busybox-static plus the modules the guest needs (virtio_pci,
+  virtio_blk, ext4 for the root, button and evdev for the power button, and what
+  `modprobe --show-depends` says they depend on). Its /init
   mounts the `root=` of the kernel command line (syslinux.cfg says /dev/vda2) and
   switches to it; Debian's stock initramfs would double the boot time.
 - The root is ext4 without a journal, so that what the guest synced is in place on the
@@ -27,7 +28,9 @@ The disk (`GuestImage.disk`), MBR-partitioned:
   and libraries a real OS reads while it boots), print BOOTED_MARKER, write
   /guest/started, append a line to /guest/progress and sync once a second for
   `appliance_guest_seconds=N` seconds (from the kernel command line), write
-  /guest/finished, print DONE_MARKER, power off.
+  /guest/finished, print DONE_MARKER, power off. Like a real OS it shuts down on the
+  ACPI power button (busybox acpid: print POWER_BUTTON_MARKER, sync, power off), so
+  `QemuGuest.power_off` ends it the polite way.
 - How long the guest runs is part of the disk (syslinux.cfg's APPEND line): `copy_disk`
   makes a copy with the seconds a test wants, rewriting that one file with mtools.
 
@@ -51,6 +54,7 @@ from tests.bench.ingest import stage_files
 
 BOOTED_MARKER = "APPLIANCE-GUEST: booted"
 DONE_MARKER = "APPLIANCE-GUEST: done"
+POWER_BUTTON_MARKER = "APPLIANCE-GUEST: power button"
 MIB = 1 << 20
 SECTOR = 512
 BOOT_OFFSET = MIB  # partition 1 starts at sector 2048, as partitioning tools align it
@@ -58,7 +62,8 @@ BOOT_MIB = 32  # kernel (~8 MB) + initramfs (~5 MB) with room for a larger kerne
 ROOT_OFFSET = BOOT_OFFSET + BOOT_MIB * MIB
 ROOT_MIB = 64
 ROOT_DEVICE = "/dev/vda2"
-ROOT_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+#: The root disk needs the first three; `button` and `evdev` let acpid see the ACPI power button.
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "ext4", "button", "evdev")
 SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
 DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE", "/var/tmp/appliance-test-cache"))
 #: mtools refuses images whose FAT geometry it finds odd unless told not to check.
@@ -90,6 +95,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t devtmpfs devtmpfs /dev
 seconds=$(sed -n 's/.*appliance_guest_seconds=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+acpid -f -l /dev/null -p /dev/null &
 if [ -d /payload ]; then
     find /payload -type f -exec cat {{}} + > /dev/null
 fi
@@ -109,6 +115,15 @@ echo "finished after $i seconds" > /guest/finished
 sync
 mount -o remount,ro /
 echo "{DONE_MARKER}"
+poweroff -f
+"""
+
+#: acpid runs this on the ACPI power button (QMP system_powerdown), as a real OS shuts down on it.
+POWER_BUTTON = f"""#!/bin/busybox sh
+export PATH=/bin
+echo "{POWER_BUTTON_MARKER}" > /dev/console
+sync
+mount -o remount,ro /
 poweroff -f
 """
 
@@ -180,8 +195,8 @@ def kernel_package() -> str:
 
 def _cache_key(package: str, payload_mib: int) -> str:
     versions = _run("dpkg-query", "-W", "-f=${Version}\n", "busybox-static", "syslinux", "syslinux-common")
-    inputs = "\n".join([package, versions, INITRAMFS_INIT, GUEST_INIT, SYSLINUX_CFG, kernel_append(),
-                        str(ROOT_MODULES), str((BOOT_OFFSET, BOOT_MIB, ROOT_MIB)), str(payload_mib)])
+    inputs = "\n".join([package, versions, INITRAMFS_INIT, GUEST_INIT, POWER_BUTTON, SYSLINUX_CFG, kernel_append(),
+                        str(GUEST_MODULES), str((BOOT_OFFSET, BOOT_MIB, ROOT_MIB)), str(payload_mib)])
     return hashlib.sha256(inputs.encode()).hexdigest()[:16]
 
 
@@ -257,7 +272,7 @@ def _write_boot_partition(disk: Path, kernel: Path, initrd: Path) -> None:
 def _module_files(tree: Path, version: str) -> list[Path]:
     """The .ko files to insmod, dependencies first, each once."""
     ordered: list[Path] = []
-    for module in ROOT_MODULES:
+    for module in GUEST_MODULES:
         listing = _run("modprobe", "-d", str(tree), "-S", version, "--show-depends", module)
         for line in listing.splitlines():
             fields = line.split()
@@ -295,6 +310,10 @@ def _write_root(root: Path, payload_mib: int, disk: Path, root_mib: int) -> None
     _busybox_tree(root)
     (root / "sbin" / "init").write_text(GUEST_INIT)
     (root / "sbin" / "init").chmod(0o755)
+    action = root / "etc" / "acpi" / "PWRF" / "00000080"  # busybox acpid's default action for PWRF
+    action.parent.mkdir(parents=True)
+    action.write_text(POWER_BUTTON)
+    action.chmod(0o755)
     if payload_mib:
         stage_files(root / "payload", payload_mib << 20)
     _run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "guest-root", "-E",

@@ -55,25 +55,34 @@ def guests() -> Iterator[list[QemuGuest]]:
         guest.power_off(timeout=1)
 
 
-def backed_up_session(tmp_path: Path, disk: Path) -> Path:
-    """A store holding `disk` as the latest point of VM, with session SESSION of it."""
+def backed_up(tmp_path: Path, disk: Path, vms: tuple[str, ...] = (VM,)) -> Path:
+    """A new store holding `disk` as the latest point of each of `vms`."""
     store = tmp_path / "store"
     run_cli("--store", str(store), "init", check=True)
-    run_cli("--store", str(store), "backup", "--vm", VM, str(disk), check=True)
+    for vm in vms:
+        run_cli("--store", str(store), "backup", "--vm", vm, str(disk), check=True)
+    return store
+
+
+def backed_up_session(tmp_path: Path, disk: Path) -> Path:
+    """A store holding `disk` as the latest point of VM, with session SESSION of it."""
+    store = backed_up(tmp_path, disk)
     run_cli("--store", str(store), "session", "create", "--vm", VM, "--point", "latest", "--name", SESSION,
             check=True)
     return store
 
 
-def exported_disk(store: Path, tmp_path: Path, name: str) -> Path:
+def exported_disk(store: Path, tmp_path: Path, name: str, session: str = SESSION) -> Path:
+    """Disk 0 of `session` as the guest left it (through the API while `serve` runs)."""
     output = tmp_path / name
-    run_cli("--store", str(store), "session", "export", SESSION, "--disk", "0", "--output", str(output), check=True)
+    run_cli("--store", str(store), "session", "export", session, "--disk", "0", "--output", str(output), check=True)
     return output
 
 
-def restored_disk(store: Path, tmp_path: Path) -> Path:
-    output = tmp_path / "restored.img"
-    run_cli("--store", str(store), "restore", "--vm", VM, "--point", "latest", "--disk", "0", "--output",
+def restored_disk(store: Path, tmp_path: Path, vm: str = VM) -> Path:
+    """Disk 0 of `vm`'s latest restore point, as a file (the restore point itself, never a session)."""
+    output = tmp_path / f"restored-{vm}.img"
+    run_cli("--store", str(store), "restore", "--vm", vm, "--point", "latest", "--disk", "0", "--output",
             str(output), check=True)
     return output
 
@@ -164,7 +173,9 @@ def test_a_guest_outlives_the_process_that_booted_it(guest_image: GuestImage, gu
     with pytest.raises(HypervisorError, match="guest.raw already exists"):
         guest.mirror_disks(taken)
     assert (taken / "guest.raw").read_bytes() == b"an operator's file"
-    assert guest.power_off(timeout=2) == "quit"  # busybox init ignores the ACPI power button
+    with guest.qmp() as qmp:
+        qmp.execute("stop")  # a paused guest cannot answer the ACPI power button: QMP quit ends it
+    assert guest.power_off(timeout=2) == "quit"
     assert not guest.is_running()
     assert guest.power_off() == "not running"
     guest.wait_exit(1)
