@@ -208,3 +208,17 @@ def test_recovery_group_boots_two_guests_in_order_and_tears_down(serving: Callab
         assert not guest.is_running() and BOOTED_MARKER in guest.console_text()
         assert api.client.get(f"/sessions/{session}").status_code == 404
     assert api.client.get("/instant-boots").json() == []
+
+
+def test_no_power_on_makes_the_session_and_stop_drops_it(serving: Callable[..., tuple[Api, str]]) -> None:
+    """Nothing to power off: stop must still drop the session (it used to fail: no guest.json)."""
+    api, _ = serving(0)
+    code, job = instant_boot(api, "g5", "--no-power-on")
+    assert code == 0, job
+    assert steps(job) == [("create session", "ok")]
+    assert job["result"]["disks"] == [session_disk_url("127.0.0.1", "g5", VM)]
+    stopped = cli(api, "stop", "g5", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert [(s["name"], s["verdict"], s["detail"]) for s in json.loads(stopped.stdout)["steps"]] == [
+        ("power off", "ok", "never powered on"), ("delete session", "ok", "")]
+    assert api.client.get("/sessions/g5").status_code == 404
