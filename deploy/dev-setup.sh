@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse3-dev pkg-config fio bindfs
       libnfs-utils rpcbind tshark systemd
       golang-go golang-github-vmware-govmomi-dev        # the vSphere tests build vcsim
-      qemu-system-x86 busybox-static kmod cpio iproute2)  # the QEMU boot tests build and boot a guest
+      qemu-system-x86 busybox-static kmod cpio iproute2   # the QEMU boot tests build and boot a guest
+      syslinux syslinux-common mtools dosfstools fdisk)    # ... from its own bootloader (no loop mounts)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -45,8 +45,9 @@ def nfs_write(server: Serve, session: str, offset: int, data: bytes) -> None:
     with_client(server.ports, write)
 
 
-def start_api(store: Path, *extra: str) -> Api:
-    server = Serve(store, *extra)
+def start_api(store: Path, *extra: str, portmap: bool = False) -> Api:
+    """`serve` with its API up; `portmap` as in `Serve` (QEMU's nfs:// driver needs it)."""
+    server = Serve(store, *extra, portmap=portmap)
     server.start()
     return Api(server)
 

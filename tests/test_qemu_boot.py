@@ -1,16 +1,18 @@
 """A real guest booted by QEMU from a backup over the appliance's NFS export, and the
 QMP client and guest lifecycle under it, against real QEMU processes (never mocks).
 
-The end-to-end tests run `appliance serve` and QEMU in a private network namespace
-(tests/netns.py): QEMU finds the server through the portmapper on port 111, which
-serve answers itself there, so other NFS servers on this machine cannot interfere.
+The guest boots from its disk's own bootloader (tests/guest_image.py), as a hypervisor
+boots a VM; one test boots the kernel given to QEMU instead. The end-to-end tests run
+`appliance serve` and QEMU in a private network namespace (tests/netns.py): QEMU finds
+the server through the portmapper on port 111, which serve answers itself there, so
+other NFS servers on this machine cannot interfere. The product's own path (the CLI,
+the API's jobs) is tested in tests/test_instant_boot_qemu.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +30,7 @@ from appliance.hypervisor import QemuGuest, boot_guest, connect_qmp, session_dis
 from appliance.hypervisor.accel import probe_accelerator
 from appliance.hypervisor.qemu import RECORD_NAME
 from tests.conftest import run_cli, sha256_of
-from tests.guest_image import BOOTED_MARKER, DONE_MARKER, GuestImage, build_guest
+from tests.guest_image import BOOTED_MARKER, DONE_MARKER, GuestImage, build_guest, guest_file, kernel_append
 from tests.netns import private_network
 from tests.test_nfs_serve import Serve
 
@@ -45,13 +47,6 @@ def guest_image() -> GuestImage:
 
 
 @pytest.fixture
-def guest_disk(guest_image: GuestImage, tmp_path: Path) -> Path:
-    disk = tmp_path / "guest.img"
-    shutil.copyfile(guest_image.disk, disk)
-    return disk
-
-
-@pytest.fixture
 def guests() -> Iterator[list[QemuGuest]]:
     """Guests a test boots; any still running at teardown are powered off."""
     booted: list[QemuGuest] = []
@@ -60,50 +55,46 @@ def guests() -> Iterator[list[QemuGuest]]:
         guest.power_off(timeout=1)
 
 
-def debugfs_cat(image: Path, path: str) -> str | None:
-    """A file of the guest's ext4 root, read without mounting; None if it does not exist."""
-    result = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True,
-                            timeout=60, check=True)
-    if "File not found" in result.stderr:
-        return None
-    assert "debugfs" in result.stderr and "error" not in result.stderr.lower(), result.stderr
-    return result.stdout
+def backed_up(tmp_path: Path, disk: Path, vms: tuple[str, ...] = (VM,)) -> Path:
+    """A new store holding `disk` as the latest point of each of `vms`."""
+    store = tmp_path / "store"
+    run_cli("--store", str(store), "init", check=True)
+    for vm in vms:
+        run_cli("--store", str(store), "backup", "--vm", vm, str(disk), check=True)
+    return store
 
 
 def backed_up_session(tmp_path: Path, disk: Path) -> Path:
     """A store holding `disk` as the latest point of VM, with session SESSION of it."""
-    store = tmp_path / "store"
-    run_cli("--store", str(store), "init", check=True)
-    run_cli("--store", str(store), "backup", "--vm", VM, str(disk), check=True)
+    store = backed_up(tmp_path, disk)
     run_cli("--store", str(store), "session", "create", "--vm", VM, "--point", "latest", "--name", SESSION,
             check=True)
     return store
 
 
-def exported_disk(store: Path, tmp_path: Path, name: str) -> Path:
+def exported_disk(store: Path, tmp_path: Path, name: str, session: str = SESSION) -> Path:
+    """Disk 0 of `session` as the guest left it (through the API while `serve` runs)."""
     output = tmp_path / name
-    run_cli("--store", str(store), "session", "export", SESSION, "--disk", "0", "--output", str(output), check=True)
+    run_cli("--store", str(store), "session", "export", session, "--disk", "0", "--output", str(output), check=True)
     return output
 
 
-def restored_disk(store: Path, tmp_path: Path) -> Path:
-    output = tmp_path / "restored.img"
-    run_cli("--store", str(store), "restore", "--vm", VM, "--point", "latest", "--disk", "0", "--output",
+def restored_disk(store: Path, tmp_path: Path, vm: str = VM) -> Path:
+    """Disk 0 of `vm`'s latest restore point, as a file (the restore point itself, never a session)."""
+    output = tmp_path / f"restored-{vm}.img"
+    run_cli("--store", str(store), "restore", "--vm", vm, "--point", "latest", "--disk", "0", "--output",
             str(output), check=True)
     return output
 
 
 @contextlib.contextmanager
-def booted_over_nfs(store: Path, guest_image: GuestImage, seconds: int, run_dir: Path,
-                    guests: list[QemuGuest]) -> Iterator[tuple[QemuGuest, Serve]]:
-    """Serve `store` and boot session SESSION's disk from it, both in a private network."""
+def booted_over_nfs(store: Path, run_dir: Path, guests: list[QemuGuest]) -> Iterator[tuple[QemuGuest, Serve]]:
+    """Serve `store` and boot session SESSION's disk from it (its bootloader), both in a private network."""
     with private_network():
         server = Serve(store, portmap=True)
         server.start()
         try:
-            guest = boot_guest(run_dir, [session_disk_url("127.0.0.1", SESSION, VM)], MEMORY_MIB,
-                               kernel=guest_image.kernel, initrd=guest_image.initrd,
-                               append=guest_image.append(seconds))
+            guest = boot_guest(run_dir, [session_disk_url("127.0.0.1", SESSION, VM)], MEMORY_MIB)
             guests.append(guest)
             yield guest, server
         finally:
@@ -113,30 +104,32 @@ def booted_over_nfs(store: Path, guest_image: GuestImage, seconds: int, run_dir:
 
 @pytest.mark.slow
 def test_guest_boots_from_its_backup_over_nfs_and_writes_only_into_the_session(
-        guest_image: GuestImage, guest_disk: Path, guests: list[QemuGuest], tmp_path: Path) -> None:
+        guest_image: GuestImage, guests: list[QemuGuest], tmp_path: Path) -> None:
+    guest_disk = guest_image.copy_disk(tmp_path / "guest.img")
     original = sha256_of(guest_disk)
     store = backed_up_session(tmp_path, guest_disk)
-    with booted_over_nfs(store, guest_image, 0, tmp_path / "run", guests) as (guest, _):
+    with booted_over_nfs(store, tmp_path / "run", guests) as (guest, _):
         guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
         guest.wait_for_console(DONE_MARKER, BOOT_TIMEOUT)
         guest.wait_exit(60)
     session_disk = exported_disk(store, tmp_path, "session.img")
-    started = debugfs_cat(session_disk, "/guest/started")
+    started = guest_file(session_disk, "/guest/started")
     assert started is not None and started.startswith("booted ")
-    assert debugfs_cat(session_disk, "/guest/finished") == "finished after 0 seconds\n"
+    assert guest_file(session_disk, "/guest/finished") == "finished after 0 seconds\n"
     point_disk = restored_disk(store, tmp_path)
     assert sha256_of(point_disk) == original
-    assert debugfs_cat(point_disk, "/guest/started") is None
+    assert guest_file(point_disk, "/guest/started") is None
 
 
 @pytest.mark.slow
-def test_mirror_moves_the_running_guest_off_nfs(guest_image: GuestImage, guest_disk: Path,
-                                                guests: list[QemuGuest], tmp_path: Path) -> None:
+def test_mirror_moves_the_running_guest_off_nfs(guest_image: GuestImage, guests: list[QemuGuest],
+                                                tmp_path: Path) -> None:
     """drive-mirror mid-run, then serve stops: the guest finishes on the local copy alone."""
+    guest_disk = guest_image.copy_disk(tmp_path / "guest.img", MIGRATE_RUN_SECONDS)
     original = sha256_of(guest_disk)
     store = backed_up_session(tmp_path, guest_disk)
     run_dir = tmp_path / "run"
-    with booted_over_nfs(store, guest_image, MIGRATE_RUN_SECONDS, run_dir, guests) as (guest, server):
+    with booted_over_nfs(store, run_dir, guests) as (guest, server):
         guest.wait_for_console("APPLIANCE-GUEST: progress 2", BOOT_TIMEOUT)
         (local,) = QemuGuest.load(run_dir).mirror_disks(tmp_path / "local")
         assert DONE_MARKER not in guest.console_text(), "the guest finished before the mirror did"
@@ -146,27 +139,26 @@ def test_mirror_moves_the_running_guest_off_nfs(guest_image: GuestImage, guest_d
         guest.wait_exit(60)
     assert QemuGuest.load(run_dir).record.disks == [str(local)]
     assert local.parent == (tmp_path / "local").resolve()
-    assert debugfs_cat(local, "/guest/finished") == f"finished after {MIGRATE_RUN_SECONDS} seconds\n"
-    assert debugfs_cat(local, "/guest/progress") == "".join(f"{i}\n" for i in range(1, MIGRATE_RUN_SECONDS + 1))
+    assert guest_file(local, "/guest/finished") == f"finished after {MIGRATE_RUN_SECONDS} seconds\n"
+    assert guest_file(local, "/guest/progress") == "".join(f"{i}\n" for i in range(1, MIGRATE_RUN_SECONDS + 1))
     session_disk = exported_disk(store, tmp_path, "session.img")
-    assert debugfs_cat(session_disk, "/guest/started") == debugfs_cat(local, "/guest/started")
-    assert debugfs_cat(session_disk, "/guest/finished") is None
-    progress = debugfs_cat(session_disk, "/guest/progress")
+    assert guest_file(session_disk, "/guest/started") == guest_file(local, "/guest/started")
+    assert guest_file(session_disk, "/guest/finished") is None
+    progress = guest_file(session_disk, "/guest/progress")
     assert progress is not None and 2 <= len(progress.splitlines()) < MIGRATE_RUN_SECONDS
     assert sha256_of(restored_disk(store, tmp_path)) == original
 
 
 @pytest.mark.slow
-def test_a_guest_outlives_the_process_that_booted_it(guest_image: GuestImage, guest_disk: Path,
-                                                     guests: list[QemuGuest], tmp_path: Path) -> None:
+def test_a_guest_outlives_the_process_that_booted_it(guest_image: GuestImage, guests: list[QemuGuest],
+                                                     tmp_path: Path) -> None:
     """Boot from a child process that exits; this process finds the guest by its run directory."""
+    guest_disk = guest_image.copy_disk(tmp_path / "guest.img", 600)
     run_dir = tmp_path / "run"
     script = textwrap.dedent(f"""
         from pathlib import Path
         from appliance.hypervisor import boot_guest
-        boot_guest(Path({str(run_dir)!r}), [Path({str(guest_disk)!r})], {MEMORY_MIB},
-                   kernel=Path({str(guest_image.kernel)!r}), initrd=Path({str(guest_image.initrd)!r}),
-                   append={guest_image.append(600)!r})
+        boot_guest(Path({str(run_dir)!r}), [Path({str(guest_disk)!r})], {MEMORY_MIB})
     """)
     subprocess.run([sys.executable, "-c", script], timeout=BOOT_TIMEOUT, check=True)
     guest = QemuGuest.load(run_dir)
@@ -181,7 +173,9 @@ def test_a_guest_outlives_the_process_that_booted_it(guest_image: GuestImage, gu
     with pytest.raises(HypervisorError, match="guest.raw already exists"):
         guest.mirror_disks(taken)
     assert (taken / "guest.raw").read_bytes() == b"an operator's file"
-    assert guest.power_off(timeout=2) == "quit"  # busybox init ignores the ACPI power button
+    with guest.qmp() as qmp:
+        qmp.execute("stop")  # a paused guest cannot answer the ACPI power button: QMP quit ends it
+    assert guest.power_off(timeout=2) == "quit"
     assert not guest.is_running()
     assert guest.power_off() == "not running"
     guest.wait_exit(1)
@@ -200,11 +194,10 @@ def full_directory(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_a_failed_mirror_leaves_the_guest_on_its_disks(guest_image: GuestImage, guest_disk: Path,
-                                                       guests: list[QemuGuest], tmp_path: Path,
-                                                       full_directory: Path) -> None:
-    guest = boot_guest(tmp_path / "run", [guest_disk], MEMORY_MIB, kernel=guest_image.kernel,
-                       initrd=guest_image.initrd, append=guest_image.append(600))
+def test_a_failed_mirror_leaves_the_guest_on_its_disks(guest_image: GuestImage, guests: list[QemuGuest],
+                                                       tmp_path: Path, full_directory: Path) -> None:
+    guest_disk = guest_image.copy_disk(tmp_path / "guest.img", 600)
+    guest = boot_guest(tmp_path / "run", [guest_disk], MEMORY_MIB)
     guests.append(guest)
     guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
     with pytest.raises(HypervisorError, match="mirror-disk0 .* ended with BLOCK_JOB_COMPLETED: No space left"):
@@ -215,6 +208,23 @@ def test_a_failed_mirror_leaves_the_guest_on_its_disks(guest_image: GuestImage, 
     with guest.qmp() as qmp:
         assert [device["inserted"]["file"] for device in qmp.execute("query-block")] == [str(guest_disk)]
         assert qmp.execute("query-block-jobs") == []
+
+
+@pytest.mark.slow
+def test_a_kernel_given_to_qemu_boots_instead_of_the_disks_bootloader(guest_image: GuestImage,
+                                                                     guests: list[QemuGuest], tmp_path: Path) -> None:
+    """`boot_guest(kernel=...)`: QEMU's -kernel/-initrd/-append win over the disk's syslinux.cfg.
+
+    The disk's own configuration runs the guest 0 seconds; the command line given here says 1.
+    """
+    guest_disk = guest_image.copy_disk(tmp_path / "guest.img")
+    guest = boot_guest(tmp_path / "run", [guest_disk], MEMORY_MIB, kernel=guest_image.kernel,
+                       initrd=guest_image.initrd, append=kernel_append(1))
+    guests.append(guest)
+    guest.wait_for_console(DONE_MARKER, BOOT_TIMEOUT)
+    guest.wait_exit(60)
+    assert "Loading /vmlinuz" not in guest.console_text()  # syslinux never ran
+    assert guest_file(guest_disk, "/guest/finished") == "finished after 1 seconds\n"
 
 
 def test_boot_fails_with_qemus_message_for_a_missing_disk(tmp_path: Path) -> None:

@@ -82,8 +82,9 @@ class QemuTarget:
         return {"disks": [str(path) for path in copies]}
 
     def stop(self, job: Job, record: BootRecord) -> None:
+        """Power the guest off; a boot with --no-power-on started none (its details hold no pid)."""
         with job.step("power off", target="qemu") as step:
-            step.detail = self._power_off(self._guest(record))
+            step.detail = self._power_off(self._guest(record)) if "pid" in record.details else "never powered on"
         job.note("vm.powered_off", session=record.session, vm=record.vm, target="qemu")
 
     @staticmethod
