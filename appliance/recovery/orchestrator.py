@@ -54,9 +54,9 @@ class UndoStack:
 
     def __init__(self, job: Job) -> None:
         self._job = job
-        self._actions: list[tuple[str, Callable[[], None]]] = []
+        self._actions: list[tuple[str, Callable[[], object]]] = []
 
-    def push(self, description: str, action: Callable[[], None]) -> None:
+    def push(self, description: str, action: Callable[[], object]) -> None:
         self._actions.append((description, action))
 
     def unwind(self) -> None:

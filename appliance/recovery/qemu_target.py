@@ -20,9 +20,8 @@ from appliance.hypervisor.disk_urls import session_disk_url
 from appliance.hypervisor.qemu import QemuGuest, boot_guest
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, UndoStack
-from appliance.verification import Verification
 from appliance.recovery.records import BootRecord
-from appliance.verification import run_until_success
+from appliance.verification import Verification, run_until_success
 
 #: Seconds a guest gets to shut down on the ACPI power button before QEMU is told to quit.
 POWER_OFF_SECONDS = 30.0
