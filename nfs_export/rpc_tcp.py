@@ -172,7 +172,10 @@ async def _read_calls(dispatcher: RpcDispatcher, reader: RecordReader, client: s
     """
     try:
         while True:
-            await slots.acquire()
+            try:
+                slots.acquire_nowait()  # no scheduler round trip per call while slots are free
+            except trio.WouldBlock:
+                await slots.acquire()
             record = await reader.read_record()
             if record is None:
                 return
