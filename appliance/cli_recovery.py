@@ -14,16 +14,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.api.client import ApiClient
 from appliance.errors import ApplianceError, UsageError
+
+if TYPE_CHECKING:
+    from appliance.api.client import ApiClient
 
 Handler = Callable[[argparse.Namespace], int]
 Command = Callable[[str, Handler, str], argparse.ArgumentParser]
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    from appliance.api.client import ApiClient  # httpx: imported by the commands that talk to a server
+
     if not args.store:
         raise UsageError("no store given: pass --store DIR or set APPLIANCE_STORE")
     client = ApiClient.for_store(Path(args.store))

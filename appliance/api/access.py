@@ -19,6 +19,8 @@ from pathlib import Path
 from appliance.durable import fsync_directory
 from appliance.errors import ConfigError
 
+#: Where every resource of the API lives (`appliance.api.app` serves it, the client calls it).
+PREFIX = "/api/v1"
 TOKEN_NAME = "api.token"
 RUNTIME_NAME = "serve.json"
 TOKEN_BYTES = 32

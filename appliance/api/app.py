@@ -26,13 +26,13 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import errors
+from appliance.api.access import PREFIX
 from appliance.control import Control, session_doc
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, Recovery
 from appliance.recovery.plan import plan_from_table
 from appliance.verification import parse_verification
 
-PREFIX = "/api/v1"
 VERSION = "0.1.0"
 
 #: Appliance errors -> HTTP status, first match wins (subclasses before their bases).

@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 
 from appliance import errors
-from appliance.api.access import RuntimeInfo, load_token, read_runtime
-from appliance.api.app import PREFIX
+from appliance.api.access import PREFIX, RuntimeInfo, load_token, read_runtime
 
 #: Generous: a commit of a large session answers only when it is stored.
 REQUEST_TIMEOUT_SECONDS = 3600.0
