@@ -24,7 +24,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from overlay import mapfile
 from overlay.errors import OverlayError
@@ -196,6 +196,39 @@ class Overlay:
         for low, chunk in parts:
             merged[low - offset : low - offset + len(chunk)] = chunk
         return bytes(merged)
+
+    def read_nowait(self, offset: int, length: int, cached_read: Callable[[int, int], bytes | None]) -> bytes | None:
+        """`read`, for an event loop: the merged bytes when they are all in memory, else None.
+
+        Overlay blocks are read with RWF_NOWAIT (only from the page cache) and base bytes
+        with `cached_read` (the decompressed-chunk cache); anything else, or a writer
+        holding the lock, and the caller reads the ordinary way in a worker thread.
+        """
+        if length <= 0 or offset < 0 or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            end = min(offset + length, self._size)
+            if self._closed or end <= offset:
+                return None
+            block, limit = self._block, self._base_limit
+            merged = bytearray(end - offset)  # what no part covers reads as zeros
+            for first, stop, in_overlay in self._runs(offset // block, (end - 1) // block + 1):
+                low, high = max(offset, first * block), min(end, stop * block)
+                view = memoryview(merged)[low - offset : high - offset]
+                if in_overlay:
+                    try:
+                        if os.preadv(self._data_fd, [view], low, os.RWF_NOWAIT) != high - low:
+                            return None
+                    except OSError:  # EAGAIN: not in the page cache (or any error: the slow path reports it)
+                        return None
+                elif low < limit:
+                    data = cached_read(low, min(high, limit) - low)
+                    if data is None:
+                        return None
+                    view[: len(data)] = data
+            return bytes(merged)
+        finally:
+            self._lock.release()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write `data` at `offset`, growing the disk if it ends past `size`.

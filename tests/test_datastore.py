@@ -207,3 +207,21 @@ def test_commit_and_delete_refuse_while_served(store: Store, datastore: Datastor
     assert names(datastore, "/sessions") == []
     with pytest.raises(NotFound):
         sessions.get_session(datastore.namespace, "s1")
+
+
+def test_session_disk_reads_from_memory_match_the_ordinary_path(datastore: Datastore) -> None:
+    make_session(datastore)
+    flat = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    assert datastore.read_nowait(flat, 0, 4096) is None  # no chunk in memory yet: the ordinary path first
+    expected = datastore.read(flat, 70_000, 200_000)  # opens the overlay, loads the chunks
+    assert datastore.read_nowait(flat, 70_000, 200_000) == expected
+    datastore.write(flat, 100_000, b"changed")
+    merged = datastore.read(flat, 70_000, 200_000)
+    assert merged[30_000:30_007] == b"changed"
+    assert datastore.read_nowait(flat, 70_000, 200_000) == merged  # overlay block from the page cache
+    assert datastore.getattr_nowait(flat) == datastore.getattr(flat)
+    with datastore.session_paused("s1"):  # the overlay is closed: nothing from memory
+        assert datastore.read_nowait(flat, 70_000, 200_000) is None
+    sessions.remove_released_session(datastore.store, datastore.namespace, "s1")
+    datastore._changed()
+    assert datastore.getattr_nowait(flat) is None

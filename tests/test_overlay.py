@@ -492,3 +492,27 @@ def test_create_and_open_refuse_what_is_not_theirs(tmp_path: Path) -> None:
     with pytest.raises(OverlayError, match="offset -1"):
         reopened.write(-1, b"x")
     reopened.close()
+
+
+def test_read_nowait_answers_from_memory_only(tmp_path: Path) -> None:
+    data = os.urandom(4 * BLOCK)
+    _, overlay = make_overlay(tmp_path, BytesBase(data))
+    asked: list[tuple[int, int]] = []
+
+    def cached(offset: int, length: int) -> bytes | None:
+        asked.append((offset, length))
+        return data[offset : offset + length]
+
+    assert overlay.read_nowait(100, 5000, cached) == data[100:5100]
+    overlay.write(2 * BLOCK + 10, b"xyz")  # the block is the overlay's now, and in the page cache
+    merged = data[: 2 * BLOCK + 10] + b"xyz" + data[2 * BLOCK + 13 :]
+    assert overlay.read_nowait(BLOCK + 5, 2 * BLOCK, cached) == merged[BLOCK + 5 : 3 * BLOCK + 5]
+    assert overlay.read_nowait(3 * BLOCK, BLOCK, lambda offset, length: None) is None  # base not in memory
+    assert overlay.read_nowait(4 * BLOCK, 10, cached) is None  # at the end: the ordinary read answers
+    with overlay._lock:  # a writer holds the lock: the loop does not wait for it
+        assert overlay.read_nowait(0, 10, cached) is None
+    overlay.truncate(BLOCK // 2)
+    assert overlay.read_nowait(0, BLOCK, cached) == data[: BLOCK // 2]
+    assert asked == [(100, 5000), (BLOCK + 5, BLOCK - 5), (3 * BLOCK, 5), (0, BLOCK // 2)]
+    overlay.close()
+    assert overlay.read_nowait(0, 10, cached) is None

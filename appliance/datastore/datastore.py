@@ -98,6 +98,7 @@ class Datastore:
         self._disk_mtimes: dict[int, int] = {}
         self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
         self._flat_attributes: dict[int, Attributes] = {}
+        self._session_disks: dict[int, tuple[str, int]] = {}  # session flat inode -> its base (point, disk)
         self._node_cache: dict[int, Node] = {}
         self._node_epoch = 0
         self._paused: set[str] = set()  # sessions the control plane is committing or removing
@@ -277,6 +278,7 @@ class Datastore:
             disk = int(node.ref["disk"])  # type: ignore[call-overload]
             base = self.read_path.disk(info_point, disk)
             overlay = Overlay.open(overlay_path(self.store, session.inode, disk), base)
+            self._session_disks[node.inode] = (info_point.id, disk)
             with self._lock:
                 existing = self._overlays.setdefault(node.inode, overlay)
             if existing is not overlay:
@@ -445,12 +447,16 @@ class Datastore:
         return data
 
     def getattr_nowait(self, inode: int) -> Attributes | None:
-        if inode not in self._flat_extents:  # known restore-point flat extents only: all in memory
+        """Attributes from memory alone: restore-point flat extents, and session disks already open."""
+        flat = inode in self._flat_extents
+        if not flat and inode not in self._overlays:
             return None
         with self._lock:
-            node = self._node_cache.get(inode)  # gone when the point was removed: the slow path says so
+            node = self._node_cache.get(inode)  # gone when the point or session was removed: the slow path says so
         if node is None:
             return None
+        if not flat:
+            return self._attributes(node)
         attributes = self._flat_attributes.get(inode)
         if attributes is None:  # a restore point never changes: its attributes are computed once
             attributes = self._flat_attributes[inode] = self._attributes(node)
@@ -458,10 +464,19 @@ class Datastore:
 
     def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
         target = self._flat_extents.get(inode)
-        if target is None:
+        if target is not None:
+            reader = self.read_path.opened_disk(*target)
+            return None if reader is None else reader.read_cached(offset, length)
+        base = self._session_disks.get(inode)
+        overlay = self._overlays.get(inode)
+        session = self._session_names.get(inode)  # known once the slow path has read or written it
+        if base is None or overlay is None or (session is None and self._session_io is not None):
             return None
-        reader = self.read_path.opened_disk(*target)
-        return None if reader is None else reader.read_cached(offset, length)
+        reader = self.read_path.opened_disk(*base)
+        data = None if reader is None else overlay.read_nowait(offset, length, reader.read_cached)
+        if data is not None and self._session_io is not None and session is not None:
+            self._session_io.session_read(session, len(data))
+        return data
 
     def write(self, inode: int, offset: int, data: bytes) -> int:
         node = self._writable(inode)
