@@ -225,3 +225,35 @@ def test_session_disk_reads_from_memory_match_the_ordinary_path(datastore: Datas
     sessions.remove_released_session(datastore.store, datastore.namespace, "s1")
     datastore._changed()
     assert datastore.getattr_nowait(flat) is None
+
+
+BACKED_UP_VMX = b""".encoding = "UTF-8"
+displayName = "web-prod"
+nvram = "web-prod.nvram"
+scsi0.present = "TRUE"
+scsi0:1.present = "TRUE"
+scsi0:1.fileName = "/vmfs/volumes/ds2/web-prod/web-prod_2.vmdk"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "web-prod.vmdk"
+sata0:0.present = "TRUE"
+sata0:0.fileName = "web-prod_3.vmdk"
+ide1:0.fileName = "debian.iso"
+ethernet0.networkName = "VM Network"
+"""
+
+
+def test_session_vmx_names_the_sessions_disks(datastore: Datastore, store: Store, tmp_path: Path) -> None:
+    image = write_image(tmp_path / "d.img", 1 << 20, seed=3)
+    vmx = tmp_path / "web-prod.vmx"
+    vmx.write_bytes(BACKED_UP_VMX)
+    point = backup(store, "web", [image, image], config_files={".vmx": vmx})
+    make_session(datastore)
+    text = datastore.read(path_inode(datastore, "/sessions/s1/web.vmx"), 0, 1 << 16).decode()
+    lines = text.splitlines()
+    assert 'scsi0:0.fileName = "web.vmdk"' in lines  # device order: scsi0:0, scsi0:1, then sata0:0
+    assert 'scsi0:1.fileName = "web_1.vmdk"' in lines
+    assert 'sata0:0.present = "FALSE"' in lines and 'sata0:0.fileName = "web-prod_3.vmdk"' in lines
+    assert 'nvram = "web.nvram"' in lines and 'ide1:0.fileName = "debian.iso"' in lines
+    assert 'ethernet0.networkName = "VM Network"' in lines and 'displayName = "web-prod"' in lines
+    point_vmx = datastore.read(path_inode(datastore, f"/restore-points/web/{point.id}/web.vmx"), 0, 1 << 16)
+    assert point_vmx == BACKED_UP_VMX  # the restore point shows the backup as it was

@@ -40,7 +40,7 @@ from appliance.datastore.layout import (
 )
 from appliance.datastore.namespace import Namespace
 from appliance.datastore.vfs import Kind
-from appliance.datastore.vmdk_files import descriptor_text, minimal_vmx
+from appliance.datastore.vmdk_files import descriptor_text, minimal_vmx, session_vmx
 from appliance.durable import write_durably
 from appliance.errors import AlreadyExists, NotFound, SessionBusy
 from appliance.names import check_name
@@ -106,7 +106,10 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
         area = area_of(store, directory.inode)
         (area / "files").mkdir(parents=True)
         (area / "disks").mkdir()
+        disk_names = [disk.name for disk in point.disks]
         for file_name, content in point_files(store, txn, point).items():
+            if file_name.endswith(".vmx"):
+                content = session_vmx(content, point.vm, disk_names)
             node = namespace.add(txn, directory.inode, file_name, Kind.FILE, "scratch", FILE_MODE,
                                  ref={"session": name})
             write_durably(scratch_path(store, directory.inode, node.inode), content)

@@ -8,6 +8,7 @@ from the restore point and disk, so a descriptor reads the same after every rest
 from __future__ import annotations
 
 import hashlib
+import re
 
 SECTOR = 512
 
@@ -65,3 +66,39 @@ def minimal_vmx(vm: str, disk_names: list[str]) -> bytes:
         slot = unit if unit < 7 else unit + 1  # unit 7 is the SCSI controller itself
         lines += [f'scsi0:{slot}.present = "TRUE"', f'scsi0:{slot}.fileName = "{name}.vmdk"']
     return ("\n".join(lines) + "\n").encode()
+
+
+#: `scsi0:1.fileName = "web_1.vmdk"` and the like: a virtual disk of the .vmx.
+_DISK_LINE = re.compile(r'^(?P<key>(?P<bus>scsi|sata|ide|nvme)(?P<controller>\d+):(?P<unit>\d+))\.fileName'
+                        r'\s*=\s*"(?P<value>[^"]*\.vmdk)"\s*$', re.IGNORECASE)
+#: Device order across buses: SCSI first, as vSphere lists a VM's disks (and backups follow it).
+_BUS_ORDER = {"scsi": 0, "sata": 1, "nvme": 2, "ide": 3}
+_NVRAM_LINE = re.compile(r'^nvram\s*=\s*"[^"]*"\s*$', re.IGNORECASE)
+
+
+def session_vmx(vmx: bytes, vm: str, disk_names: list[str]) -> bytes:
+    """A backed-up .vmx made to name the session's files.
+
+    The original names its disks as they were on the source datastore (other names,
+    other folders, absolute /vmfs paths); the session holds them as `<name>.vmdk` in
+    its own folder, in backup order. The disk entries, taken in device order (bus,
+    controller, unit, SCSI first: the order backups list disks in), are pointed at those; entries
+    past the backed-up disks are marked not present, so ESXi boots without them rather
+    than refusing the VM. The nvram entry names `<vm>.nvram`. Every other line is kept.
+    """
+    lines = vmx.decode("utf-8", "surrogateescape").splitlines()
+    disks = sorted(((_BUS_ORDER[m.group("bus").lower()], int(m.group("controller")), int(m.group("unit"))), index, m)
+                   for index, line in enumerate(lines) if (m := _DISK_LINE.match(line.strip())))
+    missing: set[str] = set()
+    for order, (_, index, match) in enumerate(disks):
+        if order < len(disk_names):
+            lines[index] = f'{match.group("key")}.fileName = "{disk_names[order]}.vmdk"'
+        else:
+            missing.add(match.group("key").lower())
+    for index, line in enumerate(lines):
+        key, _, _ = line.strip().partition(".present")
+        if key.lower() in missing and line.strip().lower().startswith(f"{key.lower()}.present"):
+            lines[index] = f'{key}.present = "FALSE"'
+        elif _NVRAM_LINE.match(line.strip()):
+            lines[index] = f'nvram = "{vm}.nvram"'
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
