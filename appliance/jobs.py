@@ -83,7 +83,7 @@ class Job:
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     _changed: Callable[[Job], None] = field(default=lambda job: None, repr=False, compare=False)
 
-    def note(self, name: str, /, level: int = logging.INFO, **fields: object) -> None:
+    def note(self, name: str, level: int = logging.INFO, /, **fields: object) -> None:
         """Log an operator-visible event and keep its line in the job's own log."""
         self.log.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event(name, level, job=self.id, **fields)}")
         self._changed(self)
@@ -103,7 +103,7 @@ class Job:
             raise
         except BaseException as exc:
             record.verdict, record.finished, record.detail = "failed", time.time(), str(exc)
-            self.note("job.step.failed", level=logging.WARNING, step=name, reason=str(exc))
+            self.note("job.step.failed", logging.WARNING, step=name, reason=str(exc))
             raise
         record.verdict, record.finished = "ok", time.time()
         self.note("job.step.ok", step=name, seconds=record.seconds, detail=record.detail or None)
@@ -209,7 +209,7 @@ class JobRunner:
         finally:
             done.set()
         job.finished = time.time()
-        job.note("job.finished", level=logging.INFO if job.state is JobState.SUCCEEDED else logging.WARNING,
+        job.note("job.finished", logging.INFO if job.state is JobState.SUCCEEDED else logging.WARNING,
                  kind=job.kind, state=job.state.value, seconds=round(job.finished - job.started, 3),
                  reason=job.error)
 
@@ -229,9 +229,6 @@ class JobRunner:
             raise NotFound(f"unknown job {job_id!r}")
         return job
 
-    def list(self) -> list[Job]:
+    def all(self) -> list[Job]:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda job: job.created)
-
-    def running(self, kind: str) -> list[Job]:
-        return [job for job in self.list() if job.kind == kind and job.state not in FINISHED]

@@ -144,7 +144,7 @@ class _JobsCollector:
         self._jobs = jobs
 
     def collect(self) -> Iterator[Metric]:
-        counts = collections.Counter((job.kind, job.state.value) for job in self._jobs.list())
+        counts = collections.Counter((job.kind, job.state.value) for job in self._jobs.all())
         family = GaugeMetricFamily("appliance_jobs", "Jobs this appliance ran or runs (the last few hundred), "
                                    "by kind and state.", labels=["kind", "state"])
         for (kind, state), count in sorted(counts.items()):

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -142,7 +142,8 @@ async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
     store_path = recovery.control.store.path
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await hypercorn_serve(build_app(recovery.control, token, recovery), config, task_status=task_status)
+        app = cast(Any, build_app(recovery.control, token, recovery))  # hypercorn types ASGI apps its own way
+        await hypercorn_serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(run)

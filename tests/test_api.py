@@ -234,3 +234,13 @@ def test_boots_migrations_and_stops_of_unknown_sessions_are_refused(api: Api) ->
                                                                 'after=["a"]\n', "source": "p.toml"})
     assert cyclic.status_code == 400 and "cycle" in cyclic.json()["message"]
     assert api.client.get("/jobs").json() == []
+
+
+def test_the_stores_own_token_must_be_private_too(store: Path) -> None:
+    token = store / "api.token"
+    token.write_text("y" * 40)
+    os.chmod(token, 0o644)
+    result = run_cli("--store", str(store), "serve", "--no-portmap", "--nfs-port", "0", "--mount-port", "0",
+                     "--no-metrics", "--api-port", "0", timeout=60)
+    assert result.returncode == 2 and f"{token}: the API token is readable by others" in result.stderr
+    assert "Traceback" not in result.stderr

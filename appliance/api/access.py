@@ -48,11 +48,11 @@ def load_token(path: Path, create: bool = False) -> str:
         mode = path.stat().st_mode
         token = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read the API token {path}: {exc.strerror}") from None
+        raise ConfigError(str(path), f"cannot read the API token: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"API token {path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+        raise ConfigError(str(path), f"the API token is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
     if len(token) < 16:
-        raise ConfigError(f"API token {path} holds {len(token)} characters; at least 16 are required")
+        raise ConfigError(str(path), f"the API token holds {len(token)} characters; at least 16 are required")
     return token
 
 

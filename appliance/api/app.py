@@ -155,7 +155,7 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
         return {"version": VERSION, "pid": os.getpid(), "started": started,
                 "uptime_seconds": round(time.time() - started, 3),
                 "sessions": len(control.list_sessions()), "limits": asdict(control.limits),
-                "jobs_running": sum(1 for job in control.jobs.list() if job.finished is None)}
+                "jobs_running": sum(1 for job in control.jobs.all() if job.finished is None)}
 
     @app.get(f"{PREFIX}/vms")
     def vms() -> list[dict[str, Any]]:
@@ -204,7 +204,7 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
 
     @app.get(f"{PREFIX}/jobs")
     def list_jobs() -> list[dict[str, Any]]:
-        return [job_doc(job) for job in control.jobs.list()]
+        return [job_doc(job) for job in control.jobs.all()]
 
     @app.get(f"{PREFIX}/jobs/{{job_id}}")
     def get_job(job_id: str) -> dict[str, Any]:
