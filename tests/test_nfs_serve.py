@@ -47,26 +47,37 @@ class Serve:
     def __init__(self, store: Path, *extra: str, portmap: bool = False) -> None:
         self.store, self.extra = store, extra
         self.portmap = portmap
+        self.process: subprocess.Popen[bytes] | None = None
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.ports = NfsService(free_port(), free_port(), ())
         self.metrics_port = free_port()
         self.api_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = store.parent / f"serve-{self.api_port}.log"
+        self.log_path = self.store.parent / f"serve-{self.api_port}.log"
 
     def log_text(self) -> str:
         """What serve wrote to stderr (a file: a pipe nobody reads would fill and block it)."""
         return self.log_path.read_text()
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = self._spawn(log)
-        deadline = time.monotonic() + 30
-        ports = [self.ports.nfs_port, self.ports.mount_port, self.api_port, *([PMAP_PORT] if self.portmap else [])]
-        while not all(map(accepting, ports)):
-            if self.process.poll() is not None:
+        """Start and wait until it listens; new ports if another process took one meanwhile."""
+        for _ in range(3):
+            with self.log_path.open("ab") as log:
+                self.process = self._spawn(log)
+            deadline = time.monotonic() + 30
+            ports = [self.ports.nfs_port, self.ports.mount_port, self.api_port, *([PMAP_PORT] if self.portmap else [])]
+            while not all(map(accepting, ports)):
+                if self.process.poll() is not None:
+                    break
+                assert time.monotonic() < deadline, "serve did not start listening"
+                time.sleep(0.05)
+            else:
+                return
+            if "address already in use" not in self.log_text().lower():
                 raise AssertionError(f"serve exited: {self.log_text()}")
-            assert time.monotonic() < deadline, "serve did not start listening"
-            time.sleep(0.05)
+            self._pick_ports()
+        raise AssertionError(f"serve found no free ports: {self.log_text()}")
 
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
