@@ -2,8 +2,8 @@
 
 Plain synchronous functions, one step each, every one with an explicit timeout and a
 documented undo, raising only `appliance.errors` classes; the instant-boot
-orchestration composes them in a worker thread. Modules: `settings` (the `[vsphere]`
-table), `client` (session, lookups, tasks), `datastores` (mount/unmount), `machines`
+orchestration composes them in a worker thread. Modules: `settings` (a configured
+connection plus where ESXi mounts the export), `client` (session, lookups, tasks), `datastores` (mount/unmount), `machines`
 (register, identity, NICs, power, Storage vMotion), `verify` (tools/ip/script) and
 `inventory` (discovery).
 """

@@ -51,7 +51,7 @@ class VsphereSettings(VsphereLogin):
 
 
 def from_mapping(table: Mapping[str, Any], source_name: str) -> VsphereSettings:
-    """Validate the `[vsphere]` table; `source_name` (the file) starts every refusal."""
+    """Validate one table of these keys; `source_name` (the file) starts every refusal."""
     try:
         settings: VsphereSettings = section(VsphereSettings)(dict(table))
     except Invalid as exc:
