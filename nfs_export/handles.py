@@ -15,6 +15,7 @@ VFS).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import struct
@@ -38,7 +39,7 @@ class FileHandle:
     generation: int
 
 
-#: Checked handles remembered by `HandleCodec.decode` (then forgotten all at once).
+#: Checked handles `HandleCodec.decode` remembers (the most recently used).
 OPENED_LIMIT = 4096
 
 
@@ -49,7 +50,7 @@ class HandleCodec:
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"a handle secret needs at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
         self._secret = bytes(secret[:64])  # BLAKE2b keys are at most 64 bytes
-        self._opened: dict[bytes, FileHandle] = {}
+        self._open_known = functools.lru_cache(maxsize=OPENED_LIMIT)(self._open)
 
     def _check(self, body: bytes) -> bytes:
         return hashlib.blake2b(body, digest_size=CHECK_BYTES, key=self._secret).digest()
@@ -64,15 +65,7 @@ class HandleCodec:
         Handles that passed the check are remembered (a client repeats the same few with
         every call), so the keyed hash runs once per handle, not once per call.
         """
-        raw = bytes(raw)
-        known = self._opened.get(raw)
-        if known is not None:
-            return known
-        handle = self._open(raw)
-        if len(self._opened) >= OPENED_LIMIT:
-            self._opened.clear()
-        self._opened[raw] = handle
-        return handle
+        return self._open_known(bytes(raw))
 
     def _open(self, raw: bytes) -> FileHandle:
         if len(raw) != HANDLE_SIZE:

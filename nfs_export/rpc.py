@@ -17,6 +17,7 @@ with its latency: that is how metrics reach this package without it importing th
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -228,32 +229,19 @@ class _AuthError(Exception):
         self.stat = stat
 
 
-class _CredentialCache:
-    """Decoded AUTH_SYS credentials by their bytes: a client sends the same one with every call."""
-
-    LIMIT = 1024
-
-    def __init__(self) -> None:
-        self._known: dict[bytes, Credential] = {}
-
-    def decode(self, decoder: Decoder) -> Credential:
-        flavor = decoder.uint32()
-        body = decoder.opaque_view(MAX_AUTH_BYTES)
-        if flavor == AuthFlavor.AUTH_NONE:
-            return _NOBODY
-        if flavor != AuthFlavor.AUTH_SYS:
-            raise _AuthError(AuthStat.AUTH_BADCRED)
-        key = body.tobytes()
-        credential = self._known.get(key)
-        if credential is None:
-            credential = _auth_sys(body)
-            if len(self._known) >= self.LIMIT:
-                self._known.clear()  # many clients or changing stamps: start over rather than grow
-            self._known[key] = credential
-        return credential
+def _decode_credential(decoder: Decoder) -> Credential:
+    flavor = decoder.uint32()
+    body = decoder.opaque_view(MAX_AUTH_BYTES)
+    if flavor == AuthFlavor.AUTH_NONE:
+        return _NOBODY
+    if flavor != AuthFlavor.AUTH_SYS:
+        raise _AuthError(AuthStat.AUTH_BADCRED)
+    return _auth_sys(body.tobytes())
 
 
-def _auth_sys(body: memoryview) -> Credential:
+#: A client sends the same AUTH_SYS body with every call: each is decoded once.
+@functools.lru_cache(maxsize=1024)
+def _auth_sys(body: bytes) -> Credential:
     fields = Decoder(body)
     try:
         stamp = fields.uint32()
@@ -290,7 +278,6 @@ class RpcDispatcher:
     _table: dict[tuple[int, int], Program] = field(init=False)
     _versions: dict[int, tuple[int, int]] = field(init=False)
     _counters: _Counters = field(init=False, default_factory=_Counters)
-    _credentials: _CredentialCache = field(init=False, default_factory=_CredentialCache)
 
     def __post_init__(self) -> None:
         self._table = {(p.number, p.version): p for p in self.programs}
@@ -364,7 +351,7 @@ class RpcDispatcher:
                 out.uint32(RPC_VERSION)
                 return _Ended(CallOutcome.RPC_MISMATCH)
             number, version, procedure_number = decoder.uint32(), decoder.uint32(), decoder.uint32()
-            credential = self._credentials.decode(decoder)
+            credential = _decode_credential(decoder)
             decoder.uint32()  # the verifier: AUTH_NONE or AUTH_SYS clients send nothing we check
             decoder.opaque_view(MAX_AUTH_BYTES)
         except XdrError:

@@ -23,7 +23,6 @@ from appliance.errors import (
     DatastoreConflict,
     DatastoreInUse,
     NotFound,
-    UsageError,
     VerificationFailed,
     VsphereError,
     VsphereTimeout,
