@@ -58,6 +58,20 @@ def parse_verification(value: str) -> Verification:
     return Verification(kind, argument)
 
 
+#: What each boot target can see of its guest: (who, the verifications it offers).
+_OFFERED = {
+    "vsphere": ("a vSphere VM has", ("none", "tools", "ip", "script"), "tools, ip or script:CMD"),
+    "qemu": ("a QEMU guest reports", ("none", "console", "script"), "console:TEXT or script:CMD"),
+}
+
+
+def check_offered(target: str, verification: Verification) -> None:
+    """Refuse a verification the target cannot observe (a QEMU guest has no VMware Tools)."""
+    who, kinds, alternatives = _OFFERED[target]
+    if verification.kind not in kinds:
+        raise UsageError(f"{who} no {verification.kind}: verify with {alternatives}")
+
+
 def run_until_success(command: str, environment: Mapping[str, str], timeout: float,
                       sleep: Callable[[float], None] = time.sleep) -> str:
     """Run `command` until it exits 0; its output's tail, or VerificationFailed after `timeout` s.

@@ -231,7 +231,7 @@ def test_boots_migrations_and_stops_of_unknown_sessions_are_refused(api: Api) ->
     malformed = api.client.post("/recovery-groups", json={"plan": "[group\nname=", "source": "p.toml"})
     assert malformed.status_code == 400 and "p.toml" in malformed.json()["message"]
     cyclic = api.client.post("/recovery-groups", json={"plan": '[group]\nname="g"\nqemu=true\n[[vms]]\nname="a"\n'
-                                                                'after=["a"]\n', "source": "p.toml"})
+                                                                'after=["a"]\nverify="none"\n', "source": "p.toml"})
     assert cyclic.status_code == 400 and "cycle" in cyclic.json()["message"]
     assert api.client.get("/jobs").json() == []
 

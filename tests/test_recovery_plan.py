@@ -55,6 +55,8 @@ name = "monitor"
     ([{"name": "a", "colour": "red"}], GROUP, "vms[0].colour", "unknown key"),
     ([{"name": "a"}], {"name": "shop"}, "vms[0].host", "no ESXi host"),
     ([{"name": "a"}], {"name": "../x", "qemu": True}, "group.name", "invalid"),
+    ([{"name": "a"}], {"name": "lab", "qemu": True}, "vms[0].verify", "QEMU guest reports no tools"),
+    ([{"name": "a", "verify": "console:up"}], GROUP, "vms[0].verify", "vSphere VM has no console"),
     ([], GROUP, "vms", "at least one"),
 ])
 def test_bad_plans_name_the_key(vms: list[dict[str, object]], group: dict[str, object], key: str,

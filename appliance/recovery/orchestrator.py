@@ -24,7 +24,7 @@ from appliance.datastore.sessions import SessionInfo
 from appliance.errors import ApplianceError, LimitReached, NotFound, UsageError
 from appliance.jobs import Job, JobCancelled
 from appliance.recovery.plan import RecoveryPlan, boot_order
-from appliance.verification import Verification
+from appliance.verification import Verification, check_offered
 from appliance.vsphere.inventory import VmInfo
 from appliance.recovery.records import BootRecord, load_record, new_record, save_record
 
@@ -44,6 +44,9 @@ class BootRequest:
     memory_mib: int = 512
     keep: bool = False  # on failure, leave what was done for inspection
     expires_hours: float | None = None  # end the session (stop or migrate, per limits) after this long
+
+    def __post_init__(self) -> None:
+        check_offered(self.target, self.verify)
 
     def session_name(self) -> str:
         return self.session or f"{self.vm}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"

@@ -46,7 +46,7 @@ from appliance.config import (
 )
 from appliance.errors import InvalidName, UsageError
 from appliance.names import check_name
-from appliance.verification import Verification, parse_verification
+from appliance.verification import Verification, check_offered, parse_verification
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DEFAULT_MEMORY_MIB = 512
@@ -112,6 +112,10 @@ class RecoveryPlan:
             if not self.group.qemu and vm.host is None and self.group.host is None:
                 raise Invalid("no ESXi host: give group.host or this VM's host (or group.qemu = true)",
                               f"{where}.host")
+            try:
+                check_offered("qemu" if self.group.qemu else "vsphere", vm.verify)
+            except UsageError as exc:
+                raise Invalid(str(exc), f"{where}.verify") from None
         names = {vm.name for vm in self.vms}
         for index, vm in enumerate(self.vms):
             for dependency in vm.after:

@@ -21,7 +21,7 @@ from appliance.hypervisor.qemu import QemuGuest, boot_guest
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, UndoStack
 from appliance.recovery.records import BootRecord
-from appliance.verification import Verification, run_until_success
+from appliance.verification import Verification, check_offered, run_until_success
 
 #: Seconds a guest gets to shut down on the ACPI power button before QEMU is told to quit.
 POWER_OFF_SECONDS = 30.0
@@ -45,8 +45,6 @@ class QemuTarget:
         return QemuGuest.load(Path(record.details["run_dir"]))
 
     def boot(self, job: Job, session: SessionInfo, request: BootRequest, undo: UndoStack) -> dict[str, Any]:
-        if request.verify.kind in ("tools", "ip"):
-            raise UsageError(f"a QEMU guest reports no {request.verify.kind}: verify with console:TEXT or script:CMD")
         point = self.control.resolve(session.vm, session.point)
         disks = [session_disk_url(self.settings.nfs_host, session.name, disk.name, self.settings.export_path)
                  for disk in point.disks]
@@ -62,15 +60,13 @@ class QemuTarget:
                 "console_log": str(guest.console_log)}
 
     def verify(self, job: Job, record: BootRecord, check: Verification, timeout: float) -> dict[str, Any]:
-        guest = self._guest(record)
+        check_offered(self.kind, check)
         if check.kind == "console":
-            guest.wait_for_console(check.argument, timeout)
+            self._guest(record).wait_for_console(check.argument, timeout)
             return {"console": check.argument}
-        if check.kind == "script":
-            output = run_until_success(check.argument, {"APPLIANCE_VM": record.vm, "APPLIANCE_VM_IP": "",
-                                                        "APPLIANCE_SESSION": record.session}, timeout, job.sleep)
-            return {"script": output}
-        raise UsageError(f"a QEMU guest reports no {check.kind}: verify with console:TEXT or script:CMD")
+        output = run_until_success(check.argument, {"APPLIANCE_VM": record.vm, "APPLIANCE_VM_IP": "",
+                                                    "APPLIANCE_SESSION": record.session}, timeout, job.sleep)
+        return {"script": output}
 
     def migrate(self, job: Job, record: BootRecord, destination: str) -> dict[str, Any]:
         target = Path(destination)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from pyVmomi import vim
 
-from appliance.errors import UsageError, VerificationFailed
-from appliance.verification import Verification, run_until_success
+from appliance.errors import VerificationFailed
+from appliance.verification import Verification, check_offered, run_until_success
 from appliance.vsphere.client import Connection, faults
 
 #: Guest properties change within seconds; a tighter loop only loads vCenter.
@@ -23,14 +23,13 @@ POLL_SECONDS = 1.0
 def verify_vm(connection: Connection, machine: vim.VirtualMachine, check: Verification, timeout: float,
               session: str = "", sleep: Callable[[float], None] = time.sleep) -> str:
     """Wait until the VM passes `check`; a short account of what was seen, or VerificationFailed."""
+    check_offered("vsphere", check)
     deadline = time.monotonic() + timeout
     with faults(f"read VM {machine.name!r}"):
         name = machine.name
     if check.kind == "tools":
         _wait(machine, deadline, _tools_running, f"VM {name!r}: VMware Tools not running after {timeout:g} s")
         return "VMware Tools running"
-    if check.kind not in ("ip", "script"):
-        raise UsageError(f"a vSphere VM cannot be verified by {check.kind!r}: use tools, ip or script:CMD")
     address = _wait(machine, deadline, _guest_ip, f"VM {name!r}: no guest IP address after {timeout:g} s")
     if check.kind == "ip":
         return f"guest IP {address}"
