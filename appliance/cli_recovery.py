@@ -90,8 +90,6 @@ def cmd_instant_boot(args: argparse.Namespace) -> int:
             "session": args.session, "host": args.host, "network": args.network, "connection": args.connection,
             "power_on": not args.no_power_on, "verify": args.verify, "timeout": args.timeout,
             "memory_mib": args.memory, "keep": args.keep, "expires_hours": args.expires_hours}
-    if not args.qemu and not args.host:
-        raise UsageError("give --host ESXI_HOST (or --qemu to boot on this machine)")
     with _client(args) as client:
         return follow(client, client.call("POST", "/instant-boots", body), args.json, args.detach)
 
@@ -172,7 +170,7 @@ def register(command: Command) -> None:
     sub = command("instant-boot", cmd_instant_boot, "run a VM from a restore point (vSphere or local QEMU)")
     sub.add_argument("--vm", required=True)
     sub.add_argument("--point", default="latest", help="point id, unique prefix, or latest (default)")
-    target = sub.add_mutually_exclusive_group()
+    target = sub.add_mutually_exclusive_group(required=True)
     target.add_argument("--host", metavar="ESXI_HOST", help="ESXi host to register and power on the VM on")
     target.add_argument("--qemu", action="store_true", help="boot on this machine with qemu-system-x86_64")
     sub.add_argument("--network", metavar="PORTGROUP", help="move every NIC to this (isolated) port group")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from appliance.config import LimitsConfig
 from appliance.datastore import sessions
@@ -41,11 +40,6 @@ class VmSummary:
     points: int
     newest_point: str
     newest_created: float
-
-
-def session_doc(info: SessionInfo) -> dict[str, Any]:
-    """A session as the API shows it."""
-    return asdict(info)
 
 
 class Control:

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import errors
 from appliance.api.access import PREFIX
-from appliance.control import Control, session_doc
+from appliance.control import Control
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, Recovery
 from appliance.recovery.plan import plan_from_table
@@ -121,10 +121,6 @@ class RecoveryGroupRun(BaseModel):
     keep: bool = Field(False, description="leave the VMs running after the report")
 
 
-def job_doc(job: Job) -> dict[str, Any]:
-    return job.to_dict()
-
-
 def boot_request(body: InstantBootCreate) -> BootRequest:
     if body.target == "vsphere" and not body.host:
         raise errors.UsageError("a vSphere instant boot needs the ESXi host (host)")
@@ -171,16 +167,16 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
 
     @app.get(f"{PREFIX}/sessions")
     def list_sessions() -> list[dict[str, Any]]:
-        return [session_doc(info) for info in control.list_sessions()]
+        return [asdict(info) for info in control.list_sessions()]
 
     @app.post(f"{PREFIX}/sessions", status_code=201)
     def create_session(body: SessionCreate) -> dict[str, Any]:
         """A writable session of a restore point, visible over NFS and FUSE at once."""
-        return session_doc(control.create_session(body.vm, body.point, body.name, body.expires_hours))
+        return asdict(control.create_session(body.vm, body.point, body.name, body.expires_hours))
 
     @app.get(f"{PREFIX}/sessions/{{name}}")
     def get_session(name: str) -> dict[str, Any]:
-        return session_doc(control.get_session(name))
+        return asdict(control.get_session(name))
 
     @app.post(f"{PREFIX}/sessions/{{name}}/commit")
     def commit_session(name: str) -> dict[str, Any]:
@@ -199,19 +195,19 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
 
     @app.get(f"{PREFIX}/jobs")
     def list_jobs() -> list[dict[str, Any]]:
-        return [job_doc(job) for job in control.jobs.all()]
+        return [job.to_dict() for job in control.jobs.all()]
 
     @app.get(f"{PREFIX}/jobs/{{job_id}}")
     def get_job(job_id: str) -> dict[str, Any]:
         """A job's state, steps (time, verdict), log and result."""
-        return job_doc(control.job(job_id))
+        return control.job(job_id).to_dict()
 
     @app.post(f"{PREFIX}/jobs/{{job_id}}/cancel", status_code=202)
     def cancel_job(job_id: str) -> dict[str, Any]:
         """Ask a job to stop; it undoes what it did, as on any failure."""
         job = control.job(job_id)
         job.cancel()
-        return job_doc(job)
+        return job.to_dict()
 
     if recovery is not None:
         _recovery_routes(app, recovery)
@@ -228,7 +224,7 @@ def _recovery_routes(app: FastAPI, recovery: Recovery) -> None:
         request = boot_request(body)
         recovery.check_boot_capacity()
         job = jobs.submit("instant-boot", body.model_dump(), partial_work(recovery.instant_boot, request))
-        return job_doc(job)
+        return job.to_dict()
 
     @app.get(f"{PREFIX}/instant-boots")
     def running_boots() -> list[dict[str, Any]]:
@@ -240,14 +236,14 @@ def _recovery_routes(app: FastAPI, recovery: Recovery) -> None:
         """Move a running VM's disks to production, then remove its session."""
         recovery.control.get_session(body.session)
         job = jobs.submit("migrate", body.model_dump(), partial_work(recovery.migrate, body.session, body.destination))
-        return job_doc(job)
+        return job.to_dict()
 
     @app.post(f"{PREFIX}/sessions/{{name}}/stop", status_code=202)
     async def stop(name: str, body: StopRequest) -> dict[str, Any]:
         """Power off and unregister the session's VM, then drop (or commit) the session."""
         recovery.control.get_session(name)
         job = jobs.submit("stop", {"session": name, **body.model_dump()}, partial_work(recovery.stop, name, body.commit))
-        return job_doc(job)
+        return job.to_dict()
 
     @app.get(f"{PREFIX}/discover")
     def discover(connection: str | None = None) -> list[dict[str, Any]]:
@@ -265,7 +261,7 @@ def _recovery_routes(app: FastAPI, recovery: Recovery) -> None:
         recovery.check_boot_capacity(len(plan.vms))
         job = jobs.submit("recovery-group", {"group": plan.group.name, "keep": body.keep, "vms": len(plan.vms)},
                           partial_work(recovery.run_group, plan, body.keep))
-        return job_doc(job)
+        return job.to_dict()
 
 
 def partial_work(function: Callable[..., dict[str, Any]], *args: Any) -> Callable[[Job], dict[str, Any]]:

@@ -209,9 +209,10 @@ class Recovery:
         info = self.control.get_session(session)
         record = load_record(self.control.store, info)
         result: dict[str, Any] = {"session": session, "vm": info.vm}
-        if record is not None and record.state == "running":
-            target = self.targets.make(record.target, record.details)
-            target.stop(job, record)
+        running = record if record is not None and record.state == "running" else None
+        target = None if running is None else self.targets.make(running.target, running.details)
+        if target is not None and running is not None:
+            target.stop(job, running)
         if commit:
             with job.step("commit session", session=session) as step:
                 point = self.control.commit_session(session)
@@ -219,8 +220,8 @@ class Recovery:
             result["point"] = point.id
         with job.step("delete session", session=session):
             self.control.delete_session(session)
-        if record is not None and record.state == "running":
-            target.release(job, record)
+        if target is not None and running is not None:
+            target.release(job, running)
         return result
 
     def end_expired(self, session: str) -> None:
