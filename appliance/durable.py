@@ -24,3 +24,26 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.rename(temp, path)
     fsync_directory(path.parent)
+
+
+def create_durably(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create `path` holding `data` unless it exists; True if this call made it.
+
+    The file appears whole or not at all (a temp file linked into place), so a crash
+    never leaves an empty secret behind that a restart would then refuse.
+    """
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink()
+    fsync_directory(path.parent)
+    return True

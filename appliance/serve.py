@@ -29,7 +29,7 @@ from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, Vs
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
-from appliance.durable import fsync_directory
+from appliance.durable import create_durably
 from appliance.errors import ApplianceError, StoreError
 from appliance.events import event
 from appliance.fuse_adapter import serve_fuse
@@ -89,21 +89,11 @@ def _logging() -> None:
 def handle_secret(store_path: Path) -> bytes:
     """The store's NFS handle secret, made (random, mode 0600, fsynced) on first use."""
     path = store_path / HANDLE_KEY_NAME
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        secret = path.read_bytes()
-        if len(secret) != HANDLE_KEY_BYTES:
-            raise StoreError(f"{path} holds {len(secret)} bytes, not a {HANDLE_KEY_BYTES}-byte handle key; "
-                             "restore it from a backup (a new key makes every NFS client's handles stale)") from None
-        return secret
-    secret = os.urandom(HANDLE_KEY_BYTES)
-    try:
-        os.write(fd, secret)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_directory(store_path)
+    create_durably(path, os.urandom(HANDLE_KEY_BYTES))
+    secret = path.read_bytes()
+    if len(secret) != HANDLE_KEY_BYTES:
+        raise StoreError(f"{path} holds {len(secret)} bytes, not a {HANDLE_KEY_BYTES}-byte handle key; "
+                         "restore it from a backup (a new key makes every NFS client's handles stale)")
     return secret
 
 

@@ -16,7 +16,7 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from appliance.durable import fsync_directory
+from appliance.durable import create_durably
 from appliance.errors import ConfigError
 
 #: Where every resource of the API lives (`appliance.api.app` serves it, the client calls it).
@@ -33,17 +33,7 @@ def token_path(store_path: Path, configured: Path | None) -> Path:
 def load_token(path: Path, create: bool = False) -> str:
     """The token in `path` (made when `create` and absent); refused unless only its owner can read it."""
     if create:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            try:
-                os.write(fd, (secrets.token_urlsafe(TOKEN_BYTES) + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_directory(path.parent)
+        create_durably(path, (secrets.token_urlsafe(TOKEN_BYTES) + "\n").encode())
     try:
         mode = path.stat().st_mode
         token = path.read_text().strip()
