@@ -15,6 +15,17 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` so readers see the old file or the new one, never a mix; no fsync.
+
+    For records that are cheap to lose in a crash (job history, the serving process's
+    address), written often enough that an fsync each time would cost more than they are worth.
+    """
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file whole."""
     temp = path.with_name(path.name + ".tmp")

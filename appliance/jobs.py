@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import trio
 
+from appliance.durable import replace_atomically
 from appliance.errors import ApplianceError, NotFound
 from appliance.events import event
 
@@ -163,12 +163,9 @@ class JobRunner:
         self._jobs = {job.id: job for job in found[-KEEP_FINISHED:]}
 
     def _save(self, job: Job) -> None:
-        path = self._directory / f"{job.id}.json"
-        temporary = path.with_suffix(".tmp")
         with self._lock:
             text = json.dumps(job.to_dict())
-        temporary.write_text(text)
-        os.replace(temporary, path)
+        replace_atomically(self._directory / f"{job.id}.json", text.encode())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery jobs run in; on cancellation, ask every job to stop and wait."""

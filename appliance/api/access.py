@@ -16,7 +16,7 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from appliance.durable import create_durably
+from appliance.durable import create_durably, replace_atomically
 from appliance.errors import ConfigError
 
 #: Where every resource of the API lives (`appliance.api.app` serves it, the client calls it).
@@ -65,10 +65,7 @@ class RuntimeInfo:
 
 
 def write_runtime(store_path: Path, info: RuntimeInfo) -> None:
-    path = store_path / RUNTIME_NAME
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(asdict(info)))
-    os.replace(temporary, path)
+    replace_atomically(store_path / RUNTIME_NAME, json.dumps(asdict(info)).encode())
 
 
 def remove_runtime(store_path: Path) -> None:
