@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 from appliance.hypervisor import boot_guest, session_disk_url
 from appliance.hypervisor.accel import best_accelerator
 from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
-from tests.bench.ingest import log, medians, run, work_directory
+from tests.bench.ingest import add_run_arguments, log, medians, run, work_directory
 from tests.bench.nfs import free_port, listening, server, url
 from tests.guest_image import BOOTED_MARKER, build_guest
 from tests.netns import private_network
@@ -112,10 +112,8 @@ def measure(work: Path, number: int, disk: Path, store: Path) -> dict[str, float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="repeat the measurement; report medians")
+    add_run_arguments(parser, runs=5, kept="store, consoles, logs")
     parser.add_argument("--payload-mib", type=int, default=256, help="real files the guest reads while it boots")
-    parser.add_argument("--work", type=Path, help="work directory (default: a new one under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (store, consoles, logs)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: it drops the kernel page cache and enters a network namespace")

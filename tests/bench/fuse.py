@@ -47,7 +47,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.bench.ingest import GIB, drop_page_cache, image_bytes, log, make_ext4_image, mbps, medians, run, work_directory
+from tests.bench.ingest import (
+    GIB,
+    add_run_arguments,
+    drop_page_cache,
+    image_bytes,
+    log,
+    make_ext4_image,
+    mbps,
+    medians,
+    run,
+    work_directory,
+)
 
 VM = "bench"
 PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
@@ -253,9 +264,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0, help="image size")
     parser.add_argument("--seconds", type=int, default=20, help="runtime of each fio job")
-    parser.add_argument("--runs", type=int, default=1, help="repeat the measurement; report medians")
-    parser.add_argument("--work", type=Path, help="work directory (default: a new one under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (image, store, repositories)")
+    add_run_arguments(parser, runs=1, kept="image, store, repositories")
     parser.add_argument("--skip-peers", action="store_true", help="skip borg and restic (bindfs, the baseline, stays)")
     args = parser.parse_args()
     if os.geteuid() != 0:

@@ -361,6 +361,13 @@ def image_bytes(size_gib: float) -> int:
     return int(size_gib * GIB) // (1 << 20) * (1 << 20)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, runs: int, kept: str) -> None:
+    """--runs, --work and --keep, which every benchmark takes; `kept` says what --keep keeps."""
+    parser.add_argument("--runs", type=int, default=runs, help="repeat the measurement; report medians")
+    parser.add_argument("--work", type=Path, help="work directory (default: a new one under /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help=f"keep the work directory ({kept})")
+
+
 def work_directory(parser: argparse.ArgumentParser, work: Path | None, prefix: str) -> Path:
     """`--work` (which must be empty), or a new directory under /var/tmp."""
     if work is None:
@@ -384,11 +391,9 @@ def main() -> int:
     parser.add_argument("--size-gib", type=float, default=1.0, help="image size (1-4 GiB is the realistic range)")
     parser.add_argument("--days", type=int, default=7)
     parser.add_argument("--change-fraction", type=float, default=0.02, help="share of 4 KiB blocks changed per day")
-    parser.add_argument("--work", type=Path, help="work directory (default: a new one under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (images)")
     parser.add_argument("--chunk-size", type=int, help="store chunk size (default: the store's default)")
-    parser.add_argument("--runs", type=int, default=1, help="repeat the measurement; report medians")
     parser.add_argument("--skip-peers", action="store_true", help="skip borg and restic")
+    add_run_arguments(parser, runs=1, kept="images")
     args = parser.parse_args()
     size = image_bytes(args.size_gib)
     work = work_directory(parser, args.work, "ingest-bench-")

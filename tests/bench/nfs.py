@@ -51,7 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
-from tests.bench.ingest import image_bytes, log, make_ext4_image, mbps, medians, run, work_directory
+from tests.bench.ingest import add_run_arguments, image_bytes, log, make_ext4_image, mbps, medians, run, work_directory
 
 HOST = "127.0.0.1"
 DEPTH = 16
@@ -287,12 +287,10 @@ def ratios(fig: dict[str, float]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0, help="image size (0.5 for a quick run)")
-    parser.add_argument("--runs", type=int, default=1, help="repeat the measurement; report medians")
+    add_run_arguments(parser, runs=1, kept="image, store, logs")
     parser.add_argument("--count-64k", type=int, default=100000, help="qemu-img bench requests of 64 KiB reads")
     parser.add_argument("--count-4k", type=int, default=200000, help="qemu-img bench requests of 4 KiB reads")
     parser.add_argument("--count-write", type=int, default=50000, help="qemu-img bench requests of 64 KiB writes")
-    parser.add_argument("--work", type=Path, help="work directory (default: a new one under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (image, store, logs)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: it drops the kernel page cache and runs rpcbind")
