@@ -57,13 +57,14 @@ from tests.bench.ingest import (
     mbps,
     medians,
     run,
+    running_child,
+    stop_child,
     work_directory,
 )
 
 VM = "bench"
 PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
 MOUNT_TIMEOUT = 120.0
-STOP_TIMEOUT = 60.0
 
 
 def appliance(store: Path, *args: str) -> list[str]:
@@ -94,37 +95,17 @@ def mounted(name: str, cmd: list[str], mnt: Path, logs: Path, ok: tuple[int, ...
     signal `stop` (or run the command `stop`) and wait for it. borg 1.2 and restic 0.14 exit on
     SIGTERM but leave their mounts behind: borg is stopped with `borg umount`, restic with SIGINT."""
     mnt.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{name}-{len(list(logs.iterdir()))}.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-    started, rc = time.perf_counter(), None
-    try:
-        while not os.path.ismount(mnt):
-            if proc.poll() is not None or time.perf_counter() - started > MOUNT_TIMEOUT:
-                sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-                raise SystemExit(f"bench: {name} mount did not come up (exit code {proc.poll()})")
-            time.sleep(0.02)
-        log(f"{name} mounted in {time.perf_counter() - started:.2f}s")
-        yield
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: {name} mount process died during the test (exit code {proc.returncode})")
-    finally:
-        if proc.poll() is None:
-            if isinstance(stop, list):
-                subprocess.run(stop, check=False, capture_output=True, **kwargs)
-            else:
-                os.kill(proc.pid, stop)
-            try:
-                rc = proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log(f"warning: {name} mount ignored SIGTERM for {STOP_TIMEOUT:.0f}s; killing it")
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+
+    def unmount(proc: subprocess.Popen[bytes]) -> str | None:
+        rc = stop_child(name, proc, stop, **kwargs)
         left = mounted_paths(mnt)
         force_unmount(mnt)
-    if rc not in ok or left:
-        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-        raise SystemExit(f"bench: {name} mount exited with {rc}" + (f", leaving {left} mounted" if left else ""))
+        if rc in ok and not left:
+            return None
+        return f"mount exited with {rc}" + (f", leaving {left} mounted" if left else "")
+
+    with running_child(name, cmd, logs, lambda: os.path.ismount(mnt), MOUNT_TIMEOUT, 0.02, unmount, **kwargs):
+        yield
 
 
 def must_drop_page_cache() -> None:

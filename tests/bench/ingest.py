@@ -42,11 +42,13 @@ import mmap
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +361,55 @@ def measure(work: Path, images: list[Path], args: argparse.Namespace) -> dict[st
 def image_bytes(size_gib: float) -> int:
     """The image size asked for, rounded down to whole MiB."""
     return int(size_gib * GIB) // (1 << 20) * (1 << 20)
+
+
+#: How long a peer's process gets to exit after it is told to stop.
+STOP_TIMEOUT = 60.0
+
+
+def stop_child(name: str, proc: subprocess.Popen[bytes], how: int | list[str] = signal.SIGTERM,
+               **kwargs: Any) -> int:
+    """Stop a child by PID with signal `how` (or by running the command `how`), then SIGKILL
+    after STOP_TIMEOUT; its exit code."""
+    if proc.poll() is None:
+        if isinstance(how, list):
+            subprocess.run(how, check=False, capture_output=True, **kwargs)
+        else:
+            os.kill(proc.pid, how)
+        try:
+            return proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log(f"warning: {name} ignored the request to stop for {STOP_TIMEOUT:.0f}s; killing it")
+            os.kill(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+@contextlib.contextmanager
+def running_child(name: str, cmd: list[str], logs: Path, ready: Callable[[], bool], timeout: float,
+                  poll: float, stop: Callable[[subprocess.Popen[bytes]], str | None],
+                  **kwargs: Any) -> Iterator[None]:
+    """A peer (server, mount) as a child logged to LOGS/<name>-N.log: yield once `ready()`, fail
+    if it dies meanwhile; `stop(proc)` ends it and says what went wrong, if anything (then the
+    log's tail is shown)."""
+    log_path = logs / f"{name}-{len(list(logs.iterdir()))}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    started, problem = time.perf_counter(), None
+    try:
+        while not ready():
+            if proc.poll() is not None or time.perf_counter() - started > timeout:
+                sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+                raise SystemExit(f"bench: {name} did not come up (exit code {proc.poll()})")
+            time.sleep(poll)
+        log(f"{name} ready after {time.perf_counter() - started:.2f}s")
+        yield
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: {name} died during the test (exit code {proc.returncode})")
+    finally:
+        problem = stop(proc)
+    if problem is not None:
+        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+        raise SystemExit(f"bench: {name} {problem}")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, runs: int, kept: str) -> None:

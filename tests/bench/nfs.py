@@ -51,14 +51,24 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
-from tests.bench.ingest import add_run_arguments, image_bytes, log, make_ext4_image, mbps, medians, run, work_directory
+from tests.bench.ingest import (
+    add_run_arguments,
+    image_bytes,
+    log,
+    make_ext4_image,
+    mbps,
+    medians,
+    run,
+    running_child,
+    stop_child,
+    work_directory,
+)
 
 HOST = "127.0.0.1"
 DEPTH = 16
 STEP_BLOCKS = 1021  # prime: coprime with the disk's block count, so one pass never repeats a block
 NFS3, MOUNT = (100003, 3), (100005, 3)
 START_TIMEOUT = 120.0
-STOP_TIMEOUT = 60.0
 PIECE = 1 << 20
 GANESHA_CONF = """NFS_CORE_PARAM {{ Protocols = 3; NFS_Port = {nfs}; MNT_Port = {mnt}; Bind_addr = {host};
   Enable_NLM = false; Enable_RQUOTA = false; Enable_UDP = false; Plugins_Dir = "/usr/lib/x86_64-linux-gnu/ganesha"; }}
@@ -112,18 +122,6 @@ def url(path: str, ports: tuple[int, int] | None = None) -> str:
     return f"nfs://{HOST}{path}?version=3{extra}"
 
 
-def stop(name: str, proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM by PID, then SIGKILL after STOP_TIMEOUT; the exit code."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            return proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log(f"warning: {name} ignored SIGTERM for {STOP_TIMEOUT:.0f}s; killing it")
-            os.kill(proc.pid, signal.SIGKILL)
-    return proc.wait()
-
-
 @contextlib.contextmanager
 def portmapper(logs: Path) -> Iterator[None]:
     """rpcbind as a child while the block runs, unless something already listens on port 111."""
@@ -142,7 +140,7 @@ def portmapper(logs: Path) -> Iterator[None]:
         log(f"rpcbind started (pid {proc.pid})")
         yield
     finally:
-        rc = stop("rpcbind", proc)
+        rc = stop_child("rpcbind", proc)
     if rc != 0:
         raise SystemExit(f"bench: rpcbind exited with {rc}")
 
@@ -150,25 +148,16 @@ def portmapper(logs: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def server(name: str, cmd: list[str], ready: str, logs: Path, **kwargs: Any) -> Iterator[None]:
     """Run a foreground NFS server as a child; yield once `nfs-ls ready` answers; stop it by PID."""
-    log_path = logs / f"{name}-{len(list(logs.iterdir()))}.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-    started, rc = time.perf_counter(), None
-    try:
-        while subprocess.run(["nfs-ls", ready], capture_output=True, check=False).returncode != 0:
-            if proc.poll() is not None or time.perf_counter() - started > START_TIMEOUT:
-                sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-                raise SystemExit(f"bench: {name} did not come up (exit code {proc.poll()})")
-            time.sleep(0.2)
-        log(f"{name} answers after {time.perf_counter() - started:.2f}s")
+
+    def answers() -> bool:
+        return subprocess.run(["nfs-ls", ready], capture_output=True, check=False).returncode == 0
+
+    def stopped(proc: subprocess.Popen[bytes]) -> str | None:
+        rc = stop_child(name, proc)
+        return None if rc == 0 else f"exited with {rc}"
+
+    with running_child(name, cmd, logs, answers, START_TIMEOUT, 0.2, stopped, **kwargs):
         yield
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: {name} died during the test (exit code {proc.returncode})")
-    finally:
-        rc = stop(name, proc)
-    if rc != 0:
-        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
-        raise SystemExit(f"bench: {name} exited with {rc}")
 
 
 def seq_seconds(source: str) -> float:
