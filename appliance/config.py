@@ -130,11 +130,18 @@ def one_of(*choices: str) -> Check:
 _DATASTORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,41}")
 
 
-def datastore_name(value: Any) -> str:
-    name = text(value)
-    if not _DATASTORE_NAME.fullmatch(name):
-        raise Invalid(f'"{name}" must be 1 to 42 letters, digits, ".", "_" or "-", starting with a letter or digit')
-    return name
+def matching(pattern: re.Pattern[str], problem: str) -> Check:
+    """A name that must match `pattern` whole; `problem` completes the refusal after the name."""
+    def check(value: Any) -> str:
+        name = text(value)
+        if not pattern.fullmatch(name):
+            raise Invalid(f'"{name}" {problem}')
+        return name
+    return check
+
+
+datastore_name = matching(_DATASTORE_NAME, 'must be 1 to 42 letters, digits, ".", "_" or "-", '
+                                           'starting with a letter or digit')
 
 
 def ip_address(value: Any) -> str:
@@ -206,18 +213,8 @@ def networks(value: Any) -> tuple[Network, ...]:
     return tuple(found)
 
 
-def env_name(value: Any) -> str:
-    name = text(value)
-    if not _ENV_NAME.fullmatch(name):
-        raise Invalid(f'"{name}" is not an environment variable name')
-    return name
-
-
-def connection_name(value: Any) -> str:
-    name = text(value)
-    if not _CONNECTION_NAME.fullmatch(name):
-        raise Invalid(f'"{name}" must be letters, digits, ".", "_" or "-"')
-    return name
+env_name = matching(_ENV_NAME, "is not an environment variable name")
+connection_name = matching(_CONNECTION_NAME, 'must be letters, digits, ".", "_" or "-"')
 
 
 def https_url(value: Any) -> str:

@@ -191,13 +191,18 @@ def with_extent(descriptor: str, extent: str, size: int) -> Setup:
     return setup
 
 
-def qcow2(directory: Path) -> Path:
+def converted(directory: Path, output_format: str, name: str) -> Path:
+    """The first MiB of the test image, converted by qemu-img into `directory/name`."""
     if shutil.which("qemu-img") is None:
         pytest.fail("qemu-img is not installed (deploy/dev-setup.sh installs it)")
     (directory / "x.raw").write_bytes(IMAGE[:MIB])
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(directory / "x.raw"),
-                    str(directory / "x.qcow2")], check=True)
-    return directory / "x.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", output_format, str(directory / "x.raw"),
+                    str(directory / name)], check=True)
+    return directory / name
+
+
+def qcow2(directory: Path) -> Path:
+    return converted(directory, "qcow2", "x.qcow2")
 
 
 FLAT_2048 = HEAD.format("monolithicFlat") + 'RW 2048 FLAT "d-flat.vmdk" 0\n'
@@ -238,11 +243,7 @@ def test_refused_with_useful_message(tmp_path: Path, case: str, setup: Setup, me
 
 
 def test_sparse_extent_size_must_match_descriptor(tmp_path: Path) -> None:
-    if shutil.which("qemu-img") is None:
-        pytest.fail("qemu-img is not installed (deploy/dev-setup.sh installs it)")
-    (tmp_path / "x.raw").write_bytes(IMAGE[:MIB])
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(tmp_path / "x.raw"),
-                    str(tmp_path / "s.vmdk")], check=True)
+    converted(tmp_path, "vmdk", "s.vmdk")
     descriptor = write("d.vmdk", HEAD.format("twoGbMaxExtentSparse") + 'RW 4096 SPARSE "s.vmdk"\n')(tmp_path)
     before = open_fds()
     with pytest.raises(SourceError, match=r"s\.vmdk: sparse extent holds 1048576 bytes but .*line 7 declares 2097152"):
