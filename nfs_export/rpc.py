@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from nfs_export.xdr import Decoder, Encoder, XdrError
 
 log = logging.getLogger(__name__)
 A = TypeVar("A")
+_TWO_WORDS = struct.Struct(">2I")
+_THREE_WORDS = struct.Struct(">3I")
+_ACCEPTED = struct.Struct(">6I")
 
 RPC_VERSION = 2
 MAX_AUTH_BYTES = 400
@@ -129,7 +133,7 @@ class Credential:
         encoder.opaque(body.data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """The decoded header of one call, handed to the procedure with its arguments."""
 
@@ -214,7 +218,7 @@ _COUNTED_AS: Mapping[CallOutcome, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Ended:
     """What became of one message, for the counters and the observer."""
 
@@ -229,9 +233,16 @@ class _AuthError(Exception):
         self.stat = stat
 
 
+def _opaque_auth(decoder: Decoder) -> tuple[int, memoryview]:
+    """An opaque_auth: its flavor and body."""
+    flavor, length = decoder.unpack(_TWO_WORDS)
+    if length > MAX_AUTH_BYTES:
+        raise XdrError(f"auth body of {length} bytes exceeds the limit of {MAX_AUTH_BYTES}")
+    return flavor, decoder.fixed_view(length)
+
+
 def _decode_credential(decoder: Decoder) -> Credential:
-    flavor = decoder.uint32()
-    body = decoder.opaque_view(MAX_AUTH_BYTES)
+    flavor, body = _opaque_auth(decoder)
     if flavor == AuthFlavor.AUTH_NONE:
         return _NOBODY
     if flavor != AuthFlavor.AUTH_SYS:
@@ -254,12 +265,8 @@ def _auth_sys(body: bytes) -> Credential:
 
 
 def _accepted(out: Encoder, xid: int, stat: AcceptStat) -> None:
-    out.uint32(xid)
-    out.uint32(MsgType.REPLY)
-    out.uint32(ReplyStat.MSG_ACCEPTED)
-    out.uint32(AuthFlavor.AUTH_NONE)  # verifier: AUTH_NONE, empty
-    out.uint32(0)
-    out.uint32(stat)
+    # xid, REPLY, MSG_ACCEPTED, verifier AUTH_NONE with an empty body, the accept status.
+    out.data += _ACCEPTED.pack(xid, MsgType.REPLY, ReplyStat.MSG_ACCEPTED, AuthFlavor.AUTH_NONE, 0, stat)
 
 
 def _denied(out: Encoder, xid: int, stat: RejectStat) -> None:
@@ -338,7 +345,7 @@ class RpcDispatcher:
         """Decode a message up to its arguments; an `_Ended` (reply written) when it goes no further."""
         decoder = Decoder(record)
         try:
-            xid, msg_type = decoder.uint32(), decoder.uint32()
+            xid, msg_type = decoder.unpack(_TWO_WORDS)
         except XdrError:
             return _Ended(CallOutcome.NOT_A_CALL)
         if msg_type != MsgType.CALL:
@@ -350,10 +357,9 @@ class RpcDispatcher:
                 out.uint32(RPC_VERSION)
                 out.uint32(RPC_VERSION)
                 return _Ended(CallOutcome.RPC_MISMATCH)
-            number, version, procedure_number = decoder.uint32(), decoder.uint32(), decoder.uint32()
+            number, version, procedure_number = decoder.unpack(_THREE_WORDS)
             credential = _decode_credential(decoder)
-            decoder.uint32()  # the verifier: AUTH_NONE or AUTH_SYS clients send nothing we check
-            decoder.opaque_view(MAX_AUTH_BYTES)
+            _opaque_auth(decoder)  # the verifier: AUTH_NONE or AUTH_SYS clients send nothing we check
         except XdrError:
             _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
             return _Ended(CallOutcome.GARBAGE_ARGS)
@@ -384,7 +390,7 @@ class RpcDispatcher:
         return _Prepared(program, procedure, Call(xid, number, version, procedure_number, credential, client), args)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Prepared:
     """A call decoded up to its arguments, about to be run."""
 

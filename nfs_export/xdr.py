@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -52,6 +52,10 @@ class Decoder:
 
     def uint32(self) -> int:
         return int(_U32.unpack_from(self._view, self._take(4))[0])
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Several fixed-size items in one step (a call header: one struct, not six reads)."""
+        return layout.unpack_from(self._view, self._take(layout.size))
 
     def int32(self) -> int:
         return int(_I32.unpack_from(self._view, self._take(4))[0])
