@@ -142,7 +142,7 @@ def nfsstat_for(exc: BaseException) -> nfsstat3 | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NfsResult:
     """A result union: the status, then the OK or failure body."""
 

@@ -135,7 +135,11 @@ class Credential:
 
 @dataclass(slots=True)
 class Call:
-    """The decoded header of one call, handed to the procedure with its arguments."""
+    """The decoded header of one call, handed to the procedure with its arguments.
+
+    Not frozen, like the other types made for every call (`_Prepared`, `_Ended`): a
+    frozen dataclass's constructor costs four times as much.
+    """
 
     xid: int
     program: int
@@ -302,15 +306,16 @@ class RpcDispatcher:
         self._counters.connections += 1
 
     def record_oversized(self) -> None:
-        self._ended(_Ended(CallOutcome.RECORD_TOO_LARGE), 0.0)
+        self._ended(CallOutcome.RECORD_TOO_LARGE, 0, "", 0.0)
 
-    def _ended(self, ended: _Ended, seconds: float) -> None:
+    def _ended(self, outcome: CallOutcome, program: int, procedure: str, seconds: float) -> None:
         """Count one message's outcome and tell the observer."""
-        counted = _COUNTED_AS.get(ended.outcome)
-        if counted is not None:
-            setattr(self._counters, counted, getattr(self._counters, counted) + 1)
+        if outcome is not CallOutcome.SUCCESS:
+            counted = _COUNTED_AS.get(outcome)
+            if counted is not None:
+                setattr(self._counters, counted, getattr(self._counters, counted) + 1)
         if self.observe_call is not None:
-            self.observe_call(ended.program, ended.procedure, seconds, ended.outcome)
+            self.observe_call(program, procedure, seconds, outcome)
 
     async def dispatch(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> bool:
         """Answer one call message into `out`; False when there is nothing to answer.
@@ -329,17 +334,30 @@ class RpcDispatcher:
         started = time.perf_counter()
         prepared = self._prepare(record, client, out)
         if isinstance(prepared, _Ended):
-            self._ended(prepared, time.perf_counter() - started)
+            self._ended(prepared.outcome, prepared.program, prepared.procedure, time.perf_counter() - started)
             return prepared.outcome is not CallOutcome.NOT_A_CALL
-        pending = PendingCall(self, prepared, out, started)
-        if prepared.procedure.run_nowait is not None:
+        run_nowait = prepared.procedure.run_nowait
+        if run_nowait is not None:
             try:
-                result = prepared.procedure.run_nowait(prepared.call, prepared.args)
+                result = run_nowait(prepared.call, prepared.args)
             except Exception:
-                return pending.failed()
+                return PendingCall(self, prepared, out, started).failed()
             if result is not None:
-                return pending.succeeded(result)
-        return pending
+                return self._succeeded(prepared, result, out, started)
+        return PendingCall(self, prepared, out, started)
+
+    def _succeeded(self, prepared: _Prepared, result: Encodable, out: Encoder, started: float) -> bool:
+        """Write a procedure's result as a SUCCESS reply; SYSTEM_ERR if it does not encode."""
+        mark = len(out)
+        try:
+            _accepted(out, prepared.call.xid, AcceptStat.SUCCESS)
+            result.encode(out)
+        except Exception:
+            del out.data[mark:]
+            return PendingCall(self, prepared, out, started).failed()
+        self._ended(CallOutcome.SUCCESS, prepared.program.number, prepared.procedure.name,
+                    time.perf_counter() - started)
+        return True
 
     def _prepare(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> _Ended | _Prepared:
         """Decode a message up to its arguments; an `_Ended` (reply written) when it goes no further."""
@@ -415,17 +433,7 @@ class PendingCall:
             result = await self._prepared.procedure.run(self._prepared.call, self._prepared.args)
         except Exception:
             return self.failed()
-        return self.succeeded(result)
-
-    def succeeded(self, result: Encodable) -> bool:
-        prepared = self._prepared
-        try:
-            _accepted(self._out, prepared.call.xid, AcceptStat.SUCCESS)
-            result.encode(self._out)
-        except Exception:
-            return self.failed()
-        self._done(CallOutcome.SUCCESS)
-        return True
+        return self._dispatcher._succeeded(self._prepared, result, self._out, self._started)
 
     def failed(self) -> bool:
         """After the procedure raised: SYSTEM_ERR, with the traceback in the log."""
@@ -433,9 +441,6 @@ class PendingCall:
         log.exception("%s %s from %s failed", prepared.program.name, prepared.procedure.name, prepared.call.client)
         del self._out.data[self._start:]
         _accepted(self._out, prepared.call.xid, AcceptStat.SYSTEM_ERR)
-        self._done(CallOutcome.SYSTEM_ERR)
+        self._dispatcher._ended(CallOutcome.SYSTEM_ERR, prepared.program.number, prepared.procedure.name,
+                                time.perf_counter() - self._started)
         return True
-
-    def _done(self, outcome: CallOutcome) -> None:
-        ended = _Ended(outcome, self._prepared.program.number, self._prepared.procedure.name)
-        self._dispatcher._ended(ended, time.perf_counter() - self._started)

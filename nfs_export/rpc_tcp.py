@@ -100,17 +100,23 @@ class RecordAssembler:
             if held < 4 + length:
                 self._wanted = 4 + length
                 return None
-            body = self._buffer[self._start + 4 : self._start + 4 + length]
-            self._start += 4 + length
-            if self._start == self._end:
-                self._start = self._end = 0
-            if self._fragments is not None:
-                self._fragments += body
-                body, self._fragments = self._fragments, None
+            with memoryview(self._buffer) as buffer:  # released at once: the buffer may need to grow later
+                body = buffer[self._start + 4 : self._start + 4 + length]
+                self._start += 4 + length
+                if self._start == self._end:
+                    self._start = self._end = 0
+                if self._fragments is not None:
+                    self._fragments += body
+                elif word & LAST_FRAGMENT:
+                    whole = bytes(body)  # the one copy a record costs
+                else:
+                    self._fragments = bytearray(body)
+                body.release()
             if word & LAST_FRAGMENT:
+                if self._fragments is not None:
+                    whole, self._fragments = bytes(self._fragments), None
                 self._wanted = 4
-                return bytes(body)
-            self._fragments = bytearray(body)
+                return whole
 
 
 class RecordReader:

@@ -54,8 +54,17 @@ class Decoder:
         return int(_U32.unpack_from(self._view, self._take(4))[0])
 
     def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
-        """Several fixed-size items in one step (a call header: one struct, not six reads)."""
-        return layout.unpack_from(self._view, self._take(layout.size))
+        """Several fixed-size items in one step (a call header: one struct, not six reads).
+
+        The bounds check is written out here rather than calling `_take`: this runs
+        several times in every call.
+        """
+        start = self.offset
+        end = start + layout.size
+        if end > len(self._view):
+            raise XdrError(f"truncated: {layout.size} bytes wanted at offset {start}, {len(self._view) - start} left")
+        self.offset = end
+        return layout.unpack_from(self._view, start)
 
     def int32(self) -> int:
         return int(_I32.unpack_from(self._view, self._take(4))[0])
@@ -79,19 +88,36 @@ class Decoder:
         return value
 
     def fixed_view(self, size: int) -> memoryview:
-        """Fixed-length opaque data, without copying."""
-        start = self._take(size + padding(size))
+        """Fixed-length opaque data, without copying (bounds checked here, as in `unpack`)."""
+        start = self.offset
+        padded = start + size + (-size & 3)
+        if size < 0 or padded > len(self._view):
+            raise XdrError(f"truncated: {size} bytes wanted at offset {start}, {len(self._view) - start} left")
+        self.offset = padded
         return self._view[start : start + size]
 
     def fixed(self, size: int) -> bytes:
         return bytes(self.fixed_view(size))
 
     def opaque_view(self, max_length: int = U32_MAX) -> memoryview:
-        """Variable-length opaque data of at most `max_length` bytes, without copying."""
-        length = self.uint32()
+        """Variable-length opaque data of at most `max_length` bytes, without copying.
+
+        Written out in one piece (not as `uint32` then `fixed_view`): file handles are
+        decoded this way in every NFS call.
+        """
+        view, start = self._view, self.offset
+        if start + 4 > len(view):
+            raise XdrError(f"truncated: opaque length wanted at offset {start}, {len(view) - start} bytes left")
+        length = _U32.unpack_from(view, start)[0]
         if length > max_length:
             raise XdrError(f"opaque of {length} bytes exceeds the limit of {max_length}")
-        return self.fixed_view(length)
+        end = start + 4 + length
+        padded = end + (-length & 3)
+        if padded > len(view):
+            raise XdrError(f"truncated: {length} bytes of opaque data wanted at offset {start + 4}, "
+                           f"{len(view) - start - 4} left")
+        self.offset = padded
+        return view[start + 4 : end]
 
     def opaque(self, max_length: int = U32_MAX) -> bytes:
         return bytes(self.opaque_view(max_length))
