@@ -179,7 +179,9 @@ class FuseAdapter(pyfuse3.Operations):
     @_observed
     async def read(self, fh: int, off: int, size: int) -> bytes:
         cached = self.vfs.read_nowait(fh, off, size)
-        return cached if cached is not None else await self._call(self.vfs.read, fh, off, size)
+        if cached is None:
+            return await self._call(self.vfs.read, fh, off, size)
+        return bytes(cached)  # pyfuse3 takes bytes; the cache may hand out a view
 
     @_observed
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -98,8 +98,8 @@ _NS = 1_000_000_000
 _NFSTIME3 = struct.Struct(">II")
 #: type, mode, nlink, uid, gid; size, used, rdev, fsid, fileid; atime, mtime, ctime.
 _FATTR3 = struct.Struct(">5I5Q6I")
-#: count3, eof, then the length of the data that follows (READ3resok).
-_READ_COUNTS = struct.Struct(">3I")
+#: count3 and eof (READ3resok), before the data.
+_READ_COUNTS = struct.Struct(">2I")
 #: offset3 then count3, as READ, WRITE and COMMIT arguments carry them.
 _OFFSET_COUNT = struct.Struct(">QI")
 
@@ -458,12 +458,12 @@ class READLINK3resok:
 class READ3resok:
     file_attributes: fattr3 | None
     eof: bool
-    data: bytes
+    data: bytes | bytearray | memoryview
 
     def encode(self, encoder: Encoder) -> None:
         encode_post_op_attr(encoder, self.file_attributes)
-        encoder.data += _READ_COUNTS.pack(len(self.data), self.eof, len(self.data))  # count, eof, data's length
-        encoder.fixed(self.data)
+        encoder.data += _READ_COUNTS.pack(len(self.data), self.eof)
+        encoder.opaque_last(self.data)
 
 
 @dataclass(slots=True)

@@ -353,7 +353,7 @@ class RpcDispatcher:
             _accepted(out, prepared.call.xid, AcceptStat.SUCCESS)
             result.encode(out)
         except Exception:
-            del out.data[mark:]
+            out.discard_from(mark)
             return PendingCall(self, prepared, out, started).failed()
         self._ended(CallOutcome.SUCCESS, prepared.program.number, prepared.procedure.name,
                     time.perf_counter() - started)
@@ -439,7 +439,7 @@ class PendingCall:
         """After the procedure raised: SYSTEM_ERR, with the traceback in the log."""
         prepared = self._prepared
         log.exception("%s %s from %s failed", prepared.program.name, prepared.procedure.name, prepared.call.client)
-        del self._out.data[self._start:]
+        self._out.discard_from(self._start)
         _accepted(self._out, prepared.call.xid, AcceptStat.SYSTEM_ERR)
         self._dispatcher._ended(CallOutcome.SYSTEM_ERR, prepared.program.number, prepared.procedure.name,
                                 time.perf_counter() - self._started)

@@ -142,10 +142,10 @@ def _mark(out: Encoder) -> Encoder:
     return out
 
 
-def _sealed(out: Encoder) -> bytearray:
-    """The buffer with its record mark: one last fragment."""
-    _U32.pack_into(out.data, 0, LAST_FRAGMENT | (len(out.data) - 4))
-    return out.data
+def _sealed(out: Encoder) -> list[bytes | bytearray | memoryview]:
+    """The reply's buffers, the first starting with its record mark: one last fragment."""
+    _U32.pack_into(out.data, 0, LAST_FRAGMENT | (len(out) - 4))
+    return out.buffers()
 
 
 class _ClientGone(Exception):
@@ -176,7 +176,8 @@ class _Connection:
         self._dispatcher = dispatcher
         self._client = client
         self._records = assembler
-        self._unsent: list[memoryview] = []
+        self._unsent: list[memoryview] = []  # buffers of queued replies, in wire order
+        self._ends_reply: list[bool] = []  # for each buffer in _unsent: whether a reply ends with it
         self._free_slots = MAX_IN_FLIGHT
         self._slot_freed = trio.Event()
         self._reply_queued = trio.Event()
@@ -238,12 +239,17 @@ class _Connection:
         self._queue_reply(_sealed(out))
         self._reply_queued.set()
 
-    def _queue_reply(self, reply: bytearray | None) -> None:
-        """Queue a reply (None: the call needs none, its slot is free at once)."""
+    def _queue_reply(self, reply: list[bytes | bytearray | memoryview] | None) -> None:
+        """Queue a reply's buffers (None: the call needs none, its slot is free at once)."""
         if reply is None:
             self._release(1)
             return
-        self._unsent.append(memoryview(reply))
+        *leading, last = reply
+        for buffer in leading:
+            self._unsent.append(memoryview(buffer))
+            self._ends_reply.append(False)
+        self._unsent.append(memoryview(last))
+        self._ends_reply.append(True)
 
     def _release(self, slots: int) -> None:
         self._free_slots += slots
@@ -265,10 +271,11 @@ class _Connection:
                     break
                 sent -= len(view)
                 done += 1
-            del self._unsent[:done]
+            replies = self._ends_reply[:done].count(True)
+            del self._unsent[:done], self._ends_reply[:done]
             if sent:
                 self._unsent[0] = self._unsent[0][sent:]
-            self._release(done)
+            self._release(replies)
 
     async def write_replies(self, scope: trio.CancelScope) -> None:
         """Send replies that complete while the reader waits, and any the socket could not take at once.
@@ -352,7 +359,7 @@ class RpcClient:
         self._credential.encode(out)
         Credential().encode(out)  # verifier
         out.data += args
-        await self._stream.send_all(_sealed(out))
+        await self._stream.send_all(b"".join(_sealed(out)))
         while True:
             record = await self._reader.read_record()
             if record is None:

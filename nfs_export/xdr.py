@@ -138,16 +138,46 @@ class Decoder:
         return [item(self) for _ in range(count)]
 
 
-class Encoder:
-    """Appends XDR items to one growing buffer (`data`)."""
+#: Opaque data at least this large is sent by reference (`Encoder.tail`), not copied.
+TAIL_MIN = 16 << 10
 
-    __slots__ = ("data",)
+
+class Encoder:
+    """Appends XDR items to one growing buffer (`data`), and optionally one last item by reference.
+
+    READ replies end with up to 1 MiB of file data that is already in memory (a cached
+    chunk); copying it into `data` cost more than the rest of the reply. `tail` holds
+    it instead, and `buffers()` is what goes on the wire, with a vectored write.
+    """
+
+    __slots__ = ("data", "tail")
 
     def __init__(self) -> None:
         self.data = bytearray()
+        self.tail: tuple[bytes | bytearray | memoryview, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.data) + sum(len(piece) for piece in self.tail)
+
+    def buffers(self) -> list[bytes | bytearray | memoryview]:
+        """Everything encoded, in wire order."""
+        return [self.data, *self.tail]
+
+    def discard_from(self, length: int) -> None:
+        """Drop what was encoded after the first `length` bytes (a reply that failed half way)."""
+        del self.data[length:]
+        self.tail = ()
+
+    def opaque_last(self, data: bytes | bytearray | memoryview) -> None:
+        """`opaque`, as the last item of the message: large data is kept by reference.
+
+        Nothing may be encoded after it.
+        """
+        if len(data) < TAIL_MIN:
+            self.opaque(data)
+            return
+        self.data += _U32.pack(len(data))
+        self.tail = (data, _PAD[len(data) & 3]) if len(data) & 3 else (data,)
 
     def uint32(self, value: int) -> None:
         self.data += _U32.pack(value)

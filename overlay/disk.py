@@ -197,7 +197,8 @@ class Overlay:
             merged[low - offset : low - offset + len(chunk)] = chunk
         return bytes(merged)
 
-    def read_nowait(self, offset: int, length: int, cached_read: Callable[[int, int], bytes | None]) -> bytes | None:
+    def read_nowait(self, offset: int, length: int,
+                    cached_read: Callable[[int, int], bytes | memoryview | None]) -> bytearray | None:
         """`read`, for an event loop: the merged bytes when they are all in memory, else None.
 
         Overlay blocks are read with RWF_NOWAIT (only from the page cache) and base bytes
@@ -226,7 +227,7 @@ class Overlay:
                     if data is None:
                         return None
                     view[: len(data)] = data
-            return bytes(merged)
+            return merged
         finally:
             self._lock.release()
 

@@ -462,7 +462,7 @@ class Datastore:
             attributes = self._flat_attributes[inode] = self._attributes(node)
         return attributes
 
-    def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, inode: int, offset: int, length: int) -> bytes | bytearray | memoryview | None:
         target = self._flat_extents.get(inode)
         if target is not None:
             reader = self.read_path.opened_disk(*target)

@@ -67,7 +67,8 @@ class DiskReader:
             return self._path.zeros(self.chunk_length(index))
         return self._path.cache.get(cid)
 
-    def _read(self, offset: int, length: int, chunk_of: Callable[[int], bytes | None]) -> bytes | None:
+    def _read(self, offset: int, length: int, chunk_of: Callable[[int], bytes | None]) -> bytes | memoryview | None:
+        """The bytes at `offset`: a view into the chunk when one chunk holds them all, else joined."""
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset {offset} or length {length}")
         end = min(offset + length, self.size)
@@ -76,13 +77,13 @@ class DiskReader:
         first, last = offset // self._chunk_size, (end - 1) // self._chunk_size
         if offset == self._next_offset:
             self._path.prefetch(self, last + 1)
-        parts = []
+        parts: list[memoryview] = []
         for index in range(first, last + 1):
             chunk = chunk_of(index)
             if chunk is None:
                 return None
             base = index * self._chunk_size
-            parts.append(chunk[max(offset, base) - base : min(end, base + len(chunk)) - base])
+            parts.append(memoryview(chunk)[max(offset, base) - base : min(end, base + len(chunk)) - base])
         self._next_offset = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -90,13 +91,14 @@ class DiskReader:
         """Up to `length` bytes at `offset`; short only at the end of the disk."""
         data = self._read(offset, length, self._chunk)
         assert data is not None
-        return data
+        return data if isinstance(data, bytes) else data.tobytes()
 
-    def read_cached(self, offset: int, length: int) -> bytes | None:
+    def read_cached(self, offset: int, length: int) -> bytes | memoryview | None:
         """Like `read` when every chunk needed is decompressed in memory, else None.
 
         Never blocks on I/O or decompression, so an event loop may call it directly
-        and skip the hop to a worker thread for cache hits.
+        and skip the hop to a worker thread for cache hits. The bytes may be a view of
+        the cached chunk, so an NFS reply sends them without a copy.
         """
         return self._read(offset, length, self._cached_chunk)
 
