@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -39,6 +40,14 @@ MAX_SIZE = 64 << 40
 #: single-block write rewrites 4 KiB of map rather than all of it.
 _MAP_PAGE = 4096
 _EXPORT_STEP = 1 << 20
+#: A write into the page cache takes microseconds; one that took this long (seconds) waited
+#: on the disk (dirty-page throttling, a journal commit), and the next ones likely would too.
+#: The time includes taking the GIL back after the syscall, so a busy thread can cause a
+#: needless back-off; that costs only speed.
+STALL_SECONDS = 0.004
+#: How long `write_nowait` declines after such a stall, so writes wait in worker threads
+#: rather than on the caller's event loop while the disk catches up.
+STALL_BACKOFF_SECONDS = 1.0
 
 
 class BaseImage(Protocol):
@@ -111,6 +120,9 @@ class Overlay:
         #: `allocated_bytes` as last measured; None once a write, truncate or flush may change it.
         self._allocated: int | None = None
         self._flush_lock = threading.Lock()  # taken before _lock, never after
+        #: `write_nowait` counts a write this slow (seconds) as a stall; tests set 0.
+        self.stall_seconds = STALL_SECONDS
+        self._nowait_resumes = 0.0  # time.monotonic() before which `write_nowait` declines
 
     @classmethod
     def create(cls, directory: Path, base: BaseImage, block_size: int = 64 * 1024) -> Overlay:
@@ -238,12 +250,7 @@ class Overlay:
         merged view; the base part of that fill is read without the lock and the lock
         is retaken to write, so writers to other blocks never wait on the base.
         """
-        view = memoryview(data).cast("B")
-        self._check_range(offset, view.nbytes)
-        if offset + view.nbytes > MAX_SIZE:
-            raise OverlayError(
-                f"{self._where}: write at offset {offset} ends past the {MAX_SIZE}-byte limit"
-            )
+        view = self._checked_write(offset, data)
         if not view.nbytes:
             return 0
         fetched: dict[int, bytes] = {}
@@ -258,6 +265,39 @@ class Overlay:
             for block in wanted:
                 start = block * self._block
                 fetched[block] = self._read_base(start, min(self._block, limit - start))
+
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """`write`, for an event loop: done on the caller's thread when it needs nothing but
+        a pwrite into the page cache, else None.
+
+        None when another thread holds the lock, when a partly written block would first
+        need a fill from the base, and for a while after a write that stalled (see
+        `STALL_SECONDS`): buffered writes cannot be asked not to block (ext4 refuses
+        RWF_NOWAIT for them), so a slow disk is noticed after the fact and avoided.
+        Errors are left to `write`, which meets them again and reports them.
+        """
+        if time.monotonic() < self._nowait_resumes:
+            return None
+        try:
+            view = self._checked_write(offset, data)
+        except OverlayError:
+            return None
+        if not view.nbytes or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._closed or self._fills_wanted(offset, offset + view.nbytes, {}):
+                return None
+            started = time.monotonic()
+            try:
+                self._write_locked(offset, view, {})
+            except OverlayError:
+                return None
+            finished = time.monotonic()
+            if finished - started >= self.stall_seconds:
+                self._nowait_resumes = finished + STALL_BACKOFF_SECONDS
+            return view.nbytes
+        finally:
+            self._lock.release()
 
     def truncate(self, size: int) -> None:
         """Shrink or grow the disk; whatever lies past the old end reads as zeros.
@@ -394,6 +434,16 @@ class Overlay:
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:
             raise OverlayError(f"{self._where}: invalid range at offset {offset}, length {length}")
+
+    def _checked_write(self, offset: int, data: bytes | bytearray | memoryview) -> memoryview:
+        """`data` as a byte view, once its range is one a write may cover (else OverlayError)."""
+        view = memoryview(data).cast("B")
+        self._check_range(offset, view.nbytes)
+        if offset + view.nbytes > MAX_SIZE:
+            raise OverlayError(
+                f"{self._where}: write at offset {offset} ends past the {MAX_SIZE}-byte limit"
+            )
+        return view
 
     def _close_fds(self) -> None:
         if not self._closed:

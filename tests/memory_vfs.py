@@ -66,6 +66,7 @@ class MemoryVfs:
         now = time.time_ns()
         self._nodes = {1: _Node(1, 1, 1, Kind.DIRECTORY, 0o755, 0, 0, now, now, now)}
         self.fsync_calls = 0
+        self.nowait_writes = 0  # writes `write_nowait` took: the NFS tests see which path a WRITE went
 
     # ----- helpers for tests ----------------------------------------------------------
 
@@ -131,6 +132,13 @@ class MemoryVfs:
         del directory.children[name]
         directory.mtime_ns = directory.ctime_ns = time.time_ns()
         return node
+
+    def _write(self, node: _Node, offset: int, data: bytes | memoryview) -> int:
+        if offset > len(node.data):
+            node.data.extend(bytes(offset - len(node.data)))
+        node.data[offset : offset + len(data)] = data
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+        return len(data)
 
     @staticmethod
     def _check_removable(name: str, node: _Node, want_directory: bool) -> None:
@@ -206,18 +214,23 @@ class MemoryVfs:
                 return None
             return bytes(node.data[offset : offset + length])
 
-    def write(self, inode: int, offset: int, data: bytes) -> int:
+    def write(self, inode: int, offset: int, data: bytes | memoryview) -> int:
         with self._lock:
             node = self._node(inode)
             if node.kind is Kind.DIRECTORY:
                 raise IsADirectory(f"inode {inode} is a directory")
             if node.read_only:
                 raise ReadOnly(f"inode {inode} is read-only")
-            if offset > len(node.data):
-                node.data.extend(bytes(offset - len(node.data)))
-            node.data[offset : offset + len(data)] = data
-            node.mtime_ns = node.ctime_ns = time.time_ns()
-            return len(data)
+            return self._write(node, offset, data)
+
+    def write_nowait(self, inode: int, offset: int, data: bytes | memoryview) -> int | None:
+        """Everything here is in memory; only errors are left to `write`."""
+        with self._lock:
+            node = self._nodes.get(inode)
+            if node is None or node.kind is not Kind.FILE or node.read_only:
+                return None
+            self.nowait_writes += 1
+            return self._write(node, offset, data)
 
     def create(self, parent: int, name: str, mode: int, uid: int, gid: int, exclusive: bool) -> Attributes:
         with self._lock:

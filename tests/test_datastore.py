@@ -22,8 +22,10 @@ from appliance.errors import (
     ReadOnly,
     SessionBusy,
     StaleHandle,
+    TryAgain,
 )
 from appliance.ingest.backup import backup
+from appliance.metrics import ApplianceMetrics
 from appliance.store import ReadPath, Store
 from appliance.store.gc import prune
 from tests.conftest import write_image
@@ -225,6 +227,48 @@ def test_session_disk_reads_from_memory_match_the_ordinary_path(datastore: Datas
     sessions.remove_released_session(datastore.store, datastore.namespace, "s1")
     datastore._changed()
     assert datastore.getattr_nowait(flat) is None
+
+
+def test_session_disk_writes_on_the_callers_thread_only_when_nothing_waits(datastore: Datastore) -> None:
+    make_session(datastore)
+    flat = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    (point,) = names(datastore, "/restore-points/web")
+    point_flat = path_inode(datastore, f"/restore-points/web/{point}/web-flat.vmdk")
+    block = bytes(range(256)) * 256  # one 64 KiB overlay block
+    with datastore.session_paused("s1"):
+        pass  # lets go of the overlay the lookup opened
+    assert datastore.write_nowait(flat, 0, block) is None  # not open until the ordinary path opens it
+    datastore.read(point_flat, 0, 4096)
+    assert datastore.write_nowait(point_flat, 0, block) is None  # a restore point: `write` says ReadOnly
+    original = datastore.read(flat, 0, 3 * len(block))  # opens the overlay
+    assert datastore.write_nowait(flat, len(block), memoryview(block)) == len(block)
+    assert datastore.write_nowait(flat, 10, b"partial") is None  # a block not yet in the overlay needs a fill
+    with datastore.session_paused("s1"):
+        assert datastore.read(flat, 0, 10) == original[:10]  # reads go on, and open the overlay again
+        assert datastore.write_nowait(flat, 0, block) is None
+        with pytest.raises(TryAgain):
+            datastore.write(flat, 0, block)
+    assert datastore.read(flat, 0, 3 * len(block)) == original[: len(block)] + block + original[2 * len(block) :]
+    assert datastore.read(point_flat, len(block), len(block)) == original[len(block) : 2 * len(block)]
+
+
+def test_writes_on_the_callers_thread_are_counted_like_the_others(store: Store, tmp_path: Path) -> None:
+    backup(store, "web", [write_image(tmp_path / "d0.img", 1 << 20, seed=1)])
+    metrics = ApplianceMetrics()
+    with ReadPath(store) as read_path:
+        datastore = Datastore(store, read_path, session_io=metrics)
+        try:
+            make_session(datastore)
+            flat = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+            before = datastore.getattr(flat)  # opens the overlay
+            assert datastore.write_nowait(flat, 0, b"x" * 65536) == 65536
+            after = datastore.getattr(flat)
+            assert datastore.getattr_nowait(flat) == after and after.mtime_ns > before.mtime_ns
+            assert datastore.read(flat, 0, 65536) == b"x" * 65536
+        finally:
+            datastore.close()
+    written = metrics.registry.get_sample_value("appliance_session_written_bytes_total", {"session": "s1"})
+    assert written == 65536
 
 
 BACKED_UP_VMX = b""".encoding = "UTF-8"

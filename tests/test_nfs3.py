@@ -28,7 +28,7 @@ ROOT = Credential(AuthFlavor.AUTH_SYS, 0, 0, (), "test")
 USER = Credential(AuthFlavor.AUTH_SYS, 1000, 1000, (1000,), "test")
 NFS, MOUNT = (100003, 3), (100005, 3)
 OK, PERM, NOENT, ACCES, EXIST, NOTDIR, ISDIR, INVAL = 0, 1, 2, 13, 17, 20, 21, 22
-ROFS, NAMETOOLONG, NOTEMPTY, STALE = 30, 63, 66, 70
+FBIG, ROFS, NAMETOOLONG, NOTEMPTY, STALE = 27, 30, 63, 66, 70
 BADHANDLE, NOT_SYNC, BAD_COOKIE, NOTSUPP, TOOSMALL = 10001, 10002, 10003, 10004, 10005
 (NULL, GETATTR, SETATTR, LOOKUP, ACCESS, READLINK, READ, WRITE, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR,
  RENAME, LINK, READDIR, READDIRPLUS, FSSTAT, FSINFO, PATHCONF, COMMIT) = range(22)
@@ -237,6 +237,28 @@ async def test_write_stability_and_commit(start: ServerFactory) -> None:
     assert status == INVAL
 
 
+async def test_unstable_writes_are_answered_on_the_loop_like_the_others(start: ServerFactory) -> None:
+    """UNSTABLE writes skip the worker thread, with the same reply; all else goes through it."""
+    client, vfs = await start()
+    handle = await client.create(await client.root(), "disk-flat.vmdk")
+    verifiers, chunks = [], [os.urandom(65536) for _ in range(3)]
+    for stable, offset, chunk in zip((UNSTABLE, FILE_SYNC, UNSTABLE), (0, 65536, 131072), chunks):
+        before = await client.getattr(handle)
+        reply = await client.write(handle, offset, chunk, stable=stable)
+        assert wcc(reply) == ((before["size"], before["mtime"], before["ctime"]), await client.getattr(handle))
+        assert (reply.uint32(), reply.uint32()) == (65536, stable)
+        verifiers.append(reply.fixed(8))
+    assert verifiers[0] == verifiers[1] == verifiers[2]
+    assert (vfs.nowait_writes, vfs.fsync_calls) == (2, 1)  # FILE_SYNC fsyncs in a worker thread
+    status, reply = await client.call(WRITE, handle, ("u64", 0), 10, UNSTABLE, b"short")
+    assert status == INVAL and wcc(reply)[1] is not None  # the failure body of the ordinary path
+    status, reply = await client.call(WRITE, handle, ("u64", (1 << 63) - 2), 5, UNSTABLE, b"large")
+    assert status == FBIG
+    status, _ = await client.call(WRITE, await client.root(), ("u64", 0), 1, UNSTABLE, b"x")
+    assert status == ISDIR and vfs.nowait_writes == 2
+    assert await client.read(handle, 0, 3 << 16) == (b"".join(chunks), True)
+
+
 async def test_exclusive_create_survives_a_retransmission(start: ServerFactory) -> None:
     client, _ = await start()
     root = await client.root()
@@ -387,7 +409,7 @@ async def test_read_only_subtree_answers_rofs(start: ServerFactory) -> None:
     file = await client.create(folder, "disk-flat.vmdk")
     await client.write(file, 0, b"backup bytes")
     vfs.freeze(vfs.lookup(vfs.root_inode, "restore-point").inode)
-    for call in ((WRITE, file, ("u64", 0), 1, FILE_SYNC, b"x"),
+    for call in ((WRITE, file, ("u64", 0), 1, FILE_SYNC, b"x"), (WRITE, file, ("u64", 0), 1, UNSTABLE, b"x"),
                  (SETATTR, file, lambda e: sattr(e, size=0), 0),
                  (CREATE, folder, "new", UNCHECKED, lambda e: sattr(e)),
                  (MKDIR, folder, "new", lambda e: sattr(e)),
@@ -407,8 +429,8 @@ async def test_read_only_export(start: ServerFactory) -> None:
     client, _ = await start(Export(read_only=True), vfs=vfs)
     root = await client.root()
     file = await client.lookup(root, "f")
-    for call in ((WRITE, file, ("u64", 0), 1, FILE_SYNC, b"x"), (CREATE, root, "g", UNCHECKED, lambda e: sattr(e)),
-                 (COMMIT, file, ("u64", 0), 0)):
+    for call in ((WRITE, file, ("u64", 0), 1, FILE_SYNC, b"x"), (WRITE, file, ("u64", 0), 1, UNSTABLE, b"x"),
+                 (CREATE, root, "g", UNCHECKED, lambda e: sattr(e)), (COMMIT, file, ("u64", 0), 0)):
         status, _ = await client.call(*call)
         assert status == ROFS
     assert await client.read(file, 0, 10) == (b"", True)
@@ -422,6 +444,10 @@ async def test_client_outside_the_export_networks_is_refused(start: ServerFactor
     assert status == ACCES
     status, reply = await client.call(LOOKUP, forged, "x")
     assert status == ACCES and post_op(reply) is None  # no attributes for a refused client
+    file = vfs.create(vfs.root_inode, "f", 0o666, 0, 0, exclusive=True)
+    forged_file = HandleCodec(SECRET).encode(FileHandle(1, file.inode, file.generation))
+    status, reply = await client.call(WRITE, forged_file, ("u64", 0), 1, UNSTABLE, b"x")
+    assert status == ACCES and wcc(reply) == (None, None) and vfs.read(file.inode, 0, 1) == b""
 
 
 async def test_root_squash_and_permission_bits(start: ServerFactory) -> None:
@@ -436,8 +462,11 @@ async def test_root_squash_and_permission_bits(start: ServerFactory) -> None:
     private = await user.create(user_home, "private", mode=0o444)
     assert (await user.getattr(private))["uid"] == 1000
     await user.write(private, 0, b"owner may write a 0444 file it created")
-    status, _ = await squashed.call(WRITE, private, ("u64", 0), 1, FILE_SYNC, b"x")
-    assert status == ACCES
+    await user.write(private, 0, b"O", stable=UNSTABLE)
+    for stable in (FILE_SYNC, UNSTABLE):
+        status, _ = await squashed.call(WRITE, private, ("u64", 0), 1, stable, b"x")
+        assert status == ACCES
+    assert (await user.read(private, 0, 5))[0] == b"Owner"
     status, _ = await user.call(SETATTR, private, lambda e: sattr(e, uid=0), 0)
     assert status == PERM
     access = await squashed.ok(ACCESS, private, 0x3F)

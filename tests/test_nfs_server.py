@@ -25,10 +25,12 @@ import trio
 
 from appliance.datastore import sessions
 from appliance.datastore.datastore import Datastore
+from appliance.datastore.layout import overlay_path
 from appliance.ingest.backup import backup
 from appliance.store import ReadPath, init_store, open_store
 from nfs_export import Export, NfsService, parse_networks, serve_nfs
 from nfs_export.rpc_tcp import open_rpc_client
+from overlay import Overlay, disk
 from tests import test_nfs_portmap
 from tests.conftest import SMALL_CHUNK, write_image
 from tests.test_nfs3 import (
@@ -255,6 +257,68 @@ def test_qemu_finds_the_server_through_the_portmapper(served: Served, rpcbind: N
         assert first.returncode == 0, first.stderr
         assert (served.work / "session.img").read_bytes() == b"\x5a" * DISK_BYTES  # 200 x 64K wraps the disk
         assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", url, str(served.image)).returncode == 0
+
+
+class ThreadsThatWrote:
+    """A `SessionIo` that notes the thread each session write was counted on."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def session_read(self, session: str, size: int) -> None:
+        return None
+
+    def session_written(self, session: str, size: int) -> None:
+        self.threads.append(threading.current_thread().name)
+
+
+def test_unstable_writes_skip_the_worker_threads_and_stable_ones_fsync(
+        tmp_path: Path, rpcbind: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-img's UNSTABLE writes are done on the event loop and land in the session disk;
+    a FILE_SYNC write still goes through a worker thread and is durable before its reply."""
+    monkeypatch.setattr(disk, "STALL_SECONDS", 60.0)  # a slow test disk must not send writes to threads
+    size = 4 << 20
+    image = write_image(tmp_path / "disk.img", size, seed=3)
+    init_store(tmp_path / "store", chunk_size=SMALL_CHUNK)
+    wrote = ThreadsThatWrote()
+    with open_store(tmp_path / "store") as store, store.reader_lock(), ReadPath(store) as read_path:
+        point = backup(store, "vm1", [image])
+        datastore = Datastore(store, read_path, session_io=wrote)
+        session = sessions.create_session(store, datastore.namespace, read_path, "vm1", "latest", "s1")
+
+        def on_disk(offset: int, length: int) -> bytes:
+            """The disk as its files show it to a new opener: the map names blocks only after a flush."""
+            durable = Overlay.open(overlay_path(store, session.inode, 0), read_path.disk(point, 0))
+            try:
+                return durable.read(offset, length)
+            finally:
+                durable.close()
+
+        try:
+            with background(partial(serve_nfs, datastore, handle_secret=SECRET, nfs_port=0, mount_port=0)) as service:
+                bench = run("qemu-img", "bench", "-f", "raw", "-w", "-c", "200", "-d", "16", "-s", "64K",
+                            "--pattern=0x5a", "nfs://127.0.0.1/sessions/s1/vm1-flat.vmdk")
+                assert bench.returncode == 0, bench.stderr
+                assert datastore.read(session.disks[0], 0, size) == b"\x5a" * size  # 200 x 64K wraps the disk
+                unstable, synced = os.urandom(65536), os.urandom(5000)
+
+                def write_past_the_end(offset: int, data: bytes, stable: int) -> None:
+                    async def write(client: NfsClient) -> None:
+                        status, folder = await client.mnt("/sessions/s1")
+                        assert status == OK
+                        await client.write(await client.lookup(folder, "vm1-flat.vmdk"), offset, data, stable)
+
+                    with_client(service, write)
+
+                write_past_the_end(size, unstable, UNSTABLE)
+                assert on_disk(size, len(unstable)) == b""  # not flushed: the durable disk has not grown
+                write_past_the_end(size + len(unstable), synced, FILE_SYNC)
+                assert on_disk(size, len(unstable) + len(synced)) == unstable + synced
+        finally:
+            datastore.close()
+    assert len(wrote.threads) == 202  # qemu-img's 200 writes, then ours
+    assert not any(name.startswith("nfs-worker-") for name in wrote.threads[:201])
+    assert wrote.threads[201].startswith("nfs-worker-")
 
 
 def wait_until_capturing(tshark: subprocess.Popen[str], port: int) -> None:

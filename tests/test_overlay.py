@@ -10,13 +10,14 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import xxhash
 
 from overlay import BaseImage, Overlay, OverlayCorrupt, OverlayError
-from overlay import mapfile
+from overlay import disk, mapfile
 
 BLOCK = 4096
 
@@ -516,3 +517,65 @@ def test_read_nowait_answers_from_memory_only(tmp_path: Path) -> None:
     assert asked == [(100, 5000), (BLOCK + 5, BLOCK - 5), (3 * BLOCK, 5), (0, BLOCK // 2)]
     overlay.close()
     assert overlay.read_nowait(0, 10, cached) is None
+
+
+def test_write_nowait_writes_what_write_would(tmp_path: Path) -> None:
+    data = os.urandom(6 * BLOCK + 100)
+    for name in ("ordinary", "nowait"):
+        (tmp_path / name).mkdir()
+    _, ordinary = make_overlay(tmp_path / "ordinary", BytesBase(data))
+    directory, nowait = make_overlay(tmp_path / "nowait", BytesBase(data))
+    writes = [(BLOCK, os.urandom(2 * BLOCK)),  # whole blocks: no fill
+              (BLOCK + 10, b"inside a block the overlay holds"),
+              (6 * BLOCK, os.urandom(3 * BLOCK + 7))]  # over the base's end and past the disk's: no base bytes wanted
+    for offset, chunk in writes:
+        assert nowait.write_nowait(offset, memoryview(chunk)) == len(chunk)
+        ordinary.write(offset, chunk)
+    assert nowait.size == ordinary.size == 9 * BLOCK + 7
+    assert nowait.read(0, nowait.size) == ordinary.read(0, ordinary.size)
+    assert nowait.changed_ranges() == ordinary.changed_ranges()
+    nowait.close()
+    reopened = Overlay.open(directory, BytesBase(data))  # what close flushed: the map names the blocks
+    assert reopened.read(0, reopened.size) == ordinary.read(0, ordinary.size)
+    reopened.close()
+    ordinary.close()
+
+
+def test_write_nowait_declines_what_would_wait(tmp_path: Path) -> None:
+    base = BytesBase(os.urandom(4 * BLOCK))
+    _, overlay = make_overlay(tmp_path, base)
+    assert overlay.write_nowait(BLOCK + 10, b"x") is None  # the block needs a fill from the base
+    assert overlay.write_nowait(-1, b"x") is None  # errors are the ordinary write's to report
+    assert overlay.read(0, 4 * BLOCK) == base.data
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with overlay._lock:
+            holding.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    try:
+        assert overlay.write_nowait(0, bytes(BLOCK)) is None
+    finally:
+        release.set()
+        holder.join()
+    assert overlay.write_nowait(0, bytes(BLOCK)) == BLOCK
+    overlay.close()
+    assert overlay.write_nowait(0, bytes(BLOCK)) is None
+
+
+def test_write_nowait_backs_off_after_a_slow_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk, "STALL_BACKOFF_SECONDS", 0.2)
+    _, overlay = make_overlay(tmp_path, BytesBase(bytes(4 * BLOCK)))
+    overlay.stall_seconds = 0  # every write counts as a stall
+    assert overlay.write_nowait(0, b"a" * BLOCK) == BLOCK  # the slow write itself is done
+    overlay.stall_seconds = disk.STALL_SECONDS
+    assert overlay.write_nowait(BLOCK, b"b" * BLOCK) is None  # the disk is slow: worker threads write
+    assert overlay.write(BLOCK, b"b" * BLOCK) == BLOCK
+    time.sleep(0.3)
+    assert overlay.write_nowait(2 * BLOCK, b"c" * BLOCK) == BLOCK
+    assert overlay.read(0, 3 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK
+    overlay.close()

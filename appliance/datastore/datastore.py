@@ -279,6 +279,7 @@ class Datastore:
             base = self.read_path.disk(info_point, disk)
             overlay = Overlay.open(overlay_path(self.store, session.inode, disk), base)
             self._session_disks[node.inode] = (info_point.id, disk)
+            self._session_name(node)  # known before the overlay is: `write_nowait` checks for a pause by name
             with self._lock:
                 existing = self._overlays.setdefault(node.inode, overlay)
             if existing is not overlay:
@@ -478,7 +479,24 @@ class Datastore:
             self._session_io.session_read(session, len(data))
         return data
 
-    def write(self, inode: int, offset: int, data: bytes) -> int:
+    def write_nowait(self, inode: int, offset: int, data: bytes | memoryview) -> int | None:
+        """`write` on the caller's thread when it needs no more than a page-cache pwrite
+        (`Overlay.write_nowait`): session disks whose overlay is open, else None.
+
+        A paused session is left to `write`, which answers TryAgain until it resumes.
+        """
+        overlay = self._overlays.get(inode)
+        session = self._session_names.get(inode)
+        if inode not in self._session_disks or overlay is None or session is None or session in self._paused:
+            return None
+        written = overlay.write_nowait(offset, data)
+        if written is not None:
+            self._disk_mtimes[inode] = time.time_ns()
+            if self._session_io is not None:
+                self._session_io.session_written(session, written)
+        return written
+
+    def write(self, inode: int, offset: int, data: bytes | memoryview) -> int:
         node = self._writable(inode)
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
