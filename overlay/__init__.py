@@ -7,6 +7,6 @@ the merged view and its durability rules, `overlay.mapfile` the on-disk format.
 """
 
 from overlay.disk import BaseImage, Overlay
-from overlay.errors import OverlayCorrupt, OverlayError
+from overlay.errors import OverlayClosed, OverlayCorrupt, OverlayError
 
-__all__ = ["BaseImage", "Overlay", "OverlayCorrupt", "OverlayError"]
+__all__ = ["BaseImage", "Overlay", "OverlayClosed", "OverlayCorrupt", "OverlayError"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from overlay import mapfile
-from overlay.errors import OverlayError
+from overlay.errors import OverlayClosed, OverlayError
 from overlay.mapfile import ENTRIES_OFFSET, MapHeader
 
 DATA_NAME = "data"
@@ -116,6 +116,9 @@ class Overlay:
         self._header_dirty = False
         self._data_dirty = False
         self._closed = False
+        #: Set when `close` starts: from then on changes are refused, so none can land after
+        #: its last flush and be acknowledged without ever being made durable.
+        self._closing = False
         self._lock = threading.Lock()
         #: `allocated_bytes` as last measured; None once a write, truncate or flush may change it.
         self._allocated: int | None = None
@@ -256,7 +259,7 @@ class Overlay:
         fetched: dict[int, bytes] = {}
         while True:
             with self._lock:
-                self._check_open()
+                self._check_changeable()
                 wanted = self._fills_wanted(offset, offset + view.nbytes, fetched)
                 if not wanted:
                     self._write_locked(offset, view, fetched)
@@ -285,7 +288,7 @@ class Overlay:
         if not view.nbytes or not self._lock.acquire(blocking=False):
             return None
         try:
-            if self._closed or self._fills_wanted(offset, offset + view.nbytes, {}):
+            if self._closing or self._fills_wanted(offset, offset + view.nbytes, {}):
                 return None
             started = time.monotonic()
             try:
@@ -310,7 +313,7 @@ class Overlay:
             raise OverlayError(f"{self._where}: cannot truncate to {size} bytes")
         with self._flush_lock:
             with self._lock:
-                self._check_open()
+                self._check_changeable()
                 if size >= self._size:
                     if size > self._size:
                         self._grow(size)
@@ -419,6 +422,8 @@ class Overlay:
         with self._flush_lock:
             if self._closed:
                 return
+            with self._lock:
+                self._closing = True
             try:
                 self._flush_locked()
             finally:
@@ -430,6 +435,10 @@ class Overlay:
     def _check_open(self) -> None:
         if self._closed:
             raise OverlayError(f"{self._where}: overlay is closed")
+
+    def _check_changeable(self) -> None:
+        if self._closing:
+            raise OverlayClosed(f"{self._where}: overlay is closed")
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:

@@ -15,3 +15,7 @@ class OverlayError(Exception):
 
 class OverlayCorrupt(OverlayError):
     """The map file is not a sound overlay map (magic, version, checksum or entries)."""
+
+
+class OverlayClosed(OverlayError):
+    """A change reached an overlay that is closing or closed: the caller may retry on a new one."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from overlay import BaseImage, Overlay, OverlayCorrupt, OverlayError
+from overlay import BaseImage, Overlay, OverlayClosed, OverlayCorrupt, OverlayError
 from overlay import disk, mapfile
 
 BLOCK = 4096
@@ -219,6 +219,38 @@ def test_reopen_after_flush_keeps_data(tmp_path: Path) -> None:
     assert reopened.read(base.size, 50) == bytes(50)
     reopened.close()
     overlay.close()
+
+
+def test_changes_are_refused_once_close_has_begun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that lands after close's last flush would be acknowledged and never made durable."""
+    base = BytesBase(bytes(range(256)) * 64)
+    directory, overlay = make_overlay(tmp_path, base)
+    overlay.write(0, b"kept")
+    flushing, release = threading.Event(), threading.Event()
+    real_flush = overlay._flush_locked
+
+    def held_flush() -> None:
+        flushing.set()
+        release.wait(10)
+        real_flush()
+
+    monkeypatch.setattr(overlay, "_flush_locked", held_flush)
+    closer = threading.Thread(target=overlay.close)
+    closer.start()
+    assert flushing.wait(10)
+    with pytest.raises(OverlayClosed):
+        overlay.write(BLOCK, b"too late")
+    with pytest.raises(OverlayClosed):
+        overlay.truncate(1)
+    assert overlay.write_nowait(BLOCK, bytes(BLOCK)) is None
+    release.set()
+    closer.join(10)
+    with pytest.raises(OverlayClosed):
+        overlay.write(0, b"after")
+    reopened = Overlay.open(directory, base)
+    assert reopened.read(0, 4) == b"kept"
+    assert reopened.read(BLOCK, 8) == base.read(BLOCK, 8)
+    reopened.close()
 
 
 def test_crash_keeps_flushed_data_and_unflushed_blocks_whole(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ from appliance.names import check_component
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
-from overlay import Overlay
+from overlay import Overlay, OverlayClosed, OverlayError
 
 _READ_ONLY_ROLES = frozenset({"root", "rp-root", "rp-vm", "rp-point", "rp-file"})
 _CONTAINER_ROLES = frozenset({"session", "dir"})
@@ -151,6 +151,15 @@ class Datastore:
             if fd is not None:
                 os.fsync(fd)
                 os.close(fd)
+
+    @contextlib.contextmanager
+    def _released_retried(self, node: Node) -> Iterator[None]:
+        """A change that met its overlay closing (a pause began after the change was let in)
+        is refused with TryAgain, so the client resends it to the reopened overlay."""
+        try:
+            yield
+        except OverlayClosed:
+            raise TryAgain(f"session {self._session_name(node)!r} let go of its disks; retry") from None
 
     def _check_not_paused(self, node: Node) -> None:
         if self._paused and self._session_name(node) in self._paused:
@@ -405,7 +414,8 @@ class Datastore:
             if node.role == "scratch":
                 os.ftruncate(self._fd(node), changes.size)
             elif node.role == "disk":
-                self._overlay(node).truncate(changes.size)
+                with self._released_retried(node):
+                    self._overlay(node).truncate(changes.size)
                 self._disk_mtimes[node.inode] = time.time_ns()
         if node.role == "scratch" and (changes.atime_ns is not None or changes.mtime_ns is not None):
             info = os.fstat(self._fd(node))
@@ -457,7 +467,10 @@ class Datastore:
         if node is None:
             return None
         if not flat:
-            return self._attributes(node)
+            try:
+                return self._attributes(node)
+            except OverlayError:  # closed under us by a pause: the slow path reopens it
+                return None
         attributes = self._flat_attributes.get(inode)
         if attributes is None:  # a restore point never changes: its attributes are computed once
             attributes = self._flat_attributes[inode] = self._attributes(node)
@@ -501,7 +514,8 @@ class Datastore:
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
         if node.role == "disk":
-            written = self._overlay(node).write(offset, data)
+            with self._released_retried(node):
+                written = self._overlay(node).write(offset, data)
             self._disk_mtimes[node.inode] = time.time_ns()
         elif node.role == "scratch":
             written = os.pwrite(self._fd(node), data, offset)
