@@ -98,6 +98,8 @@ _NS = 1_000_000_000
 _NFSTIME3 = struct.Struct(">II")
 #: type, mode, nlink, uid, gid; size, used, rdev, fsid, fileid; atime, mtime, ctime.
 _FATTR3 = struct.Struct(">5I5Q6I")
+#: size, then mtime and ctime as nfstime3 (wcc_attr).
+_WCC_ATTR = struct.Struct(">Q4I")
 #: count3 and eof (READ3resok), before the data.
 _READ_COUNTS = struct.Struct(">2I")
 #: offset3 then count3, as READ, WRITE and COMMIT arguments carry them.
@@ -136,9 +138,7 @@ class wcc_attr:
     ctime_ns: int
 
     def encode(self, encoder: Encoder) -> None:
-        encoder.uint64(self.size)
-        encode_nfstime3(encoder, self.mtime_ns)
-        encode_nfstime3(encoder, self.ctime_ns)
+        encoder.data += _WCC_ATTR.pack(self.size, *nfstime3(self.mtime_ns), *nfstime3(self.ctime_ns))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -180,7 +180,9 @@ class wcc_data:
     after: fattr3 | None = None
 
     def encode(self, encoder: Encoder) -> None:
-        encoder.optional(self.before, lambda e, a: a.encode(e))
+        encoder.bool(self.before is not None)  # `optional`, written out: every WRITE reply has one
+        if self.before is not None:
+            self.before.encode(encoder)
         encode_post_op_attr(encoder, self.after)
 
 

@@ -50,27 +50,45 @@ class RecordTooLarge(Exception):
 class RecordAssembler:
     """Reassembles record-marked messages (RFC 5531 section 11) from bytes put in its buffer.
 
-    Bytes are received straight into `free_space()`, so a record is copied once, out of
-    the buffer, when it is complete; the buffer grows only for a record larger than it.
+    Bytes are received straight into `free_space()`, and a whole record is handed out as
+    a view of the buffer: a 64 KiB WRITE goes from the socket to the page cache with no
+    copy in between. A view stays valid until the next `free_space()`, which may move
+    bytes within the buffer; a caller that keeps records longer (a call answered later,
+    in a task) says so with `lend()`, and the next bytes go to a fresh buffer instead.
+    The buffer is never resized, so views of it can never be invalidated that way.
     """
 
     def __init__(self, max_record: int = MAX_RECORD, capacity: int = 1 << 18) -> None:
         self._max = max_record
+        self._capacity = capacity
         self._buffer = bytearray(capacity)
+        self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        self._lent = False
         self._fragments: bytearray | None = None  # the earlier fragments of a record in progress
         self._wanted = 4  # bytes the next fragment needs in the buffer, header included
 
+    def lend(self) -> None:
+        """The records handed out since the last `free_space()` stay in use: keep their bytes."""
+        self._lent = True
+
     def free_space(self) -> memoryview:
         """Room for the next bytes received; call `received` with how many were put there."""
-        if self._start and len(self._buffer) - self._end < max(self._wanted, 1 << 16):
+        if self._lent or len(self._buffer) - self._start < self._wanted:
+            self._move_to_fresh_buffer(max(self._capacity, self._wanted + (1 << 16)))
+        elif self._start and len(self._buffer) - self._end < max(self._wanted, 1 << 16):
             held = self._end - self._start
             self._buffer[:held] = self._buffer[self._start : self._end]
             self._start, self._end = 0, held
-        if len(self._buffer) - self._start < self._wanted:
-            self._buffer.extend(bytes(self._wanted - (len(self._buffer) - self._start)))
-        return memoryview(self._buffer)[self._end :]
+        return self._view[self._end :]
+
+    def _move_to_fresh_buffer(self, size: int) -> None:
+        held = self._end - self._start
+        fresh = bytearray(size)
+        fresh[:held] = self._view[self._start : self._end]
+        self._buffer, self._view = fresh, memoryview(fresh)
+        self._start, self._end, self._lent = 0, held, False
 
     def received(self, count: int) -> None:
         self._end += count
@@ -85,8 +103,9 @@ class RecordAssembler:
             self.received(taken)
             view = view[taken:]
 
-    def next_record(self) -> bytes | None:
-        """The next whole record, or None until more bytes are received."""
+    def next_record(self) -> memoryview | bytes | None:
+        """The next whole record (see the class docstring for how long it is valid), or None
+        until more bytes are received."""
         while True:
             held = self._end - self._start
             if held < 4:
@@ -100,23 +119,19 @@ class RecordAssembler:
             if held < 4 + length:
                 self._wanted = 4 + length
                 return None
-            with memoryview(self._buffer) as buffer:  # released at once: the buffer may need to grow later
-                body = buffer[self._start + 4 : self._start + 4 + length]
-                self._start += 4 + length
-                if self._start == self._end:
-                    self._start = self._end = 0
-                if self._fragments is not None:
-                    self._fragments += body
-                elif word & LAST_FRAGMENT:
-                    whole = bytes(body)  # the one copy a record costs
-                else:
-                    self._fragments = bytearray(body)
-                body.release()
+            body = self._view[self._start + 4 : self._start + 4 + length]
+            self._start += 4 + length
             if word & LAST_FRAGMENT:
-                if self._fragments is not None:
-                    whole, self._fragments = bytes(self._fragments), None
                 self._wanted = 4
+                if self._fragments is None:
+                    return body
+                self._fragments += body
+                whole, self._fragments = bytes(self._fragments), None
                 return whole
+            if self._fragments is None:
+                self._fragments = bytearray(body)
+            else:
+                self._fragments += body
 
 
 class RecordReader:
@@ -127,13 +142,13 @@ class RecordReader:
         self._records = RecordAssembler(max_record)
 
     async def read_record(self) -> bytes | None:
-        """The next whole record, or None at the end of the stream."""
+        """The next whole record (a copy: the caller may keep it), or None at the end of the stream."""
         while (record := self._records.next_record()) is None:
             chunk = await self._stream.receive_some(1 << 16)
             if not chunk:
                 return None
             self._records.feed(chunk)
-        return record
+        return bytes(record)
 
 
 def _mark(out: Encoder) -> Encoder:
@@ -211,6 +226,7 @@ class _Connection:
                 if isinstance(started, bool):
                     self._queue_reply(_sealed(out) if started else None)  # sent before the next wait
                 else:
+                    self._records.lend()  # the call's arguments may be views of the record
                     nursery.start_soon(self._finish, started, out)
         except _EndOfCalls:
             return True

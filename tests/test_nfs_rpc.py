@@ -35,7 +35,7 @@ from nfs_export.rpc import (
     Void,
     decode_void,
 )
-from nfs_export.rpc_tcp import MAX_RECORD, RecordReader, RecordTooLarge, serve_rpc
+from nfs_export.rpc_tcp import MAX_RECORD, RecordAssembler, RecordReader, RecordTooLarge, serve_rpc
 from nfs_export.xdr import Decoder, Encoder
 from tests.memory_vfs import MemoryVfs
 
@@ -191,6 +191,20 @@ async def test_records_reassemble_from_fragments_and_small_reads(pieces: int, ch
         got = [await reader.read_record() for _ in records]
         assert await reader.read_record() is None
     assert [bytes(r or b"") for r in got] == records
+
+
+def test_lent_records_keep_their_bytes_while_more_arrive() -> None:
+    assembler = RecordAssembler(capacity=64)
+    first, second = b"a" * 20, b"b" * 24
+    assembler.feed(framed(first) + framed(second) + framed(b"c" * 8)[:6])
+    kept = assembler.next_record()
+    assert kept is not None and bytes(kept) == first
+    assembler.lend()  # a call that will be answered later holds `kept`
+    assert bytes(assembler.next_record() or b"") == second
+    assert assembler.next_record() is None
+    assembler.feed(framed(b"c" * 8)[6:] + framed(b"d" * 40) + framed(b"e" * 60))  # needs room: moves and grows
+    assert [bytes(assembler.next_record() or b"") for _ in range(3)] == [b"c" * 8, b"d" * 40, b"e" * 60]
+    assert bytes(kept) == first
 
 
 @pytest.mark.trio
