@@ -181,7 +181,7 @@ class FuseAdapter(pyfuse3.Operations):
         cached = self.vfs.read_nowait(fh, off, size)
         if cached is None:
             return await self._call(self.vfs.read, fh, off, size)
-        return bytes(cached)  # pyfuse3 takes bytes; the cache may hand out a view
+        return b"".join(cached)  # pyfuse3 takes bytes; the cache hands out views
 
     @_observed
     async def write(self, fh: int, off: int, buf: bytes) -> int:

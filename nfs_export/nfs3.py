@@ -24,7 +24,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -256,11 +256,15 @@ class Nfs3Server:
         if attributes is None:
             return None
         count = min(args.count, MAX_TRANSFER)
-        data = self.vfs.read_nowait(attributes.inode, args.offset, count) if count else b""
-        if data is None:
+        pieces = self.vfs.read_nowait(attributes.inode, args.offset, count) if count else ()
+        if pieces is None:
             return None
-        eof = len(data) < count or args.offset + len(data) >= attributes.size
-        return NfsResult(nfsstat3.NFS3_OK, READ3resok(self.fattr(attributes), eof, data))
+        return NfsResult(nfsstat3.NFS3_OK, self._read_result(attributes, args.offset, count, pieces))
+
+    def _read_result(self, attributes: Attributes, offset: int, count: int,
+                     pieces: Sequence[bytes | bytearray | memoryview]) -> READ3resok:
+        got = sum(map(len, pieces))
+        return READ3resok(self.fattr(attributes), got < count or offset + got >= attributes.size, got, pieces)
 
     def _write_to_page_cache(self, call: Call, args: WRITE3args) -> NfsResult | None:
         """An UNSTABLE WRITE answered on the event loop when the VFS can take it at once.
@@ -405,8 +409,7 @@ class Nfs3Server:
         self.require(attributes, who, ACCESS3_READ, owner_override=True)
         count = min(args.count, MAX_TRANSFER)
         data = self.vfs.read(attributes.inode, args.offset, count) if count else b""
-        eof = len(data) < count or args.offset + len(data) >= attributes.size
-        return READ3resok(self.fattr(attributes), eof, data)
+        return self._read_result(attributes, args.offset, count, (data,))
 
     def write(self, who: Identity, args: WRITE3args) -> WRITE3resok:
         before = self.file(args.file)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.datastore.vfs import Attributes, Kind
@@ -460,11 +461,12 @@ class READLINK3resok:
 class READ3resok:
     file_attributes: fattr3 | None
     eof: bool
-    data: bytes | bytearray | memoryview
+    count: int
+    data: Sequence[bytes | bytearray | memoryview]  # pieces, in order (views of cached chunks)
 
     def encode(self, encoder: Encoder) -> None:
         encode_post_op_attr(encoder, self.file_attributes)
-        encoder.data += _READ_COUNTS.pack(len(self.data), self.eof)
+        encoder.data += _READ_COUNTS.pack(self.count, self.eof)
         encoder.opaque_last(self.data)
 
 

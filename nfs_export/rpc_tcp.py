@@ -260,12 +260,10 @@ class _Connection:
         if reply is None:
             self._release(1)
             return
-        *leading, last = reply
-        for buffer in leading:
+        for buffer in reply:
             self._unsent.append(memoryview(buffer))
             self._ends_reply.append(False)
-        self._unsent.append(memoryview(last))
-        self._ends_reply.append(True)
+        self._ends_reply[-1] = True
 
     def _release(self, slots: int) -> None:
         self._free_slots += slots

@@ -9,7 +9,7 @@ one exception type means no handler has to think about truncated or hostile inpu
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -157,27 +157,32 @@ class Encoder:
         self.tail: tuple[bytes | bytearray | memoryview, ...] = ()
 
     def __len__(self) -> int:
+        if not self.tail:
+            return len(self.data)
         return len(self.data) + sum(len(piece) for piece in self.tail)
 
     def buffers(self) -> list[bytes | bytearray | memoryview]:
         """Everything encoded, in wire order."""
-        return [self.data, *self.tail]
+        return [self.data, *self.tail] if self.tail else [self.data]
 
     def discard_from(self, length: int) -> None:
         """Drop what was encoded after the first `length` bytes (a reply that failed half way)."""
         del self.data[length:]
         self.tail = ()
 
-    def opaque_last(self, data: bytes | bytearray | memoryview) -> None:
-        """`opaque`, as the last item of the message: large data is kept by reference.
-
-        Nothing may be encoded after it.
+    def opaque_last(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        """`opaque` of the pieces joined, as the last item of the message: large data is
+        kept by reference, piece by piece, never joined. Nothing may be encoded after it.
         """
-        if len(data) < TAIL_MIN:
-            self.opaque(data)
-            return
-        self.data += _U32.pack(len(data))
-        self.tail = (data, _PAD[len(data) & 3]) if len(data) & 3 else (data,)
+        length = sum(map(len, pieces))
+        self.data += _U32.pack(length)
+        padding = _PAD[length & 3]
+        if length < TAIL_MIN:
+            for piece in pieces:
+                self.data += piece
+            self.data += padding
+        else:
+            self.tail = (*pieces, padding) if padding else tuple(pieces)
 
     def uint32(self, value: int) -> None:
         self.data += _U32.pack(value)

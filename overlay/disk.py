@@ -25,7 +25,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 from overlay import mapfile
 from overlay.errors import OverlayClosed, OverlayError
@@ -213,11 +213,11 @@ class Overlay:
         return bytes(merged)
 
     def read_nowait(self, offset: int, length: int,
-                    cached_read: Callable[[int, int], bytes | memoryview | None]) -> bytearray | None:
+                    cached_read: Callable[[int, int], Sequence[bytes | memoryview] | None]) -> bytearray | None:
         """`read`, for an event loop: the merged bytes when they are all in memory, else None.
 
         Overlay blocks are read with RWF_NOWAIT (only from the page cache) and base bytes
-        with `cached_read` (the decompressed-chunk cache); anything else, or a writer
+        with `cached_read` (the decompressed-chunk cache, in pieces); anything else, or a writer
         holding the lock, and the caller reads the ordinary way in a worker thread.
         """
         if length <= 0 or offset < 0 or not self._lock.acquire(blocking=False):
@@ -238,10 +238,13 @@ class Overlay:
                     except OSError:  # EAGAIN: not in the page cache (or any error: the slow path reports it)
                         return None
                 elif low < limit:
-                    data = cached_read(low, min(high, limit) - low)
-                    if data is None:
+                    pieces = cached_read(low, min(high, limit) - low)
+                    if pieces is None:
                         return None
-                    view[: len(data)] = data
+                    at = 0
+                    for piece in pieces:
+                        view[at : at + len(piece)] = piece
+                        at += len(piece)
             return merged
         finally:
             self._lock.release()

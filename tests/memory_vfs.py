@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from appliance.datastore.vfs import (
@@ -206,13 +206,13 @@ class MemoryVfs:
             present = inode in self._nodes
         return self.getattr(inode) if present else None
 
-    def read_nowait(self, inode: int, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, inode: int, offset: int, length: int) -> Sequence[bytes] | None:
         """Everything here is in memory; only errors are left to `read`."""
         with self._lock:
             node = self._nodes.get(inode)
             if node is None or node.kind is not Kind.FILE:
                 return None
-            return bytes(node.data[offset : offset + length])
+            return (bytes(node.data[offset : offset + length]),)
 
     def write(self, inode: int, offset: int, data: bytes | memoryview) -> int:
         with self._lock:

@@ -532,9 +532,10 @@ def test_read_nowait_answers_from_memory_only(tmp_path: Path) -> None:
     _, overlay = make_overlay(tmp_path, BytesBase(data))
     asked: list[tuple[int, int]] = []
 
-    def cached(offset: int, length: int) -> bytes | None:
+    def cached(offset: int, length: int) -> list[bytes] | None:  # in pieces, as the chunk cache answers
         asked.append((offset, length))
-        return data[offset : offset + length]
+        middle = offset + length // 2
+        return [data[offset:middle], data[middle : offset + length]]
 
     assert overlay.read_nowait(100, 5000, cached) == data[100:5100]
     overlay.write(2 * BLOCK + 10, b"xyz")  # the block is the overlay's now, and in the page cache

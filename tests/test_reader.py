@@ -67,5 +67,10 @@ def test_read_cached_answers_only_from_memory(store: Store, image_point) -> None
         disk = read_path.disk(point, 0)
         assert disk.read_cached(70_000, 5000) is None  # cold: would need a decompression
         assert disk.read(70_000, 5000) == data[70_000:75_000]
-        assert disk.read_cached(70_000, 5000) == data[70_000:75_000]
+        pieces = disk.read_cached(70_000, 5000)
+        assert pieces is not None and b"".join(pieces) == data[70_000:75_000]
+        disk.read(read_path.chunk_size - 10, 20)
+        spanning = disk.read_cached(read_path.chunk_size - 10, 20)  # two chunks: two views, never joined
+        assert spanning is not None and [bytes(piece) for piece in spanning] == [
+            data[read_path.chunk_size - 10 : read_path.chunk_size], data[read_path.chunk_size : read_path.chunk_size + 10]]
         assert read_path.opened_disk(point.id, 0) is disk

@@ -26,7 +26,7 @@ import os
 import stat
 import threading
 import time
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import lmdb
 
@@ -476,7 +476,7 @@ class Datastore:
             attributes = self._flat_attributes[inode] = self._attributes(node)
         return attributes
 
-    def read_nowait(self, inode: int, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+    def read_nowait(self, inode: int, offset: int, length: int) -> Sequence[bytes | bytearray | memoryview] | None:
         target = self._flat_extents.get(inode)
         if target is not None:
             reader = self.read_path.opened_disk(*target)
@@ -488,9 +488,11 @@ class Datastore:
             return None
         reader = self.read_path.opened_disk(*base)
         data = None if reader is None else overlay.read_nowait(offset, length, reader.read_cached)
-        if data is not None and self._session_io is not None and session is not None:
+        if data is None:
+            return None
+        if self._session_io is not None and session is not None:
             self._session_io.session_read(session, len(data))
-        return data
+        return (data,)
 
     def write_nowait(self, inode: int, offset: int, data: bytes | memoryview) -> int | None:
         """`write` on the caller's thread when it needs no more than a page-cache pwrite

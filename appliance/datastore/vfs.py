@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 
 class Kind(enum.Enum):
@@ -77,11 +77,12 @@ class Vfs(Protocol):
     def setattr(self, inode: int, changes: AttributeChanges) -> Attributes: ...
     def readdir(self, inode: int, after_cookie: int = 0) -> Iterator[DirEntry]: ...
     def read(self, inode: int, offset: int, length: int) -> bytes: ...
-    def read_nowait(self, inode: int, offset: int, length: int) -> bytes | bytearray | memoryview | None:
+    def read_nowait(self, inode: int, offset: int, length: int) -> Sequence[bytes | bytearray | memoryview] | None:
         """`read`'s answer if it is in memory already (no I/O, no decompression), else None.
 
         Lets an adapter answer cache hits on its event loop without a thread hop. The
-        answer may be a view of cached data, to be read (and sent) but not kept.
+        answer comes in pieces, in order, that may be views of cached data: to be read
+        (and sent) but not kept. An NFS READ sends them as they are, with no copy.
         """
         ...
     def write(self, inode: int, offset: int, data: bytes | memoryview) -> int: ...

@@ -67,13 +67,13 @@ class DiskReader:
             return self._path.zeros(self.chunk_length(index))
         return self._path.cache.get(cid)
 
-    def _read(self, offset: int, length: int, chunk_of: Callable[[int], bytes | None]) -> bytes | memoryview | None:
-        """The bytes at `offset`: a view into the chunk when one chunk holds them all, else joined."""
+    def _read(self, offset: int, length: int, chunk_of: Callable[[int], bytes | None]) -> list[memoryview] | None:
+        """The bytes at `offset`, as views of the chunks that hold them, in order."""
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset {offset} or length {length}")
         end = min(offset + length, self.size)
         if offset >= end:
-            return b""
+            return []
         first, last = offset // self._chunk_size, (end - 1) // self._chunk_size
         if offset == self._next_offset:
             self._path.prefetch(self, last + 1)
@@ -85,20 +85,20 @@ class DiskReader:
             base = index * self._chunk_size
             parts.append(memoryview(chunk)[max(offset, base) - base : min(end, base + len(chunk)) - base])
         self._next_offset = end
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset`; short only at the end of the disk."""
-        data = self._read(offset, length, self._chunk)
-        assert data is not None
-        return data if isinstance(data, bytes) else data.tobytes()
+        parts = self._read(offset, length, self._chunk)
+        assert parts is not None
+        return b"".join(parts)
 
-    def read_cached(self, offset: int, length: int) -> bytes | memoryview | None:
+    def read_cached(self, offset: int, length: int) -> list[memoryview] | None:
         """Like `read` when every chunk needed is decompressed in memory, else None.
 
         Never blocks on I/O or decompression, so an event loop may call it directly
-        and skip the hop to a worker thread for cache hits. The bytes may be a view of
-        the cached chunk, so an NFS reply sends them without a copy.
+        and skip the hop to a worker thread for cache hits. The bytes come as views of
+        the cached chunks, so an NFS reply sends them without a copy.
         """
         return self._read(offset, length, self._cached_chunk)
 
