@@ -9,6 +9,7 @@ dispatcher's to answer, and one connection's trouble never ends the listener.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -74,13 +75,20 @@ class RecordAssembler:
         self._lent = True
 
     def free_space(self) -> memoryview:
-        """Room for the next bytes received; call `received` with how many were put there."""
-        if self._lent or len(self._buffer) - self._start < self._wanted:
-            self._move_to_fresh_buffer(max(self._capacity, self._wanted + (1 << 16)))
-        elif self._start and len(self._buffer) - self._end < max(self._wanted, 1 << 16):
-            held = self._end - self._start
-            self._buffer[:held] = self._buffer[self._start : self._end]
-            self._start, self._end = 0, held
+        """Room for the next bytes received; call `received` with how many were put there.
+
+        The room holds at least the rest of the fragment in progress, and 64 KiB.
+        """
+        held = self._end - self._start
+        room = max(self._wanted - held, 1 << 16)
+        if self._lent:
+            self._move_to_fresh_buffer(max(self._capacity, held + room))
+        elif len(self._buffer) - self._end < room:
+            if len(self._buffer) - held >= room:
+                self._buffer[:held] = self._buffer[self._start : self._end]
+                self._start, self._end = 0, held
+            else:
+                self._move_to_fresh_buffer(held + room)
         return self._view[self._end :]
 
     def _move_to_fresh_buffer(self, size: int) -> None:
@@ -191,8 +199,10 @@ class _Connection:
         self._dispatcher = dispatcher
         self._client = client
         self._records = assembler
-        self._unsent: list[memoryview] = []  # buffers of queued replies, in wire order
-        self._ends_reply: list[bool] = []  # for each buffer in _unsent: whether a reply ends with it
+        self._unsent: list[bytes | bytearray | memoryview] = []  # buffers of queued replies, in wire order
+        self._queued_bytes = 0  # every reply byte ever queued on this connection
+        self._sent_bytes = 0  # ... and sent
+        self._reply_ends: collections.deque[int] = collections.deque()  # _queued_bytes at the end of each reply
         self._free_slots = MAX_IN_FLIGHT
         self._slot_freed = trio.Event()
         self._reply_queued = trio.Event()
@@ -206,6 +216,9 @@ class _Connection:
         try:
             while True:
                 while not self._free_slots:
+                    self.send_nowait()  # replies answered at once hold slots until they leave
+                    if self._free_slots:
+                        break
                     await self._slot_freed.wait()
                     self._slot_freed = trio.Event()
                 record = self._records.next_record()
@@ -224,7 +237,7 @@ class _Connection:
                 out = _mark(Encoder())
                 started = self._dispatcher.start(record, self._client, out)
                 if isinstance(started, bool):
-                    self._queue_reply(_sealed(out) if started else None)  # sent before the next wait
+                    self._queue_reply(out if started else None)  # sent before the next wait
                 else:
                     self._records.lend()  # the call's arguments may be views of the record
                     nursery.start_soon(self._finish, started, out)
@@ -252,18 +265,17 @@ class _Connection:
 
     async def _finish(self, call: PendingCall, out: Encoder) -> None:
         await call.finish()
-        self._queue_reply(_sealed(out))
+        self._queue_reply(out)
         self._reply_queued.set()
 
-    def _queue_reply(self, reply: list[bytes | bytearray | memoryview] | None) -> None:
-        """Queue a reply's buffers (None: the call needs none, its slot is free at once)."""
-        if reply is None:
+    def _queue_reply(self, out: Encoder | None) -> None:
+        """Queue a reply (None: the call needs none, its slot is free at once)."""
+        if out is None:
             self._release(1)
             return
-        for buffer in reply:
-            self._unsent.append(memoryview(buffer))
-            self._ends_reply.append(False)
-        self._ends_reply[-1] = True
+        self._unsent += _sealed(out)
+        self._queued_bytes += len(out)
+        self._reply_ends.append(self._queued_bytes)
 
     def _release(self, slots: int) -> None:
         self._free_slots += slots
@@ -273,23 +285,34 @@ class _Connection:
         """Send queued replies as far as the socket takes them without waiting."""
         while self._unsent:
             try:
-                sent = os.writev(self._fd, self._unsent[:_IOV_MAX])
+                sent = os.writev(self._fd, self._unsent if len(self._unsent) <= _IOV_MAX else self._unsent[:_IOV_MAX])
             except BlockingIOError:
                 self._reply_queued.set()  # the writer waits until the socket takes more
                 return
             except OSError as exc:
                 raise _ClientGone() from exc
-            done = 0
-            for view in self._unsent:
-                if sent < len(view):
-                    break
-                sent -= len(view)
-                done += 1
-            replies = self._ends_reply[:done].count(True)
-            del self._unsent[:done], self._ends_reply[:done]
-            if sent:
-                self._unsent[0] = self._unsent[0][sent:]
+            self._sent_bytes += sent
+            if self._sent_bytes == self._queued_bytes:
+                self._unsent.clear()
+            else:
+                self._drop_sent(sent)
+            replies = 0
+            while self._reply_ends and self._reply_ends[0] <= self._sent_bytes:
+                self._reply_ends.popleft()
+                replies += 1
             self._release(replies)
+
+    def _drop_sent(self, sent: int) -> None:
+        """After a short write: drop the buffers sent whole, and the sent part of the next."""
+        done = 0
+        for buffer in self._unsent:
+            if sent < len(buffer):
+                break
+            sent -= len(buffer)
+            done += 1
+        del self._unsent[:done]
+        if sent:
+            self._unsent[0] = memoryview(self._unsent[0])[sent:]
 
     async def write_replies(self, scope: trio.CancelScope) -> None:
         """Send replies that complete while the reader waits, and any the socket could not take at once.

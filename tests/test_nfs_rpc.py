@@ -226,6 +226,18 @@ class Echo:
         encoder.opaque(self.data)
 
 
+@dataclass(frozen=True)
+class Filled:
+    """A large reply whose data goes out by reference, in two pieces (as a READ's chunks do)."""
+
+    size: int
+    byte: int
+
+    def encode(self, encoder: Encoder) -> None:
+        half = bytes([self.byte]) * (self.size // 2)
+        encoder.opaque_last([half, memoryview(bytes([self.byte]) * (self.size - len(half)))])
+
+
 class TestProgram:
     __test__ = False
 
@@ -250,10 +262,14 @@ class TestProgram:
             1: Procedure("ECHO", lambda d: d.opaque(64), self.echo),
             2: Procedure("FAIL", decode_void, self.fail),
             3: Procedure("SLOW", decode_void, self.slow),
+            4: Procedure("FILL", lambda d: (d.uint32(), d.uint32()), self.slow, run_nowait=self.fill),
         })
 
     async def echo_void(self, call: Call, args: None) -> Encodable:
         return Void()
+
+    def fill(self, call: Call, args: tuple[int, int]) -> Encodable:
+        return Filled(*args)
 
 
 AUTH_SYS_BODY = bytes.fromhex("00000000" "00000001" "61000000" "000003e8" "000003e8" "00000000")
@@ -325,6 +341,28 @@ async def test_calls_on_one_connection_complete_out_of_order(nursery: trio.Nurse
     test.release.set()
     assert (await _receive(stream, reader)).xid == 1
     await stream.aclose()
+
+
+@pytest.mark.trio
+async def test_replies_a_client_is_slow_to_read_arrive_whole_and_in_order(nursery: trio.Nursery) -> None:
+    """Replies larger than the socket takes at once are sent in parts; the client waits meanwhile."""
+    port = await nursery.start(partial(serve_rpc, RpcDispatcher([TestProgram().program()]), host="127.0.0.1", port=0))
+    slow_reader = await trio.open_tcp_stream("127.0.0.1", port)
+    sizes = [(200_001 + 7 * n, n % 251) for n in range(120)]  # 24 MB of replies, odd lengths (XDR padding)
+    calls = b"".join(framed(call_record(n, TEST_PROGRAM, 1, 4, struct.pack(">II", size, byte)))
+                     for n, (size, byte) in enumerate(sizes))
+    nursery.start_soon(slow_reader.send_all, calls)
+    await trio.sleep(0.3)  # the server fills the socket and stops reading this client's calls
+    other = await trio.open_tcp_stream("127.0.0.1", port)
+    await other.send_all(framed(call_record(999, TEST_PROGRAM, 1, 0)))
+    assert (await _receive(other, RecordReader(other))).xid == 999  # the other client is not held up
+    reader = RecordReader(slow_reader)
+    for n, (size, byte) in enumerate(sizes):
+        reply = await _receive(slow_reader, reader)
+        assert (reply.xid, reply.accepted, reply.stat) == (n, True, 0)
+        assert reply.rest.opaque() == bytes([byte]) * size and reply.rest.remaining() == 0
+    await slow_reader.aclose()
+    await other.aclose()
 
 
 @pytest.mark.trio
