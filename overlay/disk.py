@@ -497,6 +497,8 @@ class Overlay:
     def _fills_wanted(self, offset: int, end: int, fetched: dict[int, bytes]) -> list[int]:
         """Partly written blocks whose read-modify-write needs base bytes not yet fetched."""
         block, entries = self._block, self._map
+        if not offset % block and not end % block:
+            return []  # whole blocks (most writes): nothing to fill
         edges = {offset // block} if offset % block else set()
         if end % block:
             edges.add(end // block)
