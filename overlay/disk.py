@@ -41,12 +41,16 @@ MAX_SIZE = 64 << 40
 _MAP_PAGE = 4096
 _EXPORT_STEP = 1 << 20
 #: A write into the page cache takes microseconds; one that took this long (seconds) waited
-#: on the disk (dirty-page throttling, a journal commit), and the next ones likely would too.
-#: The time includes taking the GIL back after the syscall, so a busy thread can cause a
-#: needless back-off; that costs only speed.
+#: on the disk (dirty-page throttling, a journal commit, first allocation of new blocks) or
+#: on taking the GIL back after the syscall.
 STALL_SECONDS = 0.004
-#: How long `write_nowait` declines after such a stall, so writes wait in worker threads
-#: rather than on the caller's event loop while the disk catches up.
+#: How much time (seconds) such stalls may take within STALL_WINDOW_SECONDS before
+#: `write_nowait` declines. A lone stall is common on a fresh session disk and costs the
+#: loop little; stalls that keep coming mean the disk is throttling writes.
+STALL_BUDGET_SECONDS = 0.1
+STALL_WINDOW_SECONDS = 1.0
+#: How long `write_nowait` then declines, so writes wait in worker threads rather than on
+#: the caller's event loop while the disk catches up.
 STALL_BACKOFF_SECONDS = 1.0
 
 
@@ -123,8 +127,12 @@ class Overlay:
         #: `allocated_bytes` as last measured; None once a write, truncate or flush may change it.
         self._allocated: int | None = None
         self._flush_lock = threading.Lock()  # taken before _lock, never after
-        #: `write_nowait` counts a write this slow (seconds) as a stall; tests set 0.
+        #: `write_nowait` counts a write this slow (seconds) as a stall, and backs off once
+        #: stalls add up to the budget within a window; tests set them to 0.
         self.stall_seconds = STALL_SECONDS
+        self.stall_budget = STALL_BUDGET_SECONDS
+        self._stalled = 0.0  # seconds stalled in the current window
+        self._stall_window_ends = 0.0
         self._nowait_resumes = 0.0  # time.monotonic() before which `write_nowait` declines
 
     @classmethod
@@ -277,8 +285,8 @@ class Overlay:
         a pwrite into the page cache, else None.
 
         None when another thread holds the lock, when a partly written block would first
-        need a fill from the base, and for a while after a write that stalled (see
-        `STALL_SECONDS`): buffered writes cannot be asked not to block (ext4 refuses
+        need a fill from the base, and for a while after writes that stalled (see
+        `STALL_BUDGET_SECONDS`): buffered writes cannot be asked not to block (ext4 refuses
         RWF_NOWAIT for them), so a slow disk is noticed after the fact and avoided.
         Errors are left to `write`, which meets them again and reports them.
         """
@@ -300,10 +308,17 @@ class Overlay:
                 return None
             finished = time.monotonic()
             if finished - started >= self.stall_seconds:
-                self._nowait_resumes = finished + STALL_BACKOFF_SECONDS
+                self._count_stall(finished - started, finished)
             return view.nbytes
         finally:
             self._lock.release()
+
+    def _count_stall(self, seconds: float, now: float) -> None:
+        if now >= self._stall_window_ends:
+            self._stalled, self._stall_window_ends = 0.0, now + STALL_WINDOW_SECONDS
+        self._stalled += seconds
+        if self._stalled >= self.stall_budget:
+            self._nowait_resumes = now + STALL_BACKOFF_SECONDS
 
     def truncate(self, size: int) -> None:
         """Shrink or grow the disk; whatever lies past the old end reads as zeros.

@@ -600,15 +600,18 @@ def test_write_nowait_declines_what_would_wait(tmp_path: Path) -> None:
     assert overlay.write_nowait(0, bytes(BLOCK)) is None
 
 
-def test_write_nowait_backs_off_after_a_slow_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_nowait_backs_off_once_stalls_add_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disk, "STALL_BACKOFF_SECONDS", 0.2)
     _, overlay = make_overlay(tmp_path, BytesBase(bytes(4 * BLOCK)))
     overlay.stall_seconds = 0  # every write counts as a stall
+    for _ in range(3):  # stalls within the budget: the loop keeps writing
+        assert overlay.write_nowait(3 * BLOCK, b"d" * BLOCK) == BLOCK
+    overlay.stall_budget = 0  # the next stall exhausts it
     assert overlay.write_nowait(0, b"a" * BLOCK) == BLOCK  # the slow write itself is done
     overlay.stall_seconds = disk.STALL_SECONDS
     assert overlay.write_nowait(BLOCK, b"b" * BLOCK) is None  # the disk is slow: worker threads write
     assert overlay.write(BLOCK, b"b" * BLOCK) == BLOCK
     time.sleep(0.3)
     assert overlay.write_nowait(2 * BLOCK, b"c" * BLOCK) == BLOCK
-    assert overlay.read(0, 3 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK
+    assert overlay.read(0, 4 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK + b"d" * BLOCK
     overlay.close()
