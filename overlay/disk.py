@@ -452,7 +452,7 @@ class Overlay:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise OverlayError(f"{self._where}: overlay is closed")
+            raise OverlayClosed(f"{self._where}: overlay is closed")
 
     def _check_changeable(self) -> None:
         if self._closing:

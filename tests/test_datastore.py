@@ -267,6 +267,21 @@ def test_a_write_that_meets_its_overlay_closing_is_retried_not_lost(datastore: D
     assert datastore.read(flat, 0, 11) == b"beforeafter"
 
 
+def test_a_pause_lets_no_overlay_outlive_it_and_no_change_reopen_one(datastore: Datastore) -> None:
+    make_session(datastore)
+    flat = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    datastore.write(flat, 0, b"kept")
+    node = datastore._node(flat)
+    with datastore.session_paused("s1"):
+        with pytest.raises(TryAgain):  # a write let in before the pause, reaching for the overlay after it
+            datastore._overlay(node, changing=True)
+        assert flat not in datastore._overlays
+        assert datastore.read(flat, 0, 4) == b"kept"  # reads go on, and open the overlay again
+        assert flat in datastore._overlays
+    assert flat not in datastore._overlays  # released with the pause: a removal leaves no open file behind
+    assert datastore.read(flat, 0, 4) == b"kept"
+
+
 def test_writes_on_the_callers_thread_are_counted_like_the_others(store: Store, tmp_path: Path) -> None:
     backup(store, "web", [write_image(tmp_path / "d0.img", 1 << 20, seed=1)])
     metrics = ApplianceMetrics()

@@ -129,9 +129,12 @@ class Datastore:
             self._release_session(name)
             yield
         finally:
-            with self._lock:
-                self._paused.discard(name)
-            self._changed()
+            try:
+                self._release_session(name)  # overlays reads opened meanwhile: none outlives a removal
+            finally:
+                with self._lock:
+                    self._paused.discard(name)
+                self._changed()
 
     def _release_session(self, name: str) -> None:
         with self._lock:
@@ -154,8 +157,8 @@ class Datastore:
 
     @contextlib.contextmanager
     def _released_retried(self, node: Node) -> Iterator[None]:
-        """A change that met its overlay closing (a pause began after the change was let in)
-        is refused with TryAgain, so the client resends it to the reopened overlay."""
+        """A call that met its overlay closing (a pause began after the call was let in) is
+        refused with TryAgain, so the client resends it to the reopened overlay."""
         try:
             yield
         except OverlayClosed:
@@ -278,7 +281,13 @@ class Datastore:
                 fd = existing
         return fd
 
-    def _overlay(self, node: Node) -> Overlay:
+    def _overlay(self, node: Node, *, changing: bool = False) -> Overlay:
+        """The session disk's open overlay, opened if need be.
+
+        For a change, a paused session's overlay is not opened again (TryAgain): the check
+        and the registration happen under one lock, so no change slips in after the pause
+        released the overlays.
+        """
         with self._lock:
             overlay = self._overlays.get(node.inode)
         if overlay is None:
@@ -288,9 +297,13 @@ class Datastore:
             base = self.read_path.disk(info_point, disk)
             overlay = Overlay.open(overlay_path(self.store, session.inode, disk), base)
             self._session_disks[node.inode] = (info_point.id, disk)
-            self._session_name(node)  # known before the overlay is: `write_nowait` checks for a pause by name
+            name = self._session_name(node)  # known before the overlay is: `write_nowait` checks for a pause by name
             with self._lock:
-                existing = self._overlays.setdefault(node.inode, overlay)
+                refused = changing and name in self._paused
+                existing = overlay if refused else self._overlays.setdefault(node.inode, overlay)
+            if refused:
+                overlay.close()
+                raise TryAgain(f"session {name!r} is being committed or removed; retry")
             if existing is not overlay:
                 overlay.close()
                 overlay = existing
@@ -324,8 +337,9 @@ class Datastore:
             size, used = info.st_size, info.st_blocks * 512
             atime, mtime, ctime = info.st_atime_ns, info.st_mtime_ns, max(ctime, info.st_ctime_ns)
         elif node.role == "disk":
-            overlay = self._overlay(node)
-            size, used = overlay.size, overlay.allocated_bytes()
+            with self._released_retried(node):
+                overlay = self._overlay(node)
+                size, used = overlay.size, overlay.allocated_bytes()
             mtime = max(mtime, self._disk_mtimes.get(node.inode, 0))
         elif node.role == "rp-file":
             if "disk" in node.ref:
@@ -415,7 +429,7 @@ class Datastore:
                 os.ftruncate(self._fd(node), changes.size)
             elif node.role == "disk":
                 with self._released_retried(node):
-                    self._overlay(node).truncate(changes.size)
+                    self._overlay(node, changing=True).truncate(changes.size)
                 self._disk_mtimes[node.inode] = time.time_ns()
         if node.role == "scratch" and (changes.atime_ns is not None or changes.mtime_ns is not None):
             info = os.fstat(self._fd(node))
@@ -448,7 +462,8 @@ class Datastore:
                 return self.read_path.read(point, disk, offset, length)
             return self._small_file(node)[offset : offset + length]
         if node.role == "disk":
-            data = self._overlay(node).read(offset, length)
+            with self._released_retried(node):
+                data = self._overlay(node).read(offset, length)
         elif node.role == "scratch":
             data = os.pread(self._fd(node), length, offset)
         else:
@@ -469,7 +484,7 @@ class Datastore:
         if not flat:
             try:
                 return self._attributes(node)
-            except OverlayError:  # closed under us by a pause: the slow path reopens it
+            except (OverlayError, TryAgain):  # closed under us by a pause: the slow path says what to do
                 return None
         attributes = self._flat_attributes.get(inode)
         if attributes is None:  # a restore point never changes: its attributes are computed once
@@ -517,7 +532,7 @@ class Datastore:
             raise IsADirectory(f"inode {inode} is a directory")
         if node.role == "disk":
             with self._released_retried(node):
-                written = self._overlay(node).write(offset, data)
+                written = self._overlay(node, changing=True).write(offset, data)
             self._disk_mtimes[node.inode] = time.time_ns()
         elif node.role == "scratch":
             written = os.pwrite(self._fd(node), data, offset)
