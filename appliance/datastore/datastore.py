@@ -162,7 +162,10 @@ class Datastore:
         try:
             yield
         except OverlayClosed:
-            raise TryAgain(f"session {self._session_name(node)!r} let go of its disks; retry") from None
+            raise self._let_go(node) from None
+
+    def _let_go(self, node: Node) -> TryAgain:
+        return TryAgain(f"session {self._session_name(node)!r} let go of its disks; retry")
 
     def _check_not_paused(self, node: Node) -> None:
         if self._paused and self._session_name(node) in self._paused:
@@ -337,9 +340,11 @@ class Datastore:
             size, used = info.st_size, info.st_blocks * 512
             atime, mtime, ctime = info.st_atime_ns, info.st_mtime_ns, max(ctime, info.st_ctime_ns)
         elif node.role == "disk":
-            with self._released_retried(node):
+            try:  # `_released_retried`, written out: this runs twice for every WRITE answered on the loop
                 overlay = self._overlay(node)
                 size, used = overlay.size, overlay.allocated_bytes()
+            except OverlayClosed:
+                raise self._let_go(node) from None
             mtime = max(mtime, self._disk_mtimes.get(node.inode, 0))
         elif node.role == "rp-file":
             if "disk" in node.ref:
