@@ -152,13 +152,16 @@ class wcc_attr:
         encoder.data += _WCC_ATTR.pack(self.size, *nfstime3(self.mtime_ns), *nfstime3(self.ctime_ns))
 
 
-@functools.lru_cache(maxsize=4096)
 def _packed_fattr3(a: Attributes, fsid: int) -> bytes:
-    """In one pack, remembered: every NFS reply carries these 84 bytes, most of them twice,
-    and a restore point's files answer with the same attributes every time."""
+    """In one pack: every NFS reply carries these 84 bytes, most of them twice."""
     return _FATTR3.pack(FTYPE[a.kind], a.mode & 0o7777, a.nlink, a.uid, a.gid, a.size, a.used,
                         0, fsid, a.inode,  # rdev: specdata3 {0, 0}; no device files
                         *nfstime3(a.atime_ns), *nfstime3(a.mtime_ns), *nfstime3(a.ctime_ns))
+
+
+#: A restore point's files answer with the same attributes every time: packed once. A
+#: session's change with every write, so remembering them would only evict those.
+_remembered_fattr3 = functools.lru_cache(maxsize=4096)(_packed_fattr3)
 
 
 @dataclass(slots=True)
@@ -169,7 +172,8 @@ class fattr3:
     fsid: int
 
     def encode(self, encoder: Encoder) -> None:
-        encoder.data += _packed_fattr3(self.attributes, self.fsid)
+        pack = _remembered_fattr3 if self.attributes.read_only else _packed_fattr3
+        encoder.data += pack(self.attributes, self.fsid)
 
     def wcc(self) -> wcc_attr:
         return wcc_attr(self.attributes.size, self.attributes.mtime_ns, self.attributes.ctime_ns)
