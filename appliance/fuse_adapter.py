@@ -185,7 +185,8 @@ class FuseAdapter(pyfuse3.Operations):
 
     @_observed
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._call(self.vfs.write, fh, off, buf)
+        written = self.vfs.write_nowait(fh, off, buf)  # a page-cache pwrite: no thread hop (as `read`)
+        return written if written is not None else await self._call(self.vfs.write, fh, off, buf)
 
     @_observed
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
