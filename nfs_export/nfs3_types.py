@@ -179,10 +179,14 @@ class fattr3:
         return wcc_attr(self.attributes.size, self.attributes.mtime_ns, self.attributes.ctime_ns)
 
 
-def encode_post_op_attr(encoder: Encoder, attributes: fattr3 | None) -> None:
-    encoder.bool(attributes is not None)  # `optional`, written out: nearly every reply has one or two
-    if attributes is not None:
-        attributes.encode(encoder)
+def encode_post_op_attr(encoder: Encoder, item: fattr3 | wcc_attr | None) -> None:
+    """An optional item that encodes itself (post_op_attr, pre_op_attr).
+
+    `Encoder.optional` written out, without its callback: nearly every reply has one or two.
+    """
+    encoder.bool(item is not None)
+    if item is not None:
+        item.encode(encoder)
 
 
 def encode_post_op_fh3(encoder: Encoder, handle: bytes | None) -> None:
@@ -195,9 +199,7 @@ class wcc_data:
     after: fattr3 | None = None
 
     def encode(self, encoder: Encoder) -> None:
-        encoder.bool(self.before is not None)  # `optional`, written out: every WRITE reply has one
-        if self.before is not None:
-            self.before.encode(encoder)
+        encode_post_op_attr(encoder, self.before)
         encode_post_op_attr(encoder, self.after)
 
 

@@ -100,24 +100,11 @@ class Decoder:
         return bytes(self.fixed_view(size))
 
     def opaque_view(self, max_length: int = U32_MAX) -> memoryview:
-        """Variable-length opaque data of at most `max_length` bytes, without copying.
-
-        Written out in one piece (not as `uint32` then `fixed_view`): file handles are
-        decoded this way in every NFS call.
-        """
-        view, start = self._view, self.offset
-        if start + 4 > len(view):
-            raise XdrError(f"truncated: opaque length wanted at offset {start}, {len(view) - start} bytes left")
-        length = _U32.unpack_from(view, start)[0]
+        """Variable-length opaque data of at most `max_length` bytes, without copying."""
+        (length,) = self.unpack(_U32)
         if length > max_length:
             raise XdrError(f"opaque of {length} bytes exceeds the limit of {max_length}")
-        end = start + 4 + length
-        padded = end + (-length & 3)
-        if padded > len(view):
-            raise XdrError(f"truncated: {length} bytes of opaque data wanted at offset {start + 4}, "
-                           f"{len(view) - start - 4} left")
-        self.offset = padded
-        return view[start + 4 : end]
+        return self.fixed_view(length)
 
     def opaque(self, max_length: int = U32_MAX) -> bytes:
         return bytes(self.opaque_view(max_length))

@@ -75,6 +75,11 @@ class SessionIo(Protocol):
     def session_written(self, session: str, size: int) -> None: ...
 
 
+def _paused(session: str) -> TryAgain:
+    """What a change to a session that is being committed or removed gets: clients retry."""
+    return TryAgain(f"session {session!r} is being committed or removed; retry")
+
+
 class Datastore:
     """The `Vfs` of one store. Thread-safe: adapters call it from worker threads."""
 
@@ -169,7 +174,7 @@ class Datastore:
 
     def _check_not_paused(self, node: Node) -> None:
         if self._paused and self._session_name(node) in self._paused:
-            raise TryAgain(f"session {self._session_name(node)!r} is being committed or removed; retry")
+            raise _paused(self._session_name(node))
 
     # ----- nodes and the restore-point mirror -------------------------------------------
 
@@ -306,7 +311,7 @@ class Datastore:
                 existing = overlay if refused else self._overlays.setdefault(node.inode, overlay)
             if refused:
                 overlay.close()
-                raise TryAgain(f"session {name!r} is being committed or removed; retry")
+                raise _paused(name)
             if existing is not overlay:
                 overlay.close()
                 overlay = existing
