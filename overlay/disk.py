@@ -23,8 +23,8 @@ import os
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Callable, Iterator, Protocol, Sequence
 
 from overlay import mapfile
@@ -62,13 +62,27 @@ class BaseImage(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
 
-@contextmanager
-def _os_errors(where: str, action: str) -> Iterator[None]:
-    """Turn OSError into OverlayError so callers meet one exception family."""
-    try:
-        yield
-    except OSError as exc:
-        raise OverlayError(f"{where}: {action} failed: {exc.strerror or exc}") from exc
+class _OsErrors:
+    """Turn OSError into OverlayError so callers meet one exception family.
+
+    A class, not a generator context manager, and its message is made only on failure:
+    it wraps every data read and write, where `contextlib.contextmanager` and an eager
+    f-string took about 0.9 us, a fifth of a page-cache write answered on the loop.
+    """
+
+    __slots__ = ("_where", "_action", "_offset")
+
+    def __init__(self, where: str, action: str, offset: int | None = None) -> None:
+        self._where, self._action, self._offset = where, action, offset
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if isinstance(exc, OSError):
+            at = "" if self._offset is None else f" at offset {self._offset}"
+            raise OverlayError(f"{self._where}: {self._action}{at} failed: {exc.strerror or exc}") from exc
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -144,7 +158,7 @@ class Overlay:
         """
         where = f"overlay {directory}"
         mapfile.check_block_size(block_size, where)
-        with _os_errors(where, "create"):
+        with _OsErrors(where, "create"):
             if any(directory.iterdir()):
                 raise OverlayError(f"{where}: directory is not empty")
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -166,7 +180,7 @@ class Overlay:
         where = f"overlay {directory}"
         fds: list[int] = []
         try:
-            with _os_errors(where, "open"):
+            with _OsErrors(where, "open"):
                 fds.append(os.open(directory / MAP_NAME, os.O_RDWR | os.O_CLOEXEC))
                 fds.append(os.open(directory / DATA_NAME, os.O_RDWR | os.O_CLOEXEC))
                 raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
@@ -176,7 +190,7 @@ class Overlay:
                     f"{where}: base image has {base.size} bytes but the overlay shows base "
                     f"bytes up to offset {header.base_limit}; it was made over another base"
                 )
-            with _os_errors(where, f"map read at offset {ENTRIES_OFFSET}"):
+            with _OsErrors(where, "map read", ENTRIES_OFFSET):
                 entries = bytearray(os.pread(fds[0], header.blocks, ENTRIES_OFFSET))
             entries.extend(bytes(header.blocks - len(entries)))
             mapfile.check_entries(entries, where)
@@ -341,7 +355,7 @@ class Overlay:
                 del self._map[-(-size // self._block) :]
                 self._header_dirty = True
             self._flush_locked()
-            with self._lock, _os_errors(self._where, f"data truncate at offset {size}"):
+            with self._lock, _OsErrors(self._where, "data truncate", size):
                 os.ftruncate(self._data_fd, len(self._map) * self._block)
                 self._allocated = None
 
@@ -386,7 +400,7 @@ class Overlay:
         known = self._allocated
         if known is not None:
             return known
-        with self._lock, _os_errors(self._where, "stat"):
+        with self._lock, _OsErrors(self._where, "stat"):
             self._check_open()
             self._allocated = sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
             return self._allocated
@@ -403,7 +417,7 @@ class Overlay:
         with self._lock:
             self._check_open()
             size = self._size
-        with _os_errors(self._where, f"export to {path}"):
+        with _OsErrors(self._where, f"export to {path}"):
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             try:
                 try:
@@ -431,7 +445,7 @@ class Overlay:
         with self._flush_lock:
             with self._lock:
                 self._close_fds()
-            with _os_errors(self._where, "discard"):
+            with _OsErrors(self._where, "discard"):
                 for name in (MAP_NAME, DATA_NAME):
                     (self._directory / name).unlink(missing_ok=True)
 
@@ -490,7 +504,7 @@ class Overlay:
 
     def _pread(self, offset: int, length: int) -> bytes:
         """Overlay bytes; blocks are written whole, so a short read means a damaged `data`."""
-        with _os_errors(self._where, f"data read at offset {offset}"):
+        with _OsErrors(self._where, "data read", offset):
             data = os.pread(self._data_fd, length, offset)
         if len(data) != length:
             raise OverlayError(
@@ -547,7 +561,7 @@ class Overlay:
             parts.insert(0, self._fill(first, fetched)[:head])
         if tail:
             parts.append(self._fill(last, fetched)[block - tail :])
-        with _os_errors(self._where, f"data write at offset {offset}"):
+        with _OsErrors(self._where, "data write", offset):
             _pwrite_all(self._data_fd, view if len(parts) == 1 else b"".join(parts), offset - head)
         self._data_dirty = True
         if self._map.find(0, first, last + 1) != -1:
@@ -564,7 +578,7 @@ class Overlay:
         """
         block, old = self._block, self._size
         if old % block and self._map[old // block]:
-            with _os_errors(self._where, f"data write at offset {old}"):
+            with _OsErrors(self._where, "data write", old):
                 _pwrite_all(self._data_fd, bytes(block - old % block), old)
             self._data_dirty = True
         old_blocks, new_blocks = len(self._map), -(-size // block)
@@ -595,10 +609,10 @@ class Overlay:
             self._header_dirty = self._data_dirty = False
         try:
             if data_dirty:
-                with _os_errors(self._where, "data fsync"):
+                with _OsErrors(self._where, "data fsync"):
                     os.fsync(self._data_fd)
             if header is not None:
-                with _os_errors(self._where, "map write"):
+                with _OsErrors(self._where, "map write"):
                     for offset, chunk in chunks:
                         if chunk:
                             _pwrite_all(self._map_fd, chunk, offset)

@@ -296,8 +296,7 @@ class Datastore:
         and the registration happen under one lock, so no change slips in after the pause
         released the overlays.
         """
-        with self._lock:
-            overlay = self._overlays.get(node.inode)
+        overlay = self._overlays.get(node.inode)  # one dict read is atomic; registering takes the lock
         if overlay is None:
             session = self._node(self._session_inode(node))
             info_point = self._session_point(session)
@@ -487,8 +486,7 @@ class Datastore:
         flat = inode in self._flat_extents
         if not flat and inode not in self._overlays:
             return None
-        with self._lock:
-            node = self._node_cache.get(inode)  # gone when the point or session was removed: the slow path says so
+        node = self._node_cache.get(inode)  # gone when the point or session was removed: the slow path says so
         if node is None:
             return None
         if not flat:
