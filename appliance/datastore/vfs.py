@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 
 class Kind(enum.Enum):
@@ -19,8 +19,14 @@ class Kind(enum.Enum):
     SYMLINK = "symlink"
 
 
-@dataclass(frozen=True, slots=True)
-class Attributes:
+class Attributes(NamedTuple):
+    """An object's attributes, immutable and hashable.
+
+    A named tuple, not a frozen dataclass: one is built for every call about a session
+    disk (twice per WRITE), and a frozen dataclass of 13 fields cost 1.3 us to build
+    against 0.55 us.
+    """
+
     inode: int
     generation: int
     kind: Kind
