@@ -59,10 +59,17 @@ def env(tmp_path: Path) -> Iterator[tuple[Path, Path, Mount, Path]]:
             check=True)
     mount = Mount(store, mountpoint)
     mount.start()
-    yield store, mountpoint, mount, image
-    if mount.process is not None:
-        assert mount.stop() == 0
-    assert not os.path.ismount(mountpoint)
+    try:
+        yield store, mountpoint, mount, image
+        if mount.process is not None:
+            assert mount.stop() == 0
+        assert not os.path.ismount(mountpoint)
+    finally:
+        if mount.process is not None:
+            mount.process.kill()
+            mount.process.wait()
+        if os.path.ismount(mountpoint):  # after a failure: a dead mount would hang whoever lists tmp next
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
 
 
 def point_dir(mountpoint: Path) -> Path:
@@ -174,7 +181,8 @@ def test_a_killed_mount_does_not_block_the_next(env: tuple[Path, Path, Mount, Pa
     _, mountpoint, mount, image = env
     mount.stop(signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+    while os.path.ismount(mountpoint):
+        assert time.monotonic() < deadline, "fusermount3 did not unmount after the daemon died"
         time.sleep(0.1)  # auto_unmount: fusermount3 cleans up after the dead process
     mount.start()
     assert (point_dir(mountpoint) / "vm1-flat.vmdk").read_bytes() == image.read_bytes()
