@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import resource
 import signal
 import struct
 import subprocess
@@ -615,3 +616,24 @@ def test_write_nowait_backs_off_once_stalls_add_up(tmp_path: Path, monkeypatch: 
     assert overlay.write_nowait(2 * BLOCK, b"c" * BLOCK) == BLOCK
     assert overlay.read(0, 4 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK + b"c" * BLOCK + b"d" * BLOCK
     overlay.close()
+
+
+def test_a_failed_data_write_is_an_overlay_error_and_loses_nothing(tmp_path: Path) -> None:
+    base = BytesBase(os.urandom(8 * BLOCK))
+    directory, overlay = make_overlay(tmp_path, base)
+    overlay.write(0, b"k" * BLOCK)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 * BLOCK, limits[1]))
+    try:
+        assert overlay.write_nowait(6 * BLOCK, b"z" * BLOCK) is None  # left to `write`, which reports it
+        with pytest.raises(OverlayError, match=rf"{directory}: data write at offset {6 * BLOCK} failed: File too large"):
+            overlay.write(6 * BLOCK, b"z" * BLOCK)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert overlay.read(0, 8 * BLOCK) == b"k" * BLOCK + base.data[BLOCK:]
+    overlay.close()
+    reopened = Overlay.open(directory, base)
+    assert reopened.read(0, 8 * BLOCK) == b"k" * BLOCK + base.data[BLOCK:]
+    reopened.close()
