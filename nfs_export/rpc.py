@@ -32,12 +32,21 @@ A = TypeVar("A")
 _TWO_WORDS = struct.Struct(">2I")
 _THREE_WORDS = struct.Struct(">3I")
 _ACCEPTED = struct.Struct(">6I")
+_U32 = struct.Struct(">I")
 
 RPC_VERSION = 2
 MAX_AUTH_BYTES = 400
 MAX_MACHINE_NAME = 255
 MAX_GIDS = 16
 NOBODY = 65534
+#: Call headers a dispatcher remembers checked (see `_header_key`); it forgets them all
+#: when full. A client sends a handful: one per procedure and credential it uses.
+KNOWN_HEADERS = 256
+#: Where the part of a call header that repeats from call to call begins: after the xid
+#: and the message type.
+_HEADER_START = 8
+#: After rpcvers, prog, vers, proc and the credential's flavor: the credential's length.
+_CREDENTIAL_LENGTH_AT = _HEADER_START + 5 * 4
 
 
 class MsgType(enum.IntEnum):
@@ -268,6 +277,28 @@ def _auth_sys(body: bytes) -> Credential:
     return Credential(AuthFlavor.AUTH_SYS, uid, gid, gids, machine, stamp)
 
 
+def _header_key(record: bytes | bytearray | memoryview) -> bytes:
+    """A call header's bytes from rpcvers through the verifier, found by the two auth
+    lengths alone; empty if the record cannot hold them (the full decode says why).
+
+    A client repeats these bytes in every call of a procedure (same program, credential
+    and empty verifier), so a dispatcher checks a header once and then knows it by them:
+    decoding it in full cost a third of a 4 KiB READ's dispatch.
+    """
+    size = len(record)
+    if size < _CREDENTIAL_LENGTH_AT + 4:
+        return b""
+    (credential_length,) = _U32.unpack_from(record, _CREDENTIAL_LENGTH_AT)
+    verifier_length_at = _CREDENTIAL_LENGTH_AT + 8 + credential_length + (-credential_length & 3)
+    if credential_length > MAX_AUTH_BYTES or size < verifier_length_at + 4:
+        return b""
+    (verifier_length,) = _U32.unpack_from(record, verifier_length_at)
+    end = verifier_length_at + 4 + verifier_length + (-verifier_length & 3)
+    if verifier_length > MAX_AUTH_BYTES or size < end:
+        return b""
+    return bytes(record[_HEADER_START:end])
+
+
 def _accepted(out: Encoder, xid: int, stat: AcceptStat) -> None:
     # xid, REPLY, MSG_ACCEPTED, verifier AUTH_NONE with an empty body, the accept status.
     out.data += _ACCEPTED.pack(xid, MsgType.REPLY, ReplyStat.MSG_ACCEPTED, AuthFlavor.AUTH_NONE, 0, stat)
@@ -280,6 +311,10 @@ def _denied(out: Encoder, xid: int, stat: RejectStat) -> None:
     out.uint32(stat)
 
 
+#: A checked call header: the program and procedure it names, the procedure's number, who calls.
+_Header = tuple[Program, Procedure[Any], int, Credential]
+
+
 @dataclass
 class RpcDispatcher:
     """Routes calls to programs; transport-independent (a record in, a reply out)."""
@@ -289,6 +324,7 @@ class RpcDispatcher:
     _table: dict[tuple[int, int], Program] = field(init=False)
     _versions: dict[int, tuple[int, int]] = field(init=False)
     _counters: _Counters = field(init=False, default_factory=_Counters)
+    _headers: dict[bytes, _Header] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._table = {(p.number, p.version): p for p in self.programs}
@@ -369,6 +405,32 @@ class RpcDispatcher:
         if msg_type != MsgType.CALL:
             return _Ended(CallOutcome.NOT_A_CALL)
         self._counters.calls += 1
+        key = _header_key(record)
+        header = self._headers.get(key)
+        if header is not None:
+            decoder.offset = _HEADER_START + len(key)
+        else:
+            checked = self._header(decoder, xid, out)
+            if isinstance(checked, _Ended):
+                return checked
+            header = checked
+            if key and decoder.offset == _HEADER_START + len(key):  # the key spans exactly what was checked
+                if len(self._headers) >= KNOWN_HEADERS:
+                    self._headers.clear()
+                self._headers[key] = header
+        program, procedure, procedure_number, credential = header
+        try:
+            args = procedure.decode(decoder)
+        except XdrError as exc:
+            log.debug("%s %s from %s: garbage arguments: %s", program.name, procedure.name, client, exc)
+            _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
+            return _Ended(CallOutcome.GARBAGE_ARGS, program.number, procedure.name)
+        return _Prepared(program, procedure,
+                         Call(xid, program.number, program.version, procedure_number, credential, client), args)
+
+    def _header(self, decoder: Decoder, xid: int, out: Encoder) -> _Ended | _Header:
+        """The call header after the message type, checked: what a call's arguments need, or
+        an `_Ended` (reply written) when the call goes no further."""
         try:
             if decoder.uint32() != RPC_VERSION:
                 _denied(out, xid, RejectStat.RPC_MISMATCH)
@@ -399,13 +461,7 @@ class RpcDispatcher:
         if procedure is None:
             _accepted(out, xid, AcceptStat.PROC_UNAVAIL)
             return _Ended(CallOutcome.PROC_UNAVAIL, number)
-        try:
-            args = procedure.decode(decoder)
-        except XdrError as exc:
-            log.debug("%s %s from %s: garbage arguments: %s", program.name, procedure.name, client, exc)
-            _accepted(out, xid, AcceptStat.GARBAGE_ARGS)
-            return _Ended(CallOutcome.GARBAGE_ARGS, number, procedure.name)
-        return _Prepared(program, procedure, Call(xid, number, version, procedure_number, credential, client), args)
+        return program, procedure, procedure_number, credential
 
 
 @dataclass(slots=True)

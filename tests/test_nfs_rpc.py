@@ -321,6 +321,41 @@ async def test_auth_sys_credential_reaches_the_handler() -> None:
     assert test.calls[0].credential == credential and test.calls[0].client == "10.0.0.5"
 
 
+@pytest.mark.trio
+async def test_a_header_seen_before_is_answered_as_the_first_time() -> None:
+    """Checked headers are remembered by their bytes: a repeat must change nothing,
+    for bad calls (never remembered) and for good calls with bad arguments alike."""
+    dispatcher = RpcDispatcher([TestProgram().program()])
+    good = call_record(1, TEST_PROGRAM, 1, 1, b"\0\0\0\x02hi\0\0")
+    for round_ in range(2):
+        for name, record, _ in DISPATCH_CASES:
+            for candidate in (good, record):
+                first, again = Encoder(), Encoder()
+                assert await dispatcher.dispatch(candidate, "127.0.0.1", first)
+                assert await dispatcher.dispatch(candidate, "127.0.0.1", again)
+                assert bytes(first.data) == bytes(again.data), (name, round_)
+
+
+@pytest.mark.trio
+async def test_calls_that_differ_only_in_credential_or_arguments_are_told_apart() -> None:
+    """More distinct credentials than a dispatcher remembers, each sent twice with its own
+    xid and arguments: every handler call sees exactly its own."""
+    test = TestProgram()
+    dispatcher = RpcDispatcher([test.program()])
+    sent = []
+    for round_ in range(2):
+        for uid in range(300):
+            credential = Credential(AuthFlavor.AUTH_SYS, uid, 100 + uid % 3, (uid,), f"host-{uid % 7}", stamp=uid)
+            xid, data = round_ * 1000 + uid, f"{round_}:{uid}".encode()
+            body = struct.pack(">I", len(data)) + data + bytes(-len(data) % 4)
+            out = Encoder()
+            await dispatcher.dispatch(call_record(xid, TEST_PROGRAM, 1, 1, body, credential), "127.0.0.1", out)
+            reply = parse_reply(bytes(out.data))
+            assert (reply.xid, reply.accepted, reply.stat, reply.rest.opaque()) == (xid, True, 0, data)
+            sent.append((xid, credential))
+    assert [(call.xid, call.credential) for call in test.calls] == sent
+
+
 # ----- a live server ----------------------------------------------------------------------
 
 
