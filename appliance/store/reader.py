@@ -162,9 +162,9 @@ class ReadPath:
         return self.disk(point, disk).read(offset, length)
 
     def opened_disk(self, point_id: str, disk: int) -> DiskReader | None:
-        """A disk reader already opened by `disk`, without touching LMDB."""
-        with self._lock:
-            return self._readers.get((point_id, disk))
+        """A disk reader already opened by `disk`, without touching LMDB (nor the lock: one
+        dict read is atomic, and this runs for every READ answered on the loop)."""
+        return self._readers.get((point_id, disk))
 
     def _prefetch_task(self, cid: bytes) -> bytes:
         try:
