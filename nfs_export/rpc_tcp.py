@@ -41,7 +41,8 @@ LAST_FRAGMENT = 0x8000_0000
 _IOV_MAX = 1024
 #: Bytes a connection receives into at a time. Records that straddle the end are moved to
 #: the front; with 64 KiB WRITEs at depth 16, 1 MiB made that rare enough to write 11%
-#: faster than 256 KiB (4 MiB gained nothing more). calloc leaves untouched pages unmapped.
+#: faster than 256 KiB (4 MiB gained nothing more). bytearray zero-fills it, so each
+#: connection holds it resident.
 RECEIVE_BUFFER = 1 << 20
 #: Calls one connection may answer in a row without yielding to the other tasks.
 _YIELD_EVERY = 4 * MAX_IN_FLIGHT
