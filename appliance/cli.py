@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.cli_recovery import register as register_recovery_commands
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
+from appliance.hypervisor.accel import ACCELERATORS
 from appliance.progress import Progress, human_bytes
 from appliance.store import init_store, open_store
 from appliance.store.repository import (
@@ -272,6 +273,7 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("metrics_port", "--metrics-port", "metrics.port"),
     ("api", "--no-api", "api.enabled"),
     ("api_port", "--api-port", "api.port"),
+    ("accel", "--accel", "qemu.accel"),
 )
 #: Flags that name paths: made absolute here, as the configuration only takes absolute ones.
 PATH_FLAGS = frozenset({"store", "mount"})
@@ -328,7 +330,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None)
+    return run_demo(Path(args.dir) if args.dir else None, data_only=args.data_only, accel=args.accel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-api", dest="api", action="store_false", default=None,
                      help="do not serve the HTTP API (the CLI then cannot change sessions while this runs)")
     sub.add_argument("--api-port", type=int, help="port of the HTTP API on 127.0.0.1 (default 9751; 0: any free)")
+    sub.add_argument("--accel", choices=ACCELERATORS,
+                     help="QEMU accelerator for instant boots on this host (default auto: KVM if it really runs guests)")
 
     register_recovery_commands(command)
 
@@ -442,8 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     action = config_commands.add_parser("check", help="validate FILE: one OK line, or the error (exit 2)")
     action.add_argument("file", metavar="FILE")
 
-    sub = command("demo", cmd_demo, "generate a disk image, back it up, list, restore and compare")
+    sub = command("demo", cmd_demo, "back up, restore and serve a disk; instant-boot a VM from its backup over NFS")
     sub.add_argument("--dir", help="work directory (default: a new temporary directory)")
+    sub.add_argument("--data-only", action="store_true", help="skip the boot part (QEMU)")
+    sub.add_argument("--accel", choices=ACCELERATORS, default="auto",
+                     help="QEMU accelerator for the boot part (default auto: KVM if it really runs guests)")
     return parser
 
 

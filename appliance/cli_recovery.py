@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, UsageError
+from appliance.hypervisor.accel import ACCELERATORS
 
 if TYPE_CHECKING:
     from appliance.api.client import ApiClient
@@ -89,7 +90,7 @@ def cmd_instant_boot(args: argparse.Namespace) -> int:
     body = {"vm": args.vm, "point": args.point, "target": "qemu" if args.qemu else "vsphere",
             "session": args.session, "host": args.host, "network": args.network, "connection": args.connection,
             "power_on": not args.no_power_on, "verify": args.verify, "timeout": args.timeout,
-            "memory_mib": args.memory, "keep": args.keep, "expires_hours": args.expires_hours}
+            "memory_mib": args.memory, "accel": args.accel, "keep": args.keep, "expires_hours": args.expires_hours}
     with _client(args) as client:
         return follow(client, client.call("POST", "/instant-boots", body), args.json, args.detach)
 
@@ -180,6 +181,8 @@ def register(command: Command) -> None:
     sub.add_argument("--verify", default="none", metavar="HOW", help="tools | ip | script:CMD | console:TEXT | none")
     sub.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds for the verification")
     sub.add_argument("--memory", type=int, default=512, metavar="MiB", help="guest memory with --qemu")
+    sub.add_argument("--accel", choices=ACCELERATORS, help="QEMU accelerator with --qemu (default: the serving "
+                     "appliance's qemu.accel, auto unless configured)")
     sub.add_argument("--keep", action="store_true", help="on failure leave everything for inspection")
     sub.add_argument("--expires-hours", type=float, metavar="H",
                      help="stop (or migrate, per limits.expiry_action) after H hours")

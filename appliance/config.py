@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from appliance.errors import ConfigError
+from appliance.hypervisor.accel import ACCELERATORS, QEMU
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Check = Callable[[Any], Any]
@@ -332,6 +333,17 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class QemuConfig:
+    """How `instant-boot --qemu` and QEMU recovery groups run guests on this host."""
+
+    #: "auto": KVM only if it boots a probe guest with the real boot's options, and TCG
+    #: again for a guest that still fails to start under it; "kvm"/"tcg": exactly that.
+    accel: str = option("auto", one_of(*ACCELERATORS))
+    #: The QEMU system emulator: a name looked up in PATH, or an absolute path.
+    binary: str = option(QEMU, text)
+
+
+@dataclass(frozen=True)
 class ProtectionConfig:
     """What discovery reports for VMs in vCenter (see `appliance discover`)."""
 
@@ -410,6 +422,7 @@ class ApplianceConfig:
     limits: LimitsConfig = part(LimitsConfig)
     vsphere: VsphereConfig = part(VsphereConfig)
     protection: ProtectionConfig = part(ProtectionConfig)
+    qemu: QemuConfig = part(QemuConfig)
 
     def __post_init__(self) -> None:
         if not self.nfs.enabled and self.fuse.mountpoint is None:

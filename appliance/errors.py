@@ -174,3 +174,7 @@ class QmpCommandFailed(HypervisorError):
     def __init__(self, message: str, error_class: str) -> None:
         self.error_class = error_class
         super().__init__(message)
+
+
+class GuestImageError(ApplianceError):
+    """The demo's guest disk could not be built or read: a tool or package is missing, or a step failed."""

@@ -25,7 +25,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
-from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, VsphereConnection
+from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.sessions import datastore_lock
@@ -67,6 +67,7 @@ class ServeOptions:
     limits: LimitsConfig = LimitsConfig()
     vsphere: tuple[VsphereConnection, ...] = ()  # where instant boots run (secrets checked at start)
     protection: ProtectionConfig = ProtectionConfig()
+    qemu: QemuConfig = QemuConfig()  # how guests run on this host (instant-boot --qemu)
 
 
 def serve_options(config: ApplianceConfig) -> ServeOptions:
@@ -79,7 +80,8 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None,
                         api_address=(config.api.bind, config.api.port) if config.api.enabled else None,
                         token_file=config.api.token_file,
-                        limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection)
+                        limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection,
+                        qemu=config.qemu)
 
 
 def _logging() -> None:
@@ -219,7 +221,7 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         metrics.watch(datastore)
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
         metrics.watch_jobs(control.jobs)
-        targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere)
+        targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere, options.qemu)
         recovery = Recovery(control, targets, options.protection)
         control.set_session_ender(recovery.end_expired)
         try:

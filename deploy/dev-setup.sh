@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the appliance, its tests and its benchmarks need on a Debian host,
+# Installs what the appliance, its demo, its tests and its benchmarks (tests/bench/*) need on a Debian host,
 # and the project itself into ./.venv. Idempotent: a second run is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,8 @@ debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse
       libnfs-utils rpcbind tshark systemd
       golang-go golang-github-vmware-govmomi-dev        # the vSphere tests build vcsim
       qemu-system-x86 busybox-static kmod cpio iproute2   # the QEMU boot tests build and boot a guest
-      syslinux syslinux-common mtools dosfstools fdisk)    # ... from its own bootloader (no loop mounts)
+      syslinux syslinux-common mtools dosfstools fdisk     # ... from its own bootloader (no loop mounts)
+      nfs-ganesha nfs-ganesha-vfs)                        # tests/bench/nfs.py: the peer NFS server
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

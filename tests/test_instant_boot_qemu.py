@@ -4,7 +4,7 @@ booted by QEMU from its disk's own bootloader, read over nfs:// from the store.
 
 This is the product path `tests/test_qemu_boot.py` tests piece by piece, and the twin
 of `tests/test_instant_boot_vsphere.py`. serve, QEMU and every CLI process run in a
-private network namespace (tests/netns.py), where serve answers as the portmapper on
+private network namespace (appliance/hypervisor/netns.py), where serve answers as the portmapper on
 port 111 that QEMU's nfs:// driver asks.
 """
 
@@ -20,8 +20,8 @@ import pytest
 
 from appliance.hypervisor import QemuGuest, session_disk_url
 from tests.conftest import sha256_of
-from tests.guest_image import BOOTED_MARKER, DONE_MARKER, POWER_BUTTON_MARKER, GuestImage, build_guest, guest_file
-from tests.netns import private_network
+from appliance.demo.guest_image import BOOTED_MARKER, DONE_MARKER, POWER_BUTTON_MARKER, GuestImage, build_guest, guest_file
+from appliance.hypervisor.netns import private_network
 from tests.test_api import Api, start_api
 from tests.test_instant_boot_vsphere import cli, steps
 from tests.test_qemu_boot import BOOT_TIMEOUT, MEMORY_MIB, backed_up, exported_disk, restored_disk

@@ -1,9 +1,9 @@
 """A real guest booted by QEMU from a backup over the appliance's NFS export, and the
 QMP client and guest lifecycle under it, against real QEMU processes (never mocks).
 
-The guest boots from its disk's own bootloader (tests/guest_image.py), as a hypervisor
+The guest boots from its disk's own bootloader (appliance/demo/guest_image.py), as a hypervisor
 boots a VM; one test boots the kernel given to QEMU instead. The end-to-end tests run
-`appliance serve` and QEMU in a private network namespace (tests/netns.py): QEMU finds
+`appliance serve` and QEMU in a private network namespace (appliance/hypervisor/netns.py): QEMU finds
 the server through the portmapper on port 111, which serve answers itself there, so
 other NFS servers on this machine cannot interfere. The product's own path (the CLI,
 the API's jobs) is tested in tests/test_instant_boot_qemu.py.
@@ -30,8 +30,8 @@ from appliance.hypervisor import QemuGuest, boot_guest, connect_qmp, session_dis
 from appliance.hypervisor.accel import probe_accelerator
 from appliance.hypervisor.qemu import RECORD_NAME
 from tests.conftest import run_cli, sha256_of
-from tests.guest_image import BOOTED_MARKER, DONE_MARKER, GuestImage, build_guest, guest_file, kernel_append
-from tests.netns import private_network
+from appliance.demo.guest_image import BOOTED_MARKER, DONE_MARKER, GuestImage, build_guest, guest_file, kernel_append
+from appliance.hypervisor.netns import private_network
 from tests.test_nfs_serve import Serve
 
 VM = "vm1"

@@ -101,6 +101,8 @@ class InstantBootCreate(BaseModel):
     verify: str = Field("none", description="tools | ip | script:CMD | console:TEXT | none")
     timeout: float = Field(600.0, gt=0, description="seconds to wait for the verification")
     memory_mib: int = Field(512, ge=64, description="guest memory (qemu)")
+    accel: Literal["auto", "kvm", "tcg"] | None = Field(None, description="QEMU accelerator (qemu; default: the "
+                                                        "configuration's qemu.accel)")
     keep: bool = Field(False, description="on failure keep what was done, for inspection")
     expires_hours: float | None = Field(None, gt=0, description="stop (or migrate, per limits.expiry_action) "
                                         "after this long (default: limits.session_expiry_hours)")
@@ -126,7 +128,7 @@ def boot_request(body: InstantBootCreate) -> BootRequest:
         raise errors.UsageError("a vSphere instant boot needs the ESXi host (host)")
     return BootRequest(vm=body.vm, target=body.target, point=body.point, session=body.session, host=body.host,
                        network=body.network, connection=body.connection, power_on=body.power_on,
-                       verify=parse_verification(body.verify), timeout=body.timeout, memory_mib=body.memory_mib,
+                       verify=parse_verification(body.verify), timeout=body.timeout, memory_mib=body.memory_mib, accel=body.accel,
                        keep=body.keep, expires_hours=body.expires_hours)
 
 

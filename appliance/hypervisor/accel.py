@@ -1,24 +1,33 @@
-"""Which accelerator QEMU should use: KVM when it really runs a guest, else TCG.
+"""Which accelerator QEMU uses: KVM when it really runs guests here, else TCG.
 
 An openable /dev/kvm is not enough. On nested or restricted hosts KVM can accept a VM
-and then hang it, or crawl (on this project's build machines SeaBIOS alone takes ~7 s
-under KVM and a Linux kernel never gets past its real-mode setup, while software
-emulation boots the same guest in ~4 s). So the probe runs a real guest: the
-machine's firmware boots a 512-byte boot sector that enters 64-bit long mode
-(protected mode, PAE paging, the EFER MSR: what every 64-bit kernel does first) and
-reports through QEMU's isa-debug-exit device. KVM is chosen only if that finishes,
-correctly, within PROBE_SECONDS; software emulation finishes it in well under a second.
+and then hang it or crawl (SeaBIOS alone taking ~7 s, a Linux kernel never leaving its
+real-mode setup), or refuse the CPU model a real boot asks for: some hosts run a guest
+with QEMU's default CPU under KVM but abort one started with `-cpu host`
+("failed to set MSR 0x10a"). So the probe boots a real guest with the very machine and
+CPU options every boot uses (`machine_options`): the firmware loads a 512-byte boot
+sector that enters 64-bit long mode (protected mode, PAE paging, the EFER MSR: what
+every 64-bit kernel does first) and reports through QEMU's isa-debug-exit device. KVM
+is chosen only if that finishes, correctly, within PROBE_SECONDS; software emulation
+finishes it in well under a second.
+
+A guest can still fail to start under KVM after the probe passed (a host whose KVM
+breaks under more memory or more vCPUs): `boot_guest` then starts it again under TCG
+and calls `remember_fallback`, so the rest of the process does not try KVM again.
+The choice is kept per QEMU binary for the life of the process.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
+#: What an operator may ask for: "auto" probes (and falls back); the others are taken as given.
+ACCELERATORS = ("auto", "kvm", "tcg")
 PROBE_SECONDS = 3.0
 PROBE_EXIT = 0x2A
 #: QEMU's exit status when the guest writes PROBE_EXIT to isa-debug-exit: (value << 1) | 1.
@@ -38,29 +47,62 @@ PROBE_CODE = bytes.fromhex(
     "900000000000000000ffff0000009acf00ffff00000092cf00ffff0000009aaf001f00887c0000"
 )
 
+_lock = threading.Lock()
+_chosen: dict[str, str] = {}  # QEMU binary -> "kvm" | "tcg", once probed or fallen back
+
+
+def machine_options(accel: str, cpus: int = 1) -> list[str]:
+    """The options that decide whether `accel` can run a guest: shared by the probe and every boot.
+
+    KVM passes the host's CPU through (a guest sees what it runs on, as under ESXi);
+    TCG emulates every feature it can ("max").
+    """
+    return ["-accel", accel, "-cpu", "host" if accel == "kvm" else "max", "-machine", "pc", "-smp", str(cpus)]
+
 
 def boot_sector() -> bytes:
     """PROBE_CODE padded to a 512-byte sector with the 0x55AA boot signature."""
     return PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
 
 
-def probe_accelerator(accel: str) -> bool:
-    """True if QEMU with `accel` runs the probe guest to its end within PROBE_SECONDS."""
+def probe_accelerator(accel: str, qemu: str = QEMU) -> bool:
+    """True if `qemu` with `accel` and the boot's machine options runs the probe guest within PROBE_SECONDS."""
     with tempfile.TemporaryDirectory(prefix="appliance-accel-") as work:
         sector = Path(work) / "probe.img"
         sector.write_bytes(boot_sector())
-        command = [QEMU, "-accel", accel, "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none",
+        command = [qemu, *machine_options(accel), "-nodefaults", "-no-user-config", "-display", "none",
                    "-drive", f"file={sector},format=raw,if=ide", "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
         try:
             result = subprocess.run(command, capture_output=True, timeout=PROBE_SECONDS, check=False)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, FileNotFoundError):
             return False
     return result.returncode == PROBE_STATUS
 
 
-@functools.cache
-def best_accelerator() -> str:
-    """"kvm" if /dev/kvm is usable and passes the probe, else "tcg"; probed once per process."""
-    if os.access("/dev/kvm", os.R_OK | os.W_OK) and probe_accelerator("kvm"):
-        return "kvm"
-    return "tcg"
+def choose_accelerator(requested: str = "auto", qemu: str = QEMU) -> str:
+    """The accelerator a boot uses: `requested` itself, or for "auto" the probed (or fallen-back) one.
+
+    "auto" probes once per binary and process: "kvm" if /dev/kvm is usable and runs the
+    probe guest, else "tcg".
+    """
+    if requested not in ACCELERATORS:
+        raise ValueError(f"accelerator {requested!r} is not one of {', '.join(ACCELERATORS)}")
+    if requested != "auto":
+        return requested
+    with _lock:
+        if qemu not in _chosen:
+            usable = os.access("/dev/kvm", os.R_OK | os.W_OK) and probe_accelerator("kvm", qemu)
+            _chosen[qemu] = "kvm" if usable else "tcg"
+        return _chosen[qemu]
+
+
+def remember_fallback(qemu: str = QEMU) -> None:
+    """A guest failed to start under KVM and started under TCG: "auto" means TCG from now on."""
+    with _lock:
+        _chosen[qemu] = "tcg"
+
+
+def forget_choice(qemu: str = QEMU) -> None:
+    """Probe again at the next "auto" boot (after the host's KVM was fixed, or in tests)."""
+    with _lock:
+        _chosen.pop(qemu, None)

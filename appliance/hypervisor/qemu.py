@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import select
 import signal
@@ -36,7 +37,8 @@ from urllib.parse import unquote, urlparse
 
 from appliance.durable import write_durably
 from appliance.errors import HypervisorError, HypervisorTimeout, QmpCommandFailed
-from appliance.hypervisor.accel import QEMU, best_accelerator
+from appliance.events import event
+from appliance.hypervisor.accel import QEMU, choose_accelerator, machine_options, remember_fallback
 from appliance.hypervisor.qmp import QmpClient, connect_qmp
 
 RECORD_NAME = "guest.json"
@@ -292,10 +294,9 @@ class QemuGuest:
 
 
 def qemu_command(run_dir: Path, disks: Sequence[str], memory_mib: int, accel: str, cpus: int,
-                 kernel: Path | None, initrd: Path | None, append: str | None) -> list[str]:
-    """The qemu-system-x86_64 command line: no display, no network, console to a file."""
-    command = [QEMU, "-name", _option(f"appliance-{run_dir.name}"), "-accel", accel,
-               "-cpu", "host" if accel == "kvm" else "max", "-machine", "pc", "-smp", str(cpus),
+                 kernel: Path | None, initrd: Path | None, append: str | None, qemu: str = QEMU) -> list[str]:
+    """The QEMU command line: no display, no network, console to a file."""
+    command = [qemu, "-name", _option(f"appliance-{run_dir.name}"), *machine_options(accel, cpus),
                "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
                "-no-reboot", "-serial", f"file:{_option(str(run_dir / CONSOLE_NAME))}",
                "-qmp", f"unix:{_option(str(run_dir / QMP_NAME))},server=on,wait=off",
@@ -310,11 +311,13 @@ def qemu_command(run_dir: Path, disks: Sequence[str], memory_mib: int, accel: st
 
 
 def boot_guest(run_dir: Path, disks: Sequence[str | Path], memory_mib: int = 512, *, cpus: int = 1,
-               accel: str | None = None, kernel: Path | None = None, initrd: Path | None = None,
+               accel: str = "auto", qemu: str = QEMU, kernel: Path | None = None, initrd: Path | None = None,
                append: str | None = None, timeout: float = START_TIMEOUT) -> QemuGuest:
     """Start a guest on `disks` (nfs:// URLs or local paths) and return once QEMU runs it.
 
-    `accel` None picks KVM only when it really runs guests (`accel.best_accelerator`).
+    `accel` "auto" uses KVM only when it really runs guests (`accel.choose_accelerator`),
+    and a guest that still fails to start under KVM is started again under TCG (event
+    `hypervisor.accel_fallback`); "kvm" or "tcg" is used as given, without a fallback.
     `kernel`/`initrd`/`append` boot a kernel directly instead of the first disk's
     bootloader. Raises HypervisorError with QEMU's message if it cannot start (a disk
     that cannot be opened, a bad option), or if a guest still runs from `run_dir`.
@@ -322,28 +325,50 @@ def boot_guest(run_dir: Path, disks: Sequence[str | Path], memory_mib: int = 512
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / RECORD_NAME).exists() and QemuGuest.load(run_dir).is_running():
         raise HypervisorError(f"a guest already runs from {run_dir}")
+    sources = [_disk_source(disk) for disk in disks]
+    chosen = choose_accelerator(accel, qemu)
+
+    def start(under: str) -> QemuGuest:
+        command = qemu_command(run_dir.resolve(), sources, memory_mib, under, cpus, kernel, initrd, append, qemu)
+        return _start(run_dir, command, under, memory_mib, sources, timeout)
+
+    if accel != "auto" or chosen != "kvm":
+        return start(chosen)
+    try:
+        return start("kvm")
+    except HypervisorError as kvm_failure:
+        try:
+            guest = start("tcg")
+        except HypervisorError:
+            raise kvm_failure from None  # TCG cannot start it either: the guest's own fault, not KVM's
+        remember_fallback(qemu)
+        event("hypervisor.accel_fallback", logging.WARNING, run_dir=str(run_dir), qemu=qemu, used="tcg",
+              kvm_error=str(kvm_failure))
+        return guest
+
+
+def _start(run_dir: Path, command: list[str], accel: str, memory_mib: int, sources: list[str],
+           timeout: float) -> QemuGuest:
+    """Run one QEMU start; the guest once it runs, or HypervisorError with what QEMU said."""
     for name in (RECORD_NAME, PID_NAME, QMP_NAME, CONSOLE_NAME):
         (run_dir / name).unlink(missing_ok=True)
-    sources = [_disk_source(disk) for disk in disks]
-    chosen = accel or best_accelerator()
-    command = qemu_command(run_dir.resolve(), sources, memory_mib, chosen, cpus, kernel, initrd, append)
     started_at = time.time()
     try:
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=timeout, check=False)
     except FileNotFoundError:
-        raise HypervisorError(f"{QEMU} is not installed (Debian package qemu-system-x86)") from None
+        raise HypervisorError(f"{command[0]} is not installed (Debian package qemu-system-x86)") from None
     except subprocess.TimeoutExpired:
         _kill_from_pidfile(run_dir / PID_NAME)
         raise HypervisorTimeout(f"QEMU did not start the guest in {run_dir} within {timeout:.0f} s") from None
     if result.returncode != 0:
         detail = " | ".join(result.stderr.strip().splitlines()[-3:]) or f"exit code {result.returncode}"
-        raise HypervisorError(f"QEMU could not start the guest in {run_dir}: {detail}")
+        raise HypervisorError(f"QEMU ({accel}) could not start the guest in {run_dir}: {detail}")
     pid = int((run_dir / PID_NAME).read_text().strip())
     process_start = _process_start(pid)
-    guest = QemuGuest(run_dir, BootRecord(pid, process_start or 0, chosen, memory_mib, sources, started_at, command))
+    guest = QemuGuest(run_dir, BootRecord(pid, process_start or 0, accel, memory_mib, sources, started_at, command))
     if process_start is None:
-        raise HypervisorError(f"QEMU (pid {pid}) of the guest in {run_dir} exited right after starting"
+        raise HypervisorError(f"QEMU ({accel}, pid {pid}) of the guest in {run_dir} exited right after starting"
                               f"{guest._console_tail()}")
     guest._save(guest.record)
     return guest

@@ -42,6 +42,7 @@ class BootRequest:
     verify: Verification = Verification("none")
     timeout: float = 600.0
     memory_mib: int = 512
+    accel: str | None = None  # qemu: "auto", "kvm" or "tcg"; None: the configuration's qemu.accel
     keep: bool = False  # on failure, leave what was done for inspection
     expires_hours: float | None = None  # end the session (stop or migrate, per limits) after this long
 

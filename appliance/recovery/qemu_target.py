@@ -16,6 +16,7 @@ from typing import Any
 from appliance.control import Control
 from appliance.datastore.sessions import SessionInfo
 from appliance.errors import UsageError
+from appliance.hypervisor.accel import QEMU
 from appliance.hypervisor.disk_urls import session_disk_url
 from appliance.hypervisor.qemu import QemuGuest, boot_guest
 from appliance.jobs import Job
@@ -32,6 +33,8 @@ class QemuSettings:
     nfs_host: str  # where QEMU reaches the NFS server (a loopback address when it listens on all)
     export_path: str
     guests: Path  # run directories, one per session
+    accel: str = "auto"  # what a boot that names no accelerator uses (qemu.accel)
+    binary: str = QEMU
 
 
 class QemuTarget:
@@ -52,7 +55,8 @@ class QemuTarget:
         if not request.power_on:
             return {"run_dir": str(run_dir), "disks": disks}
         with job.step("power on", target="qemu", disks=len(disks)) as step:
-            guest = boot_guest(run_dir, disks, memory_mib=request.memory_mib)
+            guest = boot_guest(run_dir, disks, memory_mib=request.memory_mib,
+                               accel=request.accel or self.settings.accel, qemu=self.settings.binary)
             step.detail = f"pid {guest.record.pid}, {guest.record.accel}, console {guest.console_log}"
         job.note("vm.powered_on", session=session.name, vm=session.vm, target="qemu", pid=guest.record.pid)
         undo.push(f"power off QEMU guest of {session.name}", lambda: self._power_off(guest))

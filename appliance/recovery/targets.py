@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from appliance.config import VsphereConnection
+from appliance.config import QemuConfig, VsphereConnection
 from appliance.control import Control
 from appliance.errors import NotFound, NotSupported, UsageError
 from appliance.recovery.orchestrator import Target
@@ -30,12 +30,12 @@ class ConfiguredTargets:
     """
 
     def __init__(self, control: Control, nfs_bind: str, export_path: str,
-                 connections: tuple[VsphereConnection, ...] = ()) -> None:
+                 connections: tuple[VsphereConnection, ...] = (), qemu: QemuConfig = QemuConfig()) -> None:
         self.control = control
         self.nfs_bind = nfs_bind
         self.export_path = export_path
         self.qemu = QemuSettings(nfs_host=local_address(nfs_bind), export_path=export_path,
-                                 guests=control.store.path / "guests")
+                                 guests=control.store.path / "guests", accel=qemu.accel, binary=qemu.binary)
         self.connections = {connection.name: connection for connection in connections}
 
     def make(self, kind: str, details: dict[str, Any]) -> Target:

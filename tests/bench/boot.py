@@ -3,7 +3,7 @@
 
 What is measured, and why:
 
-* The guest: the QEMU tests' guest (``tests/guest_image.py``: an MBR disk that boots
+* The guest: the demo's and the QEMU tests' guest (``appliance/demo/guest_image.py``: an MBR disk that boots
   by itself, syslinux loading Debian's kernel and a busybox initramfs from a FAT
   partition, then an ext4 root partition), built with ``--payload-mib`` of real files
   of this machine on its root that it reads before printing its boot marker: a real OS
@@ -13,7 +13,8 @@ What is measured, and why:
   firmware's reads of the kernel and initramfs count too. The disk is backed up once
   into our store; the local boot uses a fresh copy of the same disk.
   Same QEMU settings for both (``appliance.hypervisor.boot_guest``, accelerator chosen
-  once before timing), same memory, one vCPU.
+  once before timing, ``--accel``: auto probes, and falls back to TCG as a boot does),
+  same memory, one vCPU; ``accel`` in the output names what the guests really ran under.
 * local: ``boot_guest`` on the raw file -> the guest's boot marker on the serial console.
 * instant: what an instant boot does from the moment it is asked: ``session create``
   of the point (a CLI process), then ``boot_guest`` on the session's flat extent over
@@ -27,7 +28,7 @@ What is measured, and why:
   I/O at all, and ``nfs_extra_ms_per_read`` = (nfs_boot - local_boot) / nfs_read_ops
   is what each read cost over NFS beyond a local read: the guest reads mostly one
   request at a time, so that latency, not bandwidth, decides the ratio.
-* serve and QEMU run in a private network namespace (``tests/netns.py``) where serve
+* serve and QEMU run in a private network namespace (``appliance/hypervisor/netns.py``) where serve
   answers as the portmapper on port 111, so no other NFS server on the machine can
   take QEMU's requests.
 
@@ -50,12 +51,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from appliance.hypervisor import boot_guest, session_disk_url
-from appliance.hypervisor.accel import best_accelerator
+from appliance.hypervisor.accel import ACCELERATORS, choose_accelerator
 from tests.bench.fuse import VM, appliance, backup_image, must_drop_page_cache
-from tests.bench.ingest import add_run_arguments, log, medians, run, work_directory
+from tests.bench.ingest import add_run_arguments, log, medians, run, stage_files, work_directory
 from tests.bench.nfs import free_port, listening, server, url
-from tests.guest_image import BOOTED_MARKER, build_guest
-from tests.netns import private_network
+from appliance.demo.guest_image import BOOTED_MARKER, build_guest
+from appliance.hypervisor.netns import private_network
 
 HOST = "127.0.0.1"
 PORTMAP_PORT = 111
@@ -65,10 +66,14 @@ TARGET_RATIO = 1.3
 GUEST_SECONDS = 600  # the guest keeps running after its marker until the bench powers it off
 
 
-def boot_seconds(run_dir: Path, disk: str) -> tuple[float, int, int]:
-    """Seconds from boot_guest to the boot marker; the bytes and requests the guest read from its disk by then."""
+def boot_seconds(run_dir: Path, disk: str, accel: str, used: set[str]) -> tuple[float, int, int]:
+    """Seconds from boot_guest to the boot marker; the bytes and requests the guest read from its disk by then.
+
+    The accelerator the guest ran under is added to `used`.
+    """
     started = time.perf_counter()
-    guest = boot_guest(run_dir, [disk], MEMORY_MIB, timeout=BOOT_TIMEOUT)
+    guest = boot_guest(run_dir, [disk], MEMORY_MIB, accel=accel, timeout=BOOT_TIMEOUT)
+    used.add(guest.record.accel)
     try:
         guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
         seconds = time.perf_counter() - started
@@ -79,14 +84,14 @@ def boot_seconds(run_dir: Path, disk: str) -> tuple[float, int, int]:
     return seconds, sum(s["rd_bytes"] for s in stats), sum(s["rd_operations"] for s in stats)
 
 
-def measure(work: Path, number: int, disk: Path, store: Path) -> dict[str, float]:
+def measure(work: Path, number: int, disk: Path, store: Path, accel: str, used: set[str]) -> dict[str, float]:
     """One local boot of a copy of `disk`, then one instant boot from a fresh serve process and a fresh session."""
     fig: dict[str, float] = {}
     local = work / "local.img"
     shutil.copyfile(disk, local)
     must_drop_page_cache()
     fig["local_boot_s"], fig["local_read_bytes"], fig["local_read_ops"] = boot_seconds(
-        work / f"local-{number}", str(local))
+        work / f"local-{number}", str(local), accel, used)
     log(f"local: marker after {fig['local_boot_s']:.2f}s ({fig['local_read_bytes'] / 1e6:.1f} MB read "
         f"in {fig['local_read_ops']} requests)")
 
@@ -102,7 +107,7 @@ def measure(work: Path, number: int, disk: Path, store: Path) -> dict[str, float
         run(appliance(store, "session", "create", "--vm", VM, "--point", "latest", "--name", session), cwd=REPO)
         fig["session_create_s"] = time.perf_counter() - started
         fig["nfs_boot_s"], fig["nfs_read_bytes"], fig["nfs_read_ops"] = boot_seconds(
-            work / f"nfs-{number}", session_disk_url(HOST, session, VM))
+            work / f"nfs-{number}", session_disk_url(HOST, session, VM), accel, used)
     fig["instant_boot_s"] = fig["session_create_s"] + fig["nfs_boot_s"]
     log(f"instant: session in {fig['session_create_s']:.2f}s, marker {fig['nfs_boot_s']:.2f}s later "
         f"({fig['nfs_read_bytes'] / 1e6:.1f} MB read over NFS in {fig['nfs_read_ops']} requests)")
@@ -114,31 +119,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, runs=5, kept="store, consoles, logs")
     parser.add_argument("--payload-mib", type=int, default=256, help="real files the guest reads while it boots")
+    parser.add_argument("--accel", choices=ACCELERATORS, default="auto", help="QEMU accelerator (default auto)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: it drops the kernel page cache and enters a network namespace")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop serve and QEMU
     work = work_directory(parser, args.work, "boot-bench-")
     try:
-        disk = build_guest(payload_mib=args.payload_mib).copy_disk(work / "guest.img", GUEST_SECONDS)
+        disk = build_guest(payload_mib=args.payload_mib, stage_payload=stage_files).copy_disk(
+            work / "guest.img", GUEST_SECONDS)
         disk_bytes = disk.stat().st_size
         (work / "logs").mkdir()
         store = work / "store"
         backup_image(store, disk)
-        accel = best_accelerator()
-        log(f"accelerator: {accel}")
-        runs = []
+        log(f"accelerator: {choose_accelerator(args.accel)} (asked for {args.accel})")  # probed before timing
+        runs: list[dict[str, float]] = []
+        used: set[str] = set()
         with private_network():
             for number in range(args.runs):
                 log(f"run {number + 1} of {args.runs}")
-                runs.append(measure(work, number, disk, store))
+                runs.append(measure(work, number, disk, store, args.accel, used))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     figures = medians(runs, 3)
     ratio = round(figures["instant_boot_s"] / figures["local_boot_s"], 3)
     result: dict[str, Any] = {
-        "bench": "boot", "runs": args.runs, "accel": accel, "memory_mib": MEMORY_MIB,
+        "bench": "boot", "runs": args.runs, "accel": ",".join(sorted(used)), "memory_mib": MEMORY_MIB,
         "payload_mib": args.payload_mib, "disk_bytes": disk_bytes, "boot": "disk bootloader", **figures,
         "nfs_extra_ms_per_read": round(1000 * (figures["nfs_boot_s"] - figures["local_boot_s"])
                                        / max(figures["nfs_read_ops"], 1), 3),

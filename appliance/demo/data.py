@@ -1,4 +1,4 @@
-"""`appliance demo`: the whole main job on embedded defaults, end to end.
+"""The demo's data part: backups, restores and the FUSE view, on any host with FUSE.
 
 Generates a mixed disk image (zeros, text, random data, repeated blocks), backs it up,
 changes ~2% of it and takes an incremental backup from a changed-areas file, restores
@@ -15,11 +15,11 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from appliance.cli import main as cli_main
+from appliance.demo.clock import StepClock
 from appliance.errors import ApplianceError
 from appliance.store import open_store
 
@@ -68,47 +68,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _run(*argv: str) -> None:
+def run_cli(*argv: str) -> None:
+    """One `appliance` command, in this process, echoed as a user would type it; raises if it fails."""
     print("$ appliance " + " ".join(argv), flush=True)
     code = cli_main(list(argv))
     if code != 0:
         raise ApplianceError(f"demo step `appliance {' '.join(argv)}` failed with exit code {code}")
 
 
-def run_demo(work: Path | None) -> int:
-    work = work or Path(tempfile.mkdtemp(prefix="appliance-demo-"))
+def run_data_demo(work: Path, clock: StepClock) -> bool:
+    """Back up, restore and serve a generated disk image in `work`; True if every check held."""
     work.mkdir(parents=True, exist_ok=True)
     store, image = work / "store", work / "demo-vm.img"
-    print(f"demo directory: {work}")
-    make_demo_image(image, DEMO_IMAGE_BYTES)
-    day0 = sha256_file(image)
-    _run("--store", str(store), "init")
-    _run("--store", str(store), "backup", "--vm", "demo-vm", str(image))
-    areas = work / "changed.json"
-    areas.write_text(json.dumps({"changedArea": change_image(image, 0.02, seed=1)}))
-    day1 = sha256_file(image)
-    _run(
-        "--store", str(store), "backup", "--vm", "demo-vm",
-        "--parent", "latest", "--changed-areas", str(areas), str(image),
-    )
-    _run("--store", str(store), "points", "--vm", "demo-vm")
+    with clock.step("generate a 256 MiB disk image"):
+        make_demo_image(image, DEMO_IMAGE_BYTES)
+        day0 = sha256_file(image)
+    with clock.step("full backup"):
+        run_cli("--store", str(store), "init")
+        run_cli("--store", str(store), "backup", "--vm", "demo-vm", str(image))
+    with clock.step("incremental backup of 2% changed blocks"):
+        areas = work / "changed.json"
+        areas.write_text(json.dumps({"changedArea": change_image(image, 0.02, seed=1)}))
+        day1 = sha256_file(image)
+        run_cli("--store", str(store), "backup", "--vm", "demo-vm", "--parent", "latest",
+                "--changed-areas", str(areas), str(image))
+        run_cli("--store", str(store), "points", "--vm", "demo-vm")
     with open_store(store) as opened, opened.env.begin() as txn:
         first, second = (p.id for p in opened.catalog.vm_points(txn, "demo-vm"))
-    for point, expected in ((first, day0), (second, day1)):
-        output = work / f"restored-{point}.img"
-        _run("--store", str(store), "restore", "--vm", "demo-vm", "--point", point, "--disk", "0",
-             "--output", str(output))
-        actual = sha256_file(output)
-        verdict = "identical" if actual == expected else "DIFFERENT"
-        print(f"point {point}: restored sha256 {actual[:16]}... source {expected[:16]}... -> {verdict}")
-        if actual != expected:
-            return 1
-    _run("--store", str(store), "session", "create", "--vm", "demo-vm", "--point", second, "--name", "demo")
-    if not _serve_and_read_back(store, work / "mnt", second, day1):
-        return 1
-    _run("--store", str(store), "verify")
-    _run("--store", str(store), "stats")
-    return 0
+    with clock.step("restore both points and compare"):
+        for point, expected in ((first, day0), (second, day1)):
+            output = work / f"restored-{point}.img"
+            run_cli("--store", str(store), "restore", "--vm", "demo-vm", "--point", point, "--disk", "0",
+                    "--output", str(output))
+            actual = sha256_file(output)
+            verdict = "identical" if actual == expected else "DIFFERENT"
+            print(f"point {point}: restored sha256 {actual[:16]}... source {expected[:16]}... -> {verdict}")
+            if actual != expected:
+                return False
+    with clock.step("serve over FUSE, read back, write into a session"):
+        run_cli("--store", str(store), "session", "create", "--vm", "demo-vm", "--point", second, "--name", "demo")
+        if not _serve_and_read_back(store, work / "mnt", second, day1):
+            return False
+    with clock.step("verify the store"):
+        run_cli("--store", str(store), "verify")
+        run_cli("--store", str(store), "stats")
+    return True
 
 
 def _serve_and_read_back(store: Path, mountpoint: Path, point: str, expected: str) -> bool:

@@ -1,8 +1,8 @@
 """A private network namespace for the calling thread, so QEMU can reach our NFS server.
 
 QEMU's nfs:// driver always asks the portmapper on port 111, and a portmapper holds
-one NFSv3 registration at a time: tests and benchmarks of other work on the same
-machine would take it from each other. In a namespace of its own, `appliance serve`
+one NFSv3 registration at a time: the demo, the tests and the benchmarks would take it
+from another NFS server on the same machine (or it from them). In a namespace of its own, `appliance serve`
 finds nothing on port 111 and answers as the portmapper itself, and every child
 started from this thread (serve, QEMU, qemu-img) shares that namespace's loopback.
 """

@@ -1,9 +1,9 @@
-"""A small self-booting Linux disk built from Debian packages, for the QEMU boot tests.
+"""A small self-booting Linux disk built from Debian packages: the demo's VM and the QEMU tests' guest.
 
-Why this shape: the tests must boot a real guest from a disk that went through a backup
-the way a hypervisor boots a VM, from the disk's own bootloader (no -kernel/-initrd:
+Why this shape: the demo and the tests boot a real guest from a disk that went through a
+backup the way a hypervisor boots a VM, from the disk's own bootloader (no -kernel/-initrd:
 `appliance instant-boot --qemu` gives QEMU only the disks), on a machine without a kernel
-package installed, without loop mounts, and within a test's time budget.
+package installed, without loop mounts, and within a couple of minutes.
 
 The disk (`GuestImage.disk`), MBR-partitioned:
 
@@ -22,21 +22,22 @@ The disk (`GuestImage.disk`), MBR-partitioned:
   mounts the `root=` of the kernel command line (syslinux.cfg says /dev/vda2) and
   switches to it; Debian's stock initramfs would double the boot time.
 - The root is ext4 without a journal, so that what the guest synced is in place on the
-  disk (the tests read it back with `debugfs` at the partition's offset, which does not
-  replay a journal). Its /sbin/init is the guest's program: read every file under
-  /payload (if built with one: real files of this machine, standing in for the binaries
-  and libraries a real OS reads while it boots), print BOOTED_MARKER, write
+  disk (`guest_file` reads it back with `debugfs` at the partition's offset, which does
+  not replay a journal). Its /sbin/init is the guest's program: read every file under
+  /payload (if built with one: files a `stage_payload` callable copies in, standing in
+  for the binaries and libraries a real OS reads while it boots), print BOOTED_MARKER, write
   /guest/started, append a line to /guest/progress and sync once a second for
   `appliance_guest_seconds=N` seconds (from the kernel command line), write
   /guest/finished, print DONE_MARKER, power off. Like a real OS it shuts down on the
   ACPI power button (busybox acpid: print POWER_BUTTON_MARKER, sync, power off), so
   `QemuGuest.power_off` ends it the polite way.
 - How long the guest runs is part of the disk (syslinux.cfg's APPEND line): `copy_disk`
-  makes a copy with the seconds a test wants, rewriting that one file with mtools.
+  makes a copy with the seconds a caller wants, rewriting that one file with mtools.
 
 Everything is cached under a directory keyed by the kernel package, the busybox and
 syslinux versions, this file's scripts, the layout and the payload size, so only the
-first run pays for the build.
+first run pays for the build (`apt-get download` of the kernel package: it needs
+Debian's package lists, and the tools `GUEST_TOOLS` names).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench.ingest import stage_files
+from appliance.errors import GuestImageError
 
 BOOTED_MARKER = "APPLIANCE-GUEST: booted"
 DONE_MARKER = "APPLIANCE-GUEST: done"
@@ -65,7 +67,14 @@ ROOT_DEVICE = "/dev/vda2"
 #: The root disk needs the first three; `button` and `evdev` let acpid see the ACPI power button.
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "ext4", "button", "evdev")
 SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
-DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE", "/var/tmp/appliance-test-cache"))
+DEFAULT_CACHE = Path(os.environ.get("APPLIANCE_GUEST_CACHE", "/var/tmp/appliance-guest-cache"))
+#: What the build runs, with the Debian package that has it (deploy/dev-setup.sh installs them all).
+GUEST_TOOLS = {"apt-get": "apt", "dpkg-deb": "dpkg", "depmod": "kmod", "modprobe": "kmod", "cpio": "cpio",
+               "sfdisk": "fdisk", "mkfs.fat": "dosfstools", "syslinux": "syslinux", "mcopy": "mtools",
+               "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs"}
+GUEST_FILES = {Path("/bin/busybox"): "busybox-static", SYSLINUX_MBR: "syslinux-common"}
+#: Copies real files (`budget` bytes at most) into a directory: the payload a guest reads while it boots.
+StagePayload = Callable[[Path, int], object]
 #: mtools refuses images whose FAT geometry it finds odd unless told not to check.
 MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 
@@ -159,10 +168,17 @@ class GuestImage:
         return output
 
 
+def missing_guest_tools() -> list[str]:
+    """What this host lacks to build the guest, as "tool (Debian package)"; empty when nothing is missing."""
+    missing = [f"{tool} ({package})" for tool, package in GUEST_TOOLS.items() if shutil.which(tool) is None]
+    missing += [f"{path} ({package})" for path, package in GUEST_FILES.items() if not path.exists()]
+    return missing
+
+
 def _run(*command: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+        raise GuestImageError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return result.stdout
 
 
@@ -180,7 +196,8 @@ def guest_file(disk: Path, path: str) -> str | None:
                             text=True, timeout=60, check=True)
     if "File not found" in result.stderr:
         return None
-    assert "debugfs" in result.stderr and "error" not in result.stderr.lower(), result.stderr
+    if "debugfs" not in result.stderr or "error" in result.stderr.lower():
+        raise GuestImageError(f"debugfs could not read {path} from {disk}: {result.stderr.strip()[-500:]}")
     return result.stdout
 
 
@@ -190,7 +207,7 @@ def kernel_package() -> str:
         name = line.split(":", 1)[-1].strip()
         if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
             return name
-    raise RuntimeError("apt-cache knows no linux-image-amd64 dependency (run apt-get update)")
+    raise GuestImageError("apt-cache knows no linux-image-amd64 dependency (run apt-get update)")
 
 
 def _cache_key(package: str, payload_mib: int) -> str:
@@ -200,13 +217,19 @@ def _cache_key(package: str, payload_mib: int) -> str:
     return hashlib.sha256(inputs.encode()).hexdigest()[:16]
 
 
-def build_guest(cache: Path = DEFAULT_CACHE, payload_mib: int = 0) -> GuestImage:
+def build_guest(cache: Path = DEFAULT_CACHE, payload_mib: int = 0,
+                stage_payload: StagePayload | None = None) -> GuestImage:
     """The cached guest for today's kernel package, built first if missing.
 
-    `payload_mib` MiB of real files are read by the guest before its boot marker. A
-    lock serializes concurrent test processes; the build happens in a temporary
-    directory renamed into place, so an interrupted build never looks complete.
+    `payload_mib` MiB of files, copied in by `stage_payload`, are read by the guest
+    before its boot marker. A lock serializes concurrent builds; the build happens in a
+    temporary directory renamed into place, so an interrupted build never looks complete.
     """
+    if payload_mib and stage_payload is None:
+        raise ValueError("a payload needs stage_payload to copy its files")
+    missing = missing_guest_tools()
+    if missing:
+        raise GuestImageError(f"cannot build the guest disk: missing {', '.join(missing)}")
     package = kernel_package()
     target = cache / f"guest-{_cache_key(package, payload_mib)}"
     image = GuestImage(target / "vmlinuz", target / "initrd", target / "disk.img")
@@ -217,12 +240,12 @@ def build_guest(cache: Path = DEFAULT_CACHE, payload_mib: int = 0) -> GuestImage
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
             with tempfile.TemporaryDirectory(dir=cache, prefix="building-") as work:
-                _build(package, payload_mib, Path(work))
+                _build(package, payload_mib, stage_payload, Path(work))
                 os.rename(Path(work) / "out", target)
     return image
 
 
-def _build(package: str, payload_mib: int, work: Path) -> None:
+def _build(package: str, payload_mib: int, stage_payload: StagePayload | None, work: Path) -> None:
     _run("apt-get", "download", package, cwd=work)
     (deb,) = work.glob(f"{package}_*.deb")
     tree = work / "kernel"
@@ -236,7 +259,7 @@ def _build(package: str, payload_mib: int, work: Path) -> None:
     root_mib = ROOT_MIB + payload_mib * 5 // 4
     _partition(out / "disk.img", root_mib)
     _write_boot_partition(out / "disk.img", out / "vmlinuz", out / "initrd")
-    _write_root(work / "root", payload_mib, out / "disk.img", root_mib)
+    _write_root(work / "root", payload_mib, stage_payload, out / "disk.img", root_mib)
 
 
 def _partition(disk: Path, root_mib: int) -> None:
@@ -305,7 +328,8 @@ def _write_initramfs(root: Path, modules: list[Path], output: Path) -> None:
                        stdout=archive, cwd=root, timeout=120, check=True)
 
 
-def _write_root(root: Path, payload_mib: int, disk: Path, root_mib: int) -> None:
+def _write_root(root: Path, payload_mib: int, stage_payload: StagePayload | None, disk: Path,
+                root_mib: int) -> None:
     """The ext4 root made in place at ROOT_OFFSET (mke2fs's `offset`), the rest of the disk untouched."""
     _busybox_tree(root)
     (root / "sbin" / "init").write_text(GUEST_INIT)
@@ -314,7 +338,7 @@ def _write_root(root: Path, payload_mib: int, disk: Path, root_mib: int) -> None
     action.parent.mkdir(parents=True)
     action.write_text(POWER_BUTTON)
     action.chmod(0o755)
-    if payload_mib:
-        stage_files(root / "payload", payload_mib << 20)
+    if payload_mib and stage_payload is not None:
+        stage_payload(root / "payload", payload_mib << 20)
     _run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "guest-root", "-E",
          f"root_owner=0:0,offset={ROOT_OFFSET}", "-d", str(root), str(disk), f"{root_mib}M")
