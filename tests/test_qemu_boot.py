@@ -27,7 +27,6 @@ import pytest
 
 from appliance.errors import HypervisorError, HypervisorTimeout, InvalidName, QmpCommandFailed
 from appliance.hypervisor import QemuGuest, boot_guest, connect_qmp, session_disk_url
-from appliance.hypervisor.accel import probe_accelerator
 from appliance.hypervisor.qemu import RECORD_NAME
 from tests.conftest import run_cli, sha256_of
 from appliance.demo.guest_image import BOOTED_MARKER, DONE_MARKER, GuestImage, build_guest, guest_file, kernel_append
@@ -237,11 +236,6 @@ def test_boot_fails_with_qemus_message_for_a_missing_disk(tmp_path: Path) -> Non
 def test_load_names_the_run_directory_without_a_guest(tmp_path: Path) -> None:
     with pytest.raises(HypervisorError, match=f"no guest was booted in {tmp_path}"):
         QemuGuest.load(tmp_path)
-
-
-def test_the_accelerator_probe_runs_under_emulation() -> None:
-    """The probe's boot sector really reaches long mode and reports: else KVM is never chosen."""
-    assert probe_accelerator("tcg")
 
 
 @pytest.mark.parametrize(("host", "session", "disk", "export", "url"), [
