@@ -31,7 +31,7 @@ import trio
 
 from appliance import errors
 from appliance.datastore.datastore import file_type_bits
-from appliance.datastore.vfs import AttributeChanges, Attributes, Kind, Vfs
+from appliance.datastore.vfs import AttributeChanges, Attributes, Durability, Kind, Vfs
 from overlay import OverlayError
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class FuseAdapter(pyfuse3.Operations):
 
     @_observed
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._call(self.vfs.fsync, fh)
+        await self._call(self.vfs.fsync, fh, Durability.DATA if datasync else Durability.FILE)
 
     @_observed
     async def flush(self, fh: int) -> None:

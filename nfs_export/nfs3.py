@@ -9,8 +9,11 @@ READ and UNSTABLE WRITE are first offered to the VFS's nowait calls on the event
 (`_read_from_memory`, `_write_to_page_cache`); only what those decline comes to `_answer`.
 
 Write stability: the verifier is random per server start, so after a restart clients
-resend UNSTABLE writes that no COMMIT covered. DATA_SYNC and FILE_SYNC writes are
-fsynced before the reply and answered FILE_SYNC. ESXi writes FILE_SYNC.
+resend UNSTABLE writes that no COMMIT covered. A DATA_SYNC or FILE_SYNC write is one
+`Vfs.write_durably` call (write, sync at that level, post-op attributes) and is answered
+with the level it asked for: DATA_SYNC makes the bytes durable, FILE_SYNC the file's
+attributes too, as RFC 1813 defines them. ESXi writes FILE_SYNC; concurrent stable
+writes share their flushes in the VFS (group commit). COMMIT syncs at FILE level.
 
 EXCLUSIVE create keeps the client's verifier in the new file's mtime/atime seconds (as
 Linux knfsd does), so a retransmitted CREATE finds it and succeeds; the client's
@@ -30,7 +33,7 @@ from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from appliance import errors
-from appliance.datastore.vfs import AttributeChanges, Attributes, Kind, Vfs
+from appliance.datastore.vfs import AttributeChanges, Attributes, Durability, Kind, Vfs
 from nfs_export.exports import (
     ACCESS3_LOOKUP,
     ACCESS3_MODIFY,
@@ -418,12 +421,14 @@ class Nfs3Server:
         if args.offset + args.count > MAX_FILE_SIZE:
             raise NfsError(nfsstat3.NFS3ERR_FBIG)
         self.require(before, who, ACCESS3_MODIFY, owner_override=True)
-        written = self.vfs.write(before.inode, args.offset, args.data[: args.count])  # a view of the call's own record
-        committed = stable_how.UNSTABLE
-        if args.stable is not stable_how.UNSTABLE:
-            self.vfs.fsync(before.inode)
-            committed = stable_how.FILE_SYNC
-        return WRITE3resok(self.wcc(before, before.inode), written, committed, self.write_verifier)
+        data = args.data[: args.count]  # a view of the call's own record
+        if args.stable is stable_how.UNSTABLE:
+            written = self.vfs.write(before.inode, args.offset, data)
+            return WRITE3resok(self.wcc(before, before.inode), written, args.stable, self.write_verifier)
+        durability = Durability.DATA if args.stable is stable_how.DATA_SYNC else Durability.FILE
+        written, after = self.vfs.write_durably(before.inode, args.offset, data, durability)
+        file_wcc = wcc_data(self.fattr(before).wcc(), self.fattr(after))
+        return WRITE3resok(file_wcc, written, args.stable, self.write_verifier)
 
     def create(self, who: Identity, args: CREATE3args) -> CREATE3resok:
         directory = self.writable_directory(args.where.dir, who)
@@ -514,7 +519,7 @@ class Nfs3Server:
 
     def commit(self, who: Identity, args: COMMIT3args) -> COMMIT3resok:
         before = self.file(args.file)
-        self.vfs.fsync(before.inode)
+        self.vfs.fsync(before.inode, Durability.FILE)
         return COMMIT3resok(self.wcc(before, before.inode), self.write_verifier)
 
 

@@ -4,11 +4,20 @@ Every write lands in the overlay's `data` file, block-wise; the base is only eve
 A block that is not in the overlay reads from the base below the base limit and as
 zeros above it (see `overlay.mapfile` for the files and the meaning of the limit).
 
-Durability: `flush` fsyncs `data` before it writes the map entries that point into it,
+Durability: `flush` syncs `data` before it writes the map entries that point into it,
 so a durable entry never points at data that is not. A process killed between flushes
 leaves each block written since the last flush either as it was or as written, never
 torn between the two: a block enters the overlay only by one whole-block write, and the
-map that would make it visible is only written by the next flush.
+map that would make it visible is only written by the next flush. `flush(metadata=False)`
+is what NFS calls DATA_SYNC: the bytes and what it takes to read them back (fdatasync);
+with metadata (FILE_SYNC, COMMIT, fsync) the data file's modification time is made
+durable too (fsync): it is the disk's mtime, so none is kept anywhere else.
+
+Group commit: every change bumps a generation, and a flush records the generation it
+covered. A flush that finds, once it holds the flush lock, that another flush already
+covered its caller's writes returns at once. So concurrent stable writes to one disk
+(a hypervisor keeps many in flight) share their fsyncs: while one flush runs, the
+writers behind it queue, and the next flush covers all of them.
 
 Concurrency: one `threading.Lock` guards the state and every use of the two file
 descriptors, so a close can never leave another thread reading a reused descriptor.
@@ -133,6 +142,11 @@ class Overlay:
         self._dirty_pages: set[int] = set()
         self._header_dirty = False
         self._data_dirty = False
+        #: Bumped by every change; `_synced` and `_synced_metadata` are the generations the last
+        #: completed flushes covered (without and with the data file's metadata).
+        self._generation = self._synced = self._synced_metadata = 0
+        #: The disk's modification time: the data file's at open, then the last change's.
+        self.modified_ns = os.fstat(data_fd).st_mtime_ns
         self._closed = False
         #: Set when `close` starts: from then on changes are refused, so none can land after
         #: its last flush and be acknowledged without ever being made durable.
@@ -349,22 +363,34 @@ class Overlay:
                 if size >= self._size:
                     if size > self._size:
                         self._grow(size)
+                        self._changed()
                     return
                 self._size = size
                 self._base_limit = min(self._base_limit, size)
                 del self._map[-(-size // self._block) :]
                 self._header_dirty = True
+                self._changed()
             self._flush_locked()
             with self._lock, _OsErrors(self._where, "data truncate", size):
                 os.ftruncate(self._data_fd, len(self._map) * self._block)
                 self._allocated = None
 
-    def flush(self) -> None:
-        """Make every write so far survive a crash (see the module docstring for the order)."""
+    def flush(self, metadata: bool = True) -> None:
+        """Make every write so far survive a crash (see the module docstring for the order).
+
+        Without `metadata`, the data file's modification time may stay behind (DATA_SYNC).
+        Returns at once if a flush that ended meanwhile covered every change made before
+        this call (group commit).
+        """
+        with self._lock:
+            self._check_open()
+            wanted = self._generation
         with self._flush_lock:
+            if (self._synced_metadata if metadata else self._synced) >= wanted:
+                return
             with self._lock:
-                self._check_open()
-            self._flush_locked()
+                self._check_open()  # closed meanwhile: its descriptors may already name other files
+            self._flush_locked(metadata)
 
     def changed_ranges(self) -> list[tuple[int, int]]:
         """Merged (start, length) ranges that may differ from the base, within `size`.
@@ -450,7 +476,7 @@ class Overlay:
                     (self._directory / name).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Flush what is pending and release the files; a clean overlay writes nothing."""
+        """Flush what is pending (data and metadata) and release the files; a clean overlay writes nothing."""
         with self._flush_lock:
             if self._closed:
                 return
@@ -564,10 +590,15 @@ class Overlay:
         with _OsErrors(self._where, "data write", offset):
             _pwrite_all(self._data_fd, view if len(parts) == 1 else b"".join(parts), offset - head)
         self._data_dirty = True
+        self._changed()
         if self._map.find(0, first, last + 1) != -1:
             self._allocated = None
             self._map[first : last + 1] = b"\x01" * (last + 1 - first)
             self._dirty_pages.update(range(first // _MAP_PAGE, last // _MAP_PAGE + 1))
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self.modified_ns = time.time_ns()
 
     def _grow(self, size: int) -> None:
         """Extend the disk to `size`; the new range reads as zeros.
@@ -589,15 +620,17 @@ class Overlay:
         self._size = size
         self._header_dirty = True
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, metadata: bool = True) -> None:
         """Flush; the caller holds _flush_lock (not _lock).
 
-        The state is snapshotted under the lock, and the fsyncs run without it so reads
+        The state is snapshotted under the lock, and the syncs run without it so reads
         and writes go on meanwhile; anything written after the snapshot waits for the
         next flush. If the map grew, its new entries are made durable before a header
-        that covers them, so stale entries from an earlier shrink can never show.
+        that covers them, so stale entries from an earlier shrink can never show. The
+        map's own file times mean nothing, so it is only ever fdatasynced.
         """
         with self._lock:
+            generation = self._generation
             pages = sorted(self._dirty_pages)
             spans = [(first * _MAP_PAGE, stop * _MAP_PAGE) for first, stop in _page_runs(pages)]
             chunks = [(ENTRIES_OFFSET + low, bytes(self._map[low:high])) for low, high in spans]
@@ -608,20 +641,26 @@ class Overlay:
             self._dirty_pages.clear()
             self._header_dirty = self._data_dirty = False
         try:
-            if data_dirty:
+            if metadata and self._synced_metadata < generation:
                 with _OsErrors(self._where, "data fsync"):
-                    os.fsync(self._data_fd)
+                    os.fsync(self._data_fd)  # after a DATA_SYNC flush too: its mtime may still be pending
+            elif data_dirty:
+                with _OsErrors(self._where, "data fdatasync"):
+                    os.fdatasync(self._data_fd)
             if header is not None:
                 with _OsErrors(self._where, "map write"):
                     for offset, chunk in chunks:
                         if chunk:
                             _pwrite_all(self._map_fd, chunk, offset)
                     if header.blocks > self._durable_blocks:
-                        os.fsync(self._map_fd)
+                        os.fdatasync(self._map_fd)
                     _pwrite_all(self._map_fd, header.encode(), 0)
-                    os.fsync(self._map_fd)
+                    os.fdatasync(self._map_fd)
                 self._sequence, self._durable_blocks = header.sequence, header.blocks
                 self._allocated = None  # the map file may have grown
+            self._synced = generation
+            if metadata:
+                self._synced_metadata = generation
         except BaseException:
             with self._lock:
                 self._dirty_pages.update(pages)

@@ -18,6 +18,7 @@ from appliance.datastore.vfs import (
     AttributeChanges,
     Attributes,
     DirEntry,
+    Durability,
     FsStats,
     Kind,
 )
@@ -65,7 +66,7 @@ class MemoryVfs:
         self._generations = itertools.count(7, 2)
         now = time.time_ns()
         self._nodes = {1: _Node(1, 1, 1, Kind.DIRECTORY, 0o755, 0, 0, now, now, now)}
-        self.fsync_calls = 0
+        self.syncs: list[Durability] = []  # what each fsync or durable write asked for, in order
         self.nowait_writes = 0  # writes `write_nowait` took: the NFS tests see which path a WRITE went
 
     # ----- helpers for tests ----------------------------------------------------------
@@ -297,7 +298,13 @@ class MemoryVfs:
             return FsStats(TOTAL_BYTES, TOTAL_BYTES - used, TOTAL_BYTES - used, 1 << 20, (1 << 20) - len(self._nodes),
                            4096, 255)
 
-    def fsync(self, inode: int) -> None:
+    def fsync(self, inode: int, durability: Durability = Durability.FILE) -> None:
         with self._lock:
             self._node(inode)
-            self.fsync_calls += 1
+            self.syncs.append(durability)
+
+    def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
+                      durability: Durability) -> tuple[int, Attributes]:
+        written = self.write(inode, offset, data)
+        self.fsync(inode, durability)
+        return written, self.getattr(inode)

@@ -20,6 +20,7 @@ from nfs_export.handles import FileHandle, HandleCodec
 from nfs_export.rpc import AuthFlavor, Credential
 from nfs_export.rpc_tcp import RpcClient, open_rpc_client
 from nfs_export.xdr import Decoder, Encoder
+from appliance.datastore.vfs import Durability
 from tests.memory_vfs import MemoryVfs
 
 pytestmark = pytest.mark.trio
@@ -32,7 +33,7 @@ FBIG, ROFS, NAMETOOLONG, NOTEMPTY, STALE = 27, 30, 63, 66, 70
 BADHANDLE, NOT_SYNC, BAD_COOKIE, NOTSUPP, TOOSMALL = 10001, 10002, 10003, 10004, 10005
 (NULL, GETATTR, SETATTR, LOOKUP, ACCESS, READLINK, READ, WRITE, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR,
  RENAME, LINK, READDIR, READDIRPLUS, FSSTAT, FSINFO, PATHCONF, COMMIT) = range(22)
-UNSTABLE, FILE_SYNC = 0, 2
+UNSTABLE, DATA_SYNC, FILE_SYNC = 0, 1, 2
 UNCHECKED, GUARDED, EXCLUSIVE = 0, 1, 2
 
 
@@ -222,17 +223,20 @@ async def test_write_stability_and_commit(start: ServerFactory) -> None:
     assert before is not None and before[0] == 0 and after is not None and after["size"] == 5
     assert (reply.uint32(), reply.uint32()) == (5, UNSTABLE)
     verifier = reply.fixed(8)
-    assert vfs.fsync_calls == 0
+    assert vfs.syncs == []
     commit = await client.ok(COMMIT, handle, ("u64", 0), 0)
     wcc(commit)
-    assert commit.fixed(8) == verifier and vfs.fsync_calls == 1
+    assert commit.fixed(8) == verifier and vfs.syncs == [Durability.FILE]
     reply = await client.write(handle, 5, b" world", stable=FILE_SYNC)
     wcc(reply)
     assert (reply.uint32(), reply.uint32(), reply.fixed(8)) == (6, FILE_SYNC, verifier)
-    assert vfs.fsync_calls == 2
-    assert await client.read(handle, 0, 100) == (b"hello world", True)
+    reply = await client.write(handle, 11, b"!", stable=DATA_SYNC)
+    wcc(reply)
+    assert (reply.uint32(), reply.uint32(), reply.fixed(8)) == (1, DATA_SYNC, verifier)  # as asked, no more
+    assert vfs.syncs == [Durability.FILE, Durability.FILE, Durability.DATA]
+    assert await client.read(handle, 0, 100) == (b"hello world!", True)
     assert await client.read(handle, 0, 5) == (b"hello", False)
-    assert await client.read(handle, 11, 5) == (b"", True)
+    assert await client.read(handle, 12, 5) == (b"", True)
     status, _ = await client.call(WRITE, handle, ("u64", 0), 10, FILE_SYNC, b"short")
     assert status == INVAL
 
@@ -249,7 +253,7 @@ async def test_unstable_writes_are_answered_on_the_loop_like_the_others(start: S
         assert (reply.uint32(), reply.uint32()) == (65536, stable)
         verifiers.append(reply.fixed(8))
     assert verifiers[0] == verifiers[1] == verifiers[2]
-    assert (vfs.nowait_writes, vfs.fsync_calls) == (2, 1)  # FILE_SYNC fsyncs in a worker thread
+    assert (vfs.nowait_writes, vfs.syncs) == (2, [Durability.FILE])  # FILE_SYNC syncs in a worker thread
     status, reply = await client.call(WRITE, handle, ("u64", 0), 10, UNSTABLE, b"short")
     assert status == INVAL and wcc(reply)[1] is not None  # the failure body of the ordinary path
     status, reply = await client.call(WRITE, handle, ("u64", (1 << 63) - 2), 5, UNSTABLE, b"large")

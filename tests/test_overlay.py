@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -473,6 +474,72 @@ def test_flush_of_one_block_writes_little_of_a_large_map(tmp_path: Path) -> None
         (4095 * block, 2 * block), (8192 * block, block), (12287 * block, 2 * block),
         (500_000 * block, block), (base.size - block, block),
     ]
+    reopened.close()
+
+
+class SyncLog:
+    """Records which sync call each descriptor got, then does the real call (os.fsync / os.fdatasync)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, int]] = []
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+            monkeypatch.setattr(disk.os, name, self._recording(name, real))
+
+    def _recording(self, name: str, real: Callable[[int], None]) -> Callable[[int], None]:
+        def call(fd: int) -> None:
+            self.calls.append((name, fd))
+            real(fd)
+        return call
+
+    def of(self, fd: int) -> list[str]:
+        return [name for name, got in self.calls if got == fd]
+
+
+def test_concurrent_flushes_share_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: flushes that find their writes covered by another flush return at once."""
+    _, overlay = make_overlay(tmp_path, BytesBase(bytes(64 * BLOCK)))
+    for index in range(16):
+        overlay.write(index * BLOCK, bytes([index + 1]) * BLOCK)
+    syncs = SyncLog(monkeypatch)
+    start = threading.Barrier(16)
+
+    def flush() -> None:
+        start.wait()
+        overlay.flush()
+
+    threads = [threading.Thread(target=flush) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert syncs.of(overlay._data_fd) == ["fsync"]
+    assert syncs.of(overlay._map_fd) == ["fdatasync"]  # the map's entries and header, after the data
+    overlay.flush()
+    assert len(syncs.calls) == 2  # nothing new: nothing to sync
+    overlay.close()
+
+
+def test_data_sync_leaves_the_mtime_to_a_later_file_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, overlay = make_overlay(tmp_path, BytesBase(bytes(8 * BLOCK)))
+    overlay.write(0, b"a" * BLOCK)
+    overlay.flush()
+    syncs = SyncLog(monkeypatch)
+    before = overlay.modified_ns
+    overlay.write(0, b"b" * BLOCK)  # a rewrite: data only, the map stays
+    assert overlay.modified_ns > before
+    overlay.flush(metadata=False)
+    assert syncs.of(overlay._data_fd) == ["fdatasync"] and syncs.of(overlay._map_fd) == []
+    overlay.flush(metadata=False)
+    overlay.flush()  # no new write, but the mtime the data sync left behind must become durable
+    overlay.flush()
+    assert syncs.of(overlay._data_fd) == ["fdatasync", "fsync"]
+    modified = overlay.modified_ns
+    overlay.close()
+    reopened = Overlay.open(directory, BytesBase(bytes(8 * BLOCK)))
+    assert reopened.modified_ns == (directory / "data").stat().st_mtime_ns
+    assert abs(reopened.modified_ns - modified) < 1_000_000_000  # the disk's mtime, from the data file
+    assert reopened.read(0, BLOCK) == b"b" * BLOCK
     reopened.close()
 
 

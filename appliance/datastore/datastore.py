@@ -25,7 +25,6 @@ import contextlib
 import os
 import stat
 import threading
-import time
 from typing import Iterator, Protocol, Sequence
 
 import lmdb
@@ -42,7 +41,7 @@ from appliance.datastore.layout import (
 )
 from appliance.datastore.namespace import ROOT_INODE, Namespace, Node
 from appliance.datastore.sessions import get_session, point_files
-from appliance.datastore.vfs import Attributes, AttributeChanges, DirEntry, FsStats, Kind
+from appliance.datastore.vfs import Attributes, AttributeChanges, DirEntry, Durability, FsStats, Kind
 from appliance.datastore.vmdk_files import descriptor_text
 from appliance.errors import (
     AlreadyExists,
@@ -100,7 +99,6 @@ class Datastore:
         self._small_files: dict[tuple[str, str], bytes] = {}
         self._overlays: dict[int, Overlay] = {}
         self._fds: dict[int, int] = {}
-        self._disk_mtimes: dict[int, int] = {}
         self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
         self._flat_attributes: dict[int, Attributes] = {}
         self._session_disks: dict[int, tuple[str, int]] = {}  # session flat inode -> its base (point, disk)
@@ -349,7 +347,8 @@ class Datastore:
                 size, used = overlay.size, overlay.allocated_bytes()
             except OverlayClosed:
                 raise self._let_go(node) from None
-            mtime = max(mtime, self._disk_mtimes.get(node.inode, 0))
+            mtime = max(mtime, overlay.modified_ns)
+            ctime = max(ctime, mtime)
         elif node.role == "rp-file":
             if "disk" in node.ref:
                 size = self._point(str(node.ref["point"])).disks[int(node.ref["disk"])].size  # type: ignore[call-overload]
@@ -439,7 +438,6 @@ class Datastore:
             elif node.role == "disk":
                 with self._released_retried(node):
                     self._overlay(node, changing=True).truncate(changes.size)
-                self._disk_mtimes[node.inode] = time.time_ns()
         if node.role == "scratch" and (changes.atime_ns is not None or changes.mtime_ns is not None):
             info = os.fstat(self._fd(node))
             os.utime(self._fd(node), ns=(changes.atime_ns if changes.atime_ns is not None else info.st_atime_ns,
@@ -528,10 +526,8 @@ class Datastore:
         if inode not in self._session_disks or overlay is None or session is None or session in self._paused:
             return None
         written = overlay.write_nowait(offset, data)
-        if written is not None:
-            self._disk_mtimes[inode] = time.time_ns()
-            if self._session_io is not None:
-                self._session_io.session_written(session, written)
+        if written is not None and self._session_io is not None:
+            self._session_io.session_written(session, written)
         return written
 
     def write(self, inode: int, offset: int, data: bytes | memoryview) -> int:
@@ -541,7 +537,6 @@ class Datastore:
         if node.role == "disk":
             with self._released_retried(node):
                 written = self._overlay(node, changing=True).write(offset, data)
-            self._disk_mtimes[node.inode] = time.time_ns()
         elif node.role == "scratch":
             written = os.pwrite(self._fd(node), data, offset)
         else:
@@ -550,19 +545,21 @@ class Datastore:
             self._session_io.session_written(self._session_name(node), written)
         return written
 
-    def fsync(self, inode: int) -> None:
+    def fsync(self, inode: int, durability: Durability = Durability.FILE) -> None:
+        """Make the file's writes durable; a session disk's mtime is its overlay's, so no LMDB commit."""
         node = self._node(inode)
         if node.role == "disk":
-            self._overlay(node).flush()
-            mtime = self._disk_mtimes.get(inode)
-            if mtime is not None:
-                with self.store.env.begin(write=True) as txn:
-                    current = self.namespace.node(txn, inode)
-                    if current is not None:
-                        self.namespace.put(txn, current.touched(mtime_ns=max(mtime, current.mtime_ns)))
-                self._changed(inode)
+            with self._released_retried(node):
+                self._overlay(node).flush(metadata=durability is Durability.FILE)
         elif node.role == "scratch":
-            os.fsync(self._fd(node))
+            (os.fsync if durability is Durability.FILE else os.fdatasync)(self._fd(node))
+
+    def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
+                      durability: Durability) -> tuple[int, Attributes]:
+        """`write`, then `fsync` at `durability`: the bytes written and the attributes after both."""
+        written = self.write(inode, offset, data)
+        self.fsync(inode, durability)
+        return written, self.getattr(inode)
 
     def _new_node(self, parent: int, name: str, kind: Kind, role: str, mode: int, uid: int, gid: int,
                   ref: dict[str, object], exclusive: bool = True) -> Attributes:

@@ -19,6 +19,17 @@ class Kind(enum.Enum):
     SYMLINK = "symlink"
 
 
+class Durability(enum.Enum):
+    """How much of a write `fsync` makes survive a crash (RFC 1813's DATA_SYNC and FILE_SYNC).
+
+    DATA: the bytes and what it takes to read them back (fdatasync). FILE: those and
+    every attribute of the file, its modification time included (fsync).
+    """
+
+    DATA = "data"
+    FILE = "file"
+
+
 class Attributes(NamedTuple):
     """An object's attributes, immutable and hashable.
 
@@ -105,4 +116,12 @@ class Vfs(Protocol):
     def rmdir(self, parent: int, name: str) -> None: ...
     def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str) -> None: ...
     def statfs(self) -> FsStats: ...
-    def fsync(self, inode: int) -> None: ...
+    def fsync(self, inode: int, durability: Durability = Durability.FILE) -> None: ...
+    def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
+                      durability: Durability) -> tuple[int, Attributes]:
+        """`write` and `fsync` in one call: the bytes written and the attributes after both (a stable NFS WRITE).
+
+        Concurrent calls on one file may share one flush (group commit); each returns
+        only once its own bytes are durable.
+        """
+        ...
