@@ -256,13 +256,13 @@ def test_a_write_that_meets_its_overlay_closing_is_retried_not_lost(datastore: D
     make_session(datastore)
     flat = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
     datastore.write(flat, 0, b"before")  # opens the overlay
-    overlay = datastore._overlays[flat]
+    overlay = datastore.files.overlays[flat]
     with datastore.session_paused("s1"):  # flushed and closed under a writer that already holds it
         pass
-    datastore._overlays[flat] = overlay  # the writer's view: let in before the pause, overlay in hand
+    datastore.files.overlays[flat] = overlay  # the writer's view: let in before the pause, overlay in hand
     with pytest.raises(TryAgain):
         datastore.write(flat, 6, b"during")
-    del datastore._overlays[flat]
+    del datastore.files.overlays[flat]
     datastore.write(flat, 6, b"after")  # the client's retry reaches a reopened overlay
     assert datastore.read(flat, 0, 11) == b"beforeafter"
 
@@ -275,10 +275,10 @@ def test_a_pause_lets_no_overlay_outlive_it_and_no_change_reopen_one(datastore: 
     with datastore.session_paused("s1"):
         with pytest.raises(TryAgain):  # a write let in before the pause, reaching for the overlay after it
             datastore._overlay(node, changing=True)
-        assert flat not in datastore._overlays
+        assert flat not in datastore.files.overlays
         assert datastore.read(flat, 0, 4) == b"kept"  # reads go on, and open the overlay again
-        assert flat in datastore._overlays
-    assert flat not in datastore._overlays  # released with the pause: a removal leaves no open file behind
+        assert flat in datastore.files.overlays
+    assert flat not in datastore.files.overlays  # released with the pause: a removal leaves no open file behind
     assert datastore.read(flat, 0, 4) == b"kept"
 
 

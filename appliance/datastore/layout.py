@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.datastore.namespace import ROOT_INODE, Namespace
+from appliance.datastore.roles import Role
 from appliance.datastore.vfs import Kind
 from appliance.store.repository import Store
 
@@ -28,8 +29,8 @@ def ensure_tree(namespace: Namespace) -> dict[str, int]:
             return {name: inode for name, inode in found.items() if inode is not None}
     with namespace.env.begin(write=True) as txn:
         if namespace.node(txn, ROOT_INODE) is None:
-            namespace.add(txn, ROOT_INODE, "", Kind.DIRECTORY, "root", READ_ONLY_DIR_MODE, inode=ROOT_INODE)
-        tops = {RESTORE_POINTS: ("rp-root", READ_ONLY_DIR_MODE), SESSIONS: ("sessions-root", DIR_MODE)}
+            namespace.add(txn, ROOT_INODE, "", Kind.DIRECTORY, Role.ROOT, READ_ONLY_DIR_MODE, inode=ROOT_INODE)
+        tops = {RESTORE_POINTS: (Role.RP_ROOT, READ_ONLY_DIR_MODE), SESSIONS: (Role.SESSIONS_ROOT, DIR_MODE)}
         result = {}
         for name, (role, mode) in tops.items():
             inode = namespace.child(txn, ROOT_INODE, name)

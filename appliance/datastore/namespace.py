@@ -23,6 +23,8 @@ from typing import Iterator
 
 import lmdb
 
+from appliance.datastore.roles import Role
+from appliance.errors import StoreError
 from appliance.datastore.vfs import Kind
 
 ROOT_INODE = 1
@@ -36,7 +38,7 @@ class Node:
     generation: int
     parent: int
     kind: Kind
-    role: str
+    role: Role
     mode: int
     uid: int = 0
     gid: int = 0
@@ -54,7 +56,19 @@ class Node:
     def from_bytes(cls, raw: bytes) -> "Node":
         doc = json.loads(raw)
         doc["kind"] = Kind(doc["kind"])
+        doc["role"] = Role(doc["role"])
         return cls(**doc)
+
+    def ref_text(self, key: str) -> str:
+        """A reference the node's role gives it: a point id, a VM, a session or file name."""
+        return str(self.ref[key])
+
+    def ref_number(self, key: str) -> int:
+        """A numeric reference (a disk index); the namespace stores it as a JSON integer."""
+        value = self.ref[key]
+        if not isinstance(value, int):
+            raise StoreError(f"namespace node {self.inode}: reference {key!r} is {value!r}, not a number")
+        return value
 
     def touched(self, **changes: object) -> "Node":
         """A copy with `changes` and a new ctime."""
@@ -112,7 +126,7 @@ class Namespace:
         parent: int,
         name: str,
         kind: Kind,
-        role: str,
+        role: Role,
         mode: int,
         uid: int = 0,
         gid: int = 0,

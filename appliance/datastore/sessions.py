@@ -39,6 +39,7 @@ from appliance.datastore.layout import (
     scratch_path,
 )
 from appliance.datastore.namespace import Namespace
+from appliance.datastore.roles import Role
 from appliance.datastore.vfs import Kind
 from appliance.datastore.vmdk_files import descriptor_text, minimal_vmx, session_vmx
 from appliance.durable import write_durably
@@ -101,7 +102,7 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
         point = store.catalog.resolve(txn, vm, point_ref)
         if table.get(txn, name) is not None or namespace.child(txn, sessions_root, name) is not None:
             raise AlreadyExists(f"session {name!r} already exists")
-        directory = namespace.add(txn, sessions_root, name, Kind.DIRECTORY, "session", DIR_MODE,
+        directory = namespace.add(txn, sessions_root, name, Kind.DIRECTORY, Role.SESSION, DIR_MODE,
                                   ref={"session": name})
         area = area_of(store, directory.inode)
         (area / "files").mkdir(parents=True)
@@ -110,16 +111,16 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
         for file_name, content in point_files(store, txn, point).items():
             if file_name.endswith(".vmx"):
                 content = session_vmx(content, point.vm, disk_names)
-            node = namespace.add(txn, directory.inode, file_name, Kind.FILE, "scratch", FILE_MODE,
+            node = namespace.add(txn, directory.inode, file_name, Kind.FILE, Role.SCRATCH, FILE_MODE,
                                  ref={"session": name})
             write_durably(scratch_path(store, directory.inode, node.inode), content)
         disks = []
         for index, disk in enumerate(point.disks):
-            descriptor = namespace.add(txn, directory.inode, f"{disk.name}.vmdk", Kind.FILE, "scratch", FILE_MODE,
+            descriptor = namespace.add(txn, directory.inode, f"{disk.name}.vmdk", Kind.FILE, Role.SCRATCH, FILE_MODE,
                                        ref={"session": name})
             write_durably(scratch_path(store, directory.inode, descriptor.inode),
                            descriptor_text(disk.name, disk.size, f"{name}/{point.id}/{index}"))
-            flat = namespace.add(txn, directory.inode, f"{disk.name}-flat.vmdk", Kind.FILE, "disk", FILE_MODE,
+            flat = namespace.add(txn, directory.inode, f"{disk.name}-flat.vmdk", Kind.FILE, Role.DISK, FILE_MODE,
                                  ref={"session": name, "disk": index})
             target = overlay_path(store, directory.inode, index)
             target.mkdir()
