@@ -194,6 +194,7 @@ def _print_sessions(found: Sequence[Any], as_json: bool) -> None:
 def cmd_session(args: argparse.Namespace) -> int:
     """Offline on the store, or through the API of the `serve` that holds it."""
     from appliance.api.client import ApiClient
+    from appliance import session_commit
     from appliance.datastore import sessions
 
     client = ApiClient.for_store(_store_path(args))
@@ -208,10 +209,10 @@ def cmd_session(args: argparse.Namespace) -> int:
         elif args.session_command == "list":
             _print_sessions(sessions.list_sessions(namespace), args.json)
         elif args.session_command == "commit":
-            point = sessions.commit_session(store, namespace, read_path, args.name)
+            point = session_commit.commit_session(store, namespace, read_path, args.name)
             _print_committed(args.name, point.id, point.vm)
         elif args.session_command == "export":
-            sessions.export_session_disk(store, namespace, read_path, args.name, args.disk, Path(args.output))
+            session_commit.export_session_disk(store, namespace, read_path, args.name, args.disk, Path(args.output))
             print(f"exported session {args.name} disk {args.disk} to {args.output}", file=sys.stderr)
         else:
             sessions.delete_session(store, namespace, args.name)

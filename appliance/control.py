@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import LimitsConfig
+from appliance import session_commit
 from appliance.datastore import sessions
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.layout import scratch_path
@@ -113,7 +114,7 @@ class Control:
 
     def commit_session(self, name: str) -> RestorePoint:
         with self.datastore.session_paused(name):
-            point = sessions.commit_released_session(self.store, self.datastore.namespace,
+            point = session_commit.commit_released_session(self.store, self.datastore.namespace,
                                                      self.datastore.read_path, name)
         event("session.committed", session=name, vm=point.vm, point=point.id)
         return point
@@ -122,7 +123,7 @@ class Control:
         if not output.is_absolute():
             raise UsageError(f"export output must be an absolute path on the appliance host, not {output}")
         with self.datastore.session_paused(name):
-            sessions.export_released_session_disk(self.store, self.datastore.namespace, self.datastore.read_path,
+            session_commit.export_released_session_disk(self.store, self.datastore.namespace, self.datastore.read_path,
                                                   name, disk, output)
         event("session.exported", session=name, disk=disk, output=str(output))
 

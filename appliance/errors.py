@@ -178,3 +178,11 @@ class QmpCommandFailed(HypervisorError):
 
 class GuestImageError(ApplianceError):
     """The demo's guest disk could not be built or read: a tool or package is missing, or a step failed."""
+
+
+class SessionDiskError(ApplianceError):
+    """A session disk's overlay could not be opened, read, written or flushed (I/O or damage).
+
+    The message names the overlay directory and the offset involved; adapters answer
+    EIO / NFS3ERR_IO, as for a damaged chunk.
+    """

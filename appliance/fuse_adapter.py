@@ -32,7 +32,6 @@ import trio
 from appliance import errors
 from appliance.datastore.datastore import file_type_bits
 from appliance.datastore.vfs import AttributeChanges, Attributes, Durability, Kind, Vfs
-from overlay import OverlayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +53,7 @@ ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (errors.InvalidName, errno.EINVAL),
     (errors.IntegrityError, errno.EIO),
     (errors.TryAgain, errno.EAGAIN),
-    (OverlayError, errno.EIO),
+    (errors.SessionDiskError, errno.EIO),
 )
 READ_ONLY_TIMEOUT = 300.0  # restore points never change
 WRITABLE_TIMEOUT = 1.0
@@ -103,8 +102,8 @@ class FuseAdapter(pyfuse3.Operations):
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         try:
             return await trio.to_thread.run_sync(function, *args)
-        except (errors.ApplianceError, OverlayError, OSError) as exc:
-            if isinstance(exc, (errors.IntegrityError, OverlayError)):
+        except (errors.ApplianceError, OSError) as exc:
+            if isinstance(exc, (errors.IntegrityError, errors.SessionDiskError)):
                 log.error("I/O error: %s", exc)
             raise pyfuse3.FUSEError(errno_for(exc)) from None
 

@@ -92,7 +92,6 @@ from nfs_export.nfs3_types import (
 from nfs_export.rpc import Call, Encodable, Procedure, Program, Void, decode_void
 from nfs_export.workers import WorkerPool
 from nfs_export.xdr import Decoder, Encoder
-from overlay import OverlayError
 
 log = logging.getLogger(__name__)
 A = TypeVar("A")
@@ -120,7 +119,7 @@ ERRORS: tuple[tuple[type[BaseException], nfsstat3], ...] = (
     (errors.InvalidName, nfsstat3.NFS3ERR_INVAL),
     (errors.IntegrityError, nfsstat3.NFS3ERR_IO),
     (errors.TryAgain, nfsstat3.NFS3ERR_JUKEBOX),
-    (OverlayError, nfsstat3.NFS3ERR_IO),
+    (errors.SessionDiskError, nfsstat3.NFS3ERR_IO),
 )
 #: OSError errnos a client can act on; every other OSError is NFS3ERR_IO.
 OS_ERRORS = {errno.ENOSPC: nfsstat3.NFS3ERR_NOSPC, errno.EDQUOT: nfsstat3.NFS3ERR_DQUOT,
@@ -335,7 +334,7 @@ class Nfs3Server:
         """Post-op attributes for a failure reply: whatever can be had, else none."""
         try:
             return self.fattr(self.resolve(raw))
-        except (NfsError, BadHandle, errors.ApplianceError, OverlayError, OSError):
+        except (NfsError, BadHandle, errors.ApplianceError, OSError):
             return None
 
     def directory(self, raw: bytes) -> Attributes:

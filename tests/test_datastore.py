@@ -8,8 +8,10 @@ from typing import Iterator
 
 import pytest
 
+from appliance import session_commit
 from appliance.datastore import sessions
 from appliance.datastore.datastore import Datastore
+from appliance.datastore.layout import overlay_path
 from appliance.datastore.vfs import AttributeChanges, Kind
 from appliance.errors import (
     AlreadyExists,
@@ -21,6 +23,7 @@ from appliance.errors import (
     PermissionDenied,
     ReadOnly,
     SessionBusy,
+    SessionDiskError,
     StaleHandle,
     TryAgain,
 )
@@ -177,13 +180,13 @@ def test_commit_makes_a_child_point(store: Store, datastore: Datastore, tmp_path
     datastore.fsync(disk)
     view = datastore.read(disk, 0, 1 << 20)
     datastore.close()
-    point = sessions.commit_session(store, datastore.namespace, datastore.read_path, "s1")
+    point = session_commit.commit_session(store, datastore.namespace, datastore.read_path, "s1")
     with store.env.begin() as txn:
         parent = store.catalog.resolve(txn, "web", point.parent or "")
     assert point.stats["read_bytes"] < 1 << 20  # only overlay blocks were read
     assert datastore.read_path.read(point, 1, 0, 1 << 20) == view
     assert datastore.read_path.read(point, 0, 0, 3 << 20) == datastore.read_path.read(parent, 0, 0, 3 << 20)
-    sessions.export_session_disk(store, datastore.namespace, datastore.read_path, "s1", 1, tmp_path / "x.img")
+    session_commit.export_session_disk(store, datastore.namespace, datastore.read_path, "s1", 1, tmp_path / "x.img")
     assert (tmp_path / "x.img").read_bytes() == view
 
 
@@ -280,6 +283,23 @@ def test_a_pause_lets_no_overlay_outlive_it_and_no_change_reopen_one(datastore: 
         assert flat in datastore.files.overlays
     assert flat not in datastore.files.overlays  # released with the pause: a removal leaves no open file behind
     assert datastore.read(flat, 0, 4) == b"kept"
+
+
+def test_a_damaged_overlay_is_a_session_disk_error_naming_it(datastore: Datastore, store: Store) -> None:
+    """Overlay errors stop at the VFS: adapters see a SessionDiskError (EIO), never the overlay's classes."""
+    info = make_session(datastore)
+    flat = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
+    datastore.write(flat, 0, b"kept")
+    with datastore.session_paused("s1"):
+        map_file = overlay_path(store, info.inode, 0) / "map"
+        damaged = bytearray(map_file.read_bytes())
+        damaged[0] ^= 0xFF  # the magic
+        map_file.write_bytes(bytes(damaged))
+    for call in (lambda: datastore.getattr(flat), lambda: datastore.read(flat, 0, 4),
+                 lambda: datastore.write(flat, 0, b"x"), lambda: datastore.fsync(flat)):
+        with pytest.raises(SessionDiskError, match=str(overlay_path(store, info.inode, 0))):
+            call()
+    assert datastore.getattr_nowait(flat) is None  # the slow path reports it
 
 
 def test_writes_on_the_callers_thread_are_counted_like_the_others(store: Store, tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ from appliance.errors import (
     NotSupported,
     PermissionDenied,
     ReadOnly,
+    SessionDiskError,
     StaleHandle,
     TryAgain,
 )
@@ -112,13 +113,19 @@ class Datastore:
             self._changed()
 
     @contextlib.contextmanager
-    def _released_retried(self, node: Node) -> Iterator[None]:
-        """A call that met its overlay closing (a pause began after the call was let in) is
-        refused with TryAgain, so the client resends it to the reopened overlay."""
+    def _overlay_errors(self, node: Node) -> Iterator[None]:
+        """Where overlay errors become the VFS's, for every use of a session disk's overlay.
+
+        A call that met its overlay closing (a pause began after the call was let in) is
+        refused with TryAgain, so the client resends it to the reopened overlay; any other
+        overlay failure is a SessionDiskError (EIO / NFS3ERR_IO to clients).
+        """
         try:
             yield
         except OverlayClosed:
             raise self._let_go(node) from None
+        except OverlayError as exc:
+            raise SessionDiskError(str(exc)) from exc
 
     def _let_go(self, node: Node) -> TryAgain:
         return TryAgain(f"session {self._session_name(node)!r} let go of its disks; retry")
@@ -206,11 +213,13 @@ class Datastore:
             size, used = info.st_size, info.st_blocks * 512
             atime, mtime, ctime = info.st_atime_ns, info.st_mtime_ns, max(ctime, info.st_ctime_ns)
         elif node.role == Role.DISK:
-            try:  # `_released_retried`, written out: this runs twice for every WRITE answered on the loop
+            try:  # `_overlay_errors`, written out: this runs twice for every WRITE answered on the loop
                 overlay = self._overlay(node)
                 size, used = overlay.size, overlay.allocated_bytes()
             except OverlayClosed:
                 raise self._let_go(node) from None
+            except OverlayError as exc:
+                raise SessionDiskError(str(exc)) from exc
             mtime = max(mtime, overlay.modified_ns)
             ctime = max(ctime, mtime)
         elif node.role == Role.RP_FILE:
@@ -300,7 +309,7 @@ class Datastore:
             if node.role == Role.SCRATCH:
                 os.ftruncate(self._fd(node), changes.size)
             elif node.role == Role.DISK:
-                with self._released_retried(node):
+                with self._overlay_errors(node):
                     self._overlay(node, changing=True).truncate(changes.size)
         if node.role == Role.SCRATCH and (changes.atime_ns is not None or changes.mtime_ns is not None):
             info = os.fstat(self._fd(node))
@@ -333,7 +342,7 @@ class Datastore:
                 return self.read_path.read(point, disk, offset, length)
             return self.mirror.small_file(node)[offset : offset + length]
         if node.role == Role.DISK:
-            with self._released_retried(node):
+            with self._overlay_errors(node):
                 data = self._overlay(node).read(offset, length)
         elif node.role == Role.SCRATCH:
             data = os.pread(self._fd(node), length, offset)
@@ -354,7 +363,7 @@ class Datastore:
         if not flat:
             try:
                 return self._attributes(node)
-            except (OverlayError, TryAgain):  # closed under us by a pause: the slow path says what to do
+            except (SessionDiskError, TryAgain):  # closed under us by a pause: the slow path says what to do
                 return None
         attributes = self._flat_attributes.get(inode)
         if attributes is None:  # a restore point never changes: its attributes are computed once
@@ -399,7 +408,7 @@ class Datastore:
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
         if node.role == Role.DISK:
-            with self._released_retried(node):
+            with self._overlay_errors(node):
                 written = self._overlay(node, changing=True).write(offset, data)
         elif node.role == Role.SCRATCH:
             written = os.pwrite(self._fd(node), data, offset)
@@ -413,7 +422,7 @@ class Datastore:
         """Make the file's writes durable; a session disk's mtime is its overlay's, so no LMDB commit."""
         node = self._node(inode)
         if node.role == Role.DISK:
-            with self._released_retried(node):
+            with self._overlay_errors(node):
                 self._overlay(node).flush(metadata=durability is Durability.FILE)
         elif node.role == Role.SCRATCH:
             (os.fsync if durability is Durability.FILE else os.fdatasync)(self._fd(node))
@@ -469,10 +478,11 @@ class Datastore:
         if node.role == Role.SCRATCH:
             scratch_path(self.store, session, node.inode).unlink(missing_ok=True)
         elif node.role == Role.DISK:
-            if overlay is None:
-                point, disk = self._session_point(self._node(session)), node.ref_number("disk")
-                overlay = Overlay.open(overlay_path(self.store, session, disk), self.read_path.disk(point, disk))
-            overlay.discard()
+            with self._overlay_errors(node):
+                if overlay is None:
+                    point, disk = self._session_point(self._node(session)), node.ref_number("disk")
+                    overlay = Overlay.open(overlay_path(self.store, session, disk), self.read_path.disk(point, disk))
+                overlay.discard()
 
     def _unlink_checked(self, parent: int, name: str, want_directory: bool) -> None:
         check_component(name)
