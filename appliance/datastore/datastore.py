@@ -1,18 +1,17 @@
 """The datastore: one VFS over restore points and sessions, served by FUSE and NFS.
 
-Every node has a role, and each role has one place where its bytes come from:
+A thin façade over its parts, each with one job:
 
-=============  ==================================================  ==========
-role           bytes                                               writable
-=============  ==================================================  ==========
-root, rp-*     directories mirroring the catalog (made on demand)  no (EROFS)
-rp-file        .vmx/.nvram from the catalog, a generated            no (EROFS)
-               descriptor, or the flat extent via the read path
-session, dir   directories in the namespace                        yes
-scratch        a plain file in the session's area                  yes
-disk           the session disk's copy-on-write overlay            yes
-symlink        the target kept in the node                         yes
-=============  ==================================================  ==========
+- `namespace`: persistent inodes and directory entries (LMDB); `roles`: what a node is;
+- `mirror`: /restore-points kept in line with the catalog, and restore points' small files;
+- `backings`: where a file's bytes live, one backing per role (restore-point file,
+  session disk, plain file), with the table of roles, sources and writability;
+- `open_files`: the overlays and descriptors of sessions that are open, and pauses.
+
+What stays here: resolving inodes to nodes (cached, with an epoch so a stale read is
+never cached), the rules of the tree (what is read-only, what a client may create,
+remove or rename where), and the nowait calls that answer from memory on an adapter's
+event loop. Directories and symlinks have no backing: their attributes are the node's.
 
 Bytes read from and written to a session's files are reported to an optional
 `SessionIo` (metrics), named by session: only the datastore knows which session an
@@ -29,6 +28,7 @@ from typing import Iterator, Protocol, Sequence
 
 import lmdb
 
+from appliance.datastore.backings import Backing, PointFile, ScratchFile, SessionDisk
 from appliance.datastore.layout import (
     DIR_MODE,
     RESTORE_POINTS,
@@ -61,7 +61,7 @@ from appliance.names import check_component
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
-from overlay import Overlay, OverlayClosed, OverlayError
+from overlay import Overlay
 
 
 
@@ -90,7 +90,12 @@ class Datastore:
         self._lock = threading.Lock()
         self.mirror = CatalogMirror(store, self.namespace, self._changed)
         self.files = SessionFiles()
-        self._flat_extents: dict[int, tuple[str, int]] = {}  # restore-point flat inode -> (point, disk)
+        self._point_files = PointFile(self.mirror, read_path)
+        self._flat_extents = self._point_files.flat_extents  # restore-point flat inode -> (point, disk)
+        self._disks = SessionDisk(self._overlay, self._let_go)
+        self._scratch = ScratchFile(self._fd)
+        self._backings: dict[Role, Backing] = {Role.RP_FILE: self._point_files, Role.DISK: self._disks,
+                                               Role.SCRATCH: self._scratch}
         self._flat_attributes: dict[int, Attributes] = {}
         self._node_cache: dict[int, Node] = {}
         self._node_epoch = 0
@@ -111,21 +116,6 @@ class Datastore:
                 yield
         finally:
             self._changed()
-
-    @contextlib.contextmanager
-    def _overlay_errors(self, node: Node) -> Iterator[None]:
-        """Where overlay errors become the VFS's, for every use of a session disk's overlay.
-
-        A call that met its overlay closing (a pause began after the call was let in) is
-        refused with TryAgain, so the client resends it to the reopened overlay; any other
-        overlay failure is a SessionDiskError (EIO / NFS3ERR_IO to clients).
-        """
-        try:
-            yield
-        except OverlayClosed:
-            raise self._let_go(node) from None
-        except OverlayError as exc:
-            raise SessionDiskError(str(exc)) from exc
 
     def _let_go(self, node: Node) -> TryAgain:
         return TryAgain(f"session {self._session_name(node)!r} let go of its disks; retry")
@@ -189,7 +179,7 @@ class Datastore:
         path = scratch_path(self.store, self._session_inode(node), node.inode)
         return self.files.scratch_fd(node.inode, self._session_name(node), path)
 
-    def _overlay(self, node: Node, *, changing: bool = False) -> Overlay:
+    def _overlay(self, node: Node, changing: bool) -> Overlay:
         """The session disk's open overlay, opened if need be (never again for a change to a paused session)."""
         overlay = self.files.overlays.get(node.inode)
         if overlay is not None:
@@ -205,31 +195,19 @@ class Datastore:
 
     # ----- attributes -------------------------------------------------------------------
 
+    def _backing(self, node: Node) -> Backing:
+        backing = self._backings.get(node.role)
+        if backing is None:
+            raise NotSupported(f"inode {node.inode} has no data")
+        return backing
+
     def _attributes(self, node: Node) -> Attributes:
-        size = used = 0
-        atime, mtime, ctime = node.atime_ns, node.mtime_ns, node.ctime_ns
-        if node.role == Role.SCRATCH:
-            info = os.fstat(self._fd(node))
-            size, used = info.st_size, info.st_blocks * 512
-            atime, mtime, ctime = info.st_atime_ns, info.st_mtime_ns, max(ctime, info.st_ctime_ns)
-        elif node.role == Role.DISK:
-            try:  # `_overlay_errors`, written out: this runs twice for every WRITE answered on the loop
-                overlay = self._overlay(node)
-                size, used = overlay.size, overlay.allocated_bytes()
-            except OverlayClosed:
-                raise self._let_go(node) from None
-            except OverlayError as exc:
-                raise SessionDiskError(str(exc)) from exc
-            mtime = max(mtime, overlay.modified_ns)
-            ctime = max(ctime, mtime)
-        elif node.role == Role.RP_FILE:
-            if "disk" in node.ref:
-                size = self.mirror.disk_size(node)
-            else:
-                size = len(self.mirror.small_file(node))
-            used = size
-        elif node.kind is Kind.SYMLINK:
-            size = len(node.ref_text("target").encode())
+        backing = self._backings.get(node.role)
+        if backing is not None:
+            size, used, atime, mtime, ctime = backing.extent(node)
+        else:
+            size = len(node.ref_text("target").encode()) if node.kind is Kind.SYMLINK else 0
+            used, atime, mtime, ctime = 0, node.atime_ns, node.mtime_ns, node.ctime_ns
         return Attributes(
             inode=node.inode,
             generation=node.generation,
@@ -306,15 +284,9 @@ class Datastore:
         if changes.size is not None:
             if node.kind is Kind.DIRECTORY:
                 raise IsADirectory(f"cannot truncate directory inode {inode}")
-            if node.role == Role.SCRATCH:
-                os.ftruncate(self._fd(node), changes.size)
-            elif node.role == Role.DISK:
-                with self._overlay_errors(node):
-                    self._overlay(node, changing=True).truncate(changes.size)
+            self._backing(node).truncate(node, changes.size)
         if node.role == Role.SCRATCH and (changes.atime_ns is not None or changes.mtime_ns is not None):
-            info = os.fstat(self._fd(node))
-            os.utime(self._fd(node), ns=(changes.atime_ns if changes.atime_ns is not None else info.st_atime_ns,
-                                         changes.mtime_ns if changes.mtime_ns is not None else info.st_mtime_ns))
+            self._scratch.set_times(node, changes.atime_ns, changes.mtime_ns)
         fields = {
             key: value
             for key, value in (("mode", changes.mode), ("uid", changes.uid), ("gid", changes.gid),
@@ -335,20 +307,8 @@ class Datastore:
         node = self._node(inode)
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
-        if node.role == Role.RP_FILE:
-            if "disk" in node.ref:
-                point, disk = self.mirror.point(node.ref_text("point")), node.ref_number("disk")
-                self._flat_extents[inode] = (point.id, disk)  # immutable: safe to remember
-                return self.read_path.read(point, disk, offset, length)
-            return self.mirror.small_file(node)[offset : offset + length]
-        if node.role == Role.DISK:
-            with self._overlay_errors(node):
-                data = self._overlay(node).read(offset, length)
-        elif node.role == Role.SCRATCH:
-            data = os.pread(self._fd(node), length, offset)
-        else:
-            raise NotSupported(f"inode {inode} has no data")
-        if self._session_io is not None:
+        data = self._backing(node).read(node, offset, length)
+        if self._session_io is not None and not node.role.read_only:
             self._session_io.session_read(self._session_name(node), len(data))
         return data
 
@@ -407,13 +367,7 @@ class Datastore:
         node = self._writable(inode)
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
-        if node.role == Role.DISK:
-            with self._overlay_errors(node):
-                written = self._overlay(node, changing=True).write(offset, data)
-        elif node.role == Role.SCRATCH:
-            written = os.pwrite(self._fd(node), data, offset)
-        else:
-            raise NotSupported(f"inode {inode} cannot be written")
+        written = self._backing(node).write(node, offset, data)
         if self._session_io is not None:
             self._session_io.session_written(self._session_name(node), written)
         return written
@@ -421,11 +375,9 @@ class Datastore:
     def fsync(self, inode: int, durability: Durability = Durability.FILE) -> None:
         """Make the file's writes durable; a session disk's mtime is its overlay's, so no LMDB commit."""
         node = self._node(inode)
-        if node.role == Role.DISK:
-            with self._overlay_errors(node):
-                self._overlay(node).flush(metadata=durability is Durability.FILE)
-        elif node.role == Role.SCRATCH:
-            (os.fsync if durability is Durability.FILE else os.fdatasync)(self._fd(node))
+        backing = self._backings.get(node.role)
+        if backing is not None:  # a directory or symlink has nothing of its own to sync
+            backing.sync(node, durability)
 
     def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
                       durability: Durability) -> tuple[int, Attributes]:
@@ -478,11 +430,9 @@ class Datastore:
         if node.role == Role.SCRATCH:
             scratch_path(self.store, session, node.inode).unlink(missing_ok=True)
         elif node.role == Role.DISK:
-            with self._overlay_errors(node):
-                if overlay is None:
-                    point, disk = self._session_point(self._node(session)), node.ref_number("disk")
-                    overlay = Overlay.open(overlay_path(self.store, session, disk), self.read_path.disk(point, disk))
-                overlay.discard()
+            point, disk = self._session_point(self._node(session)), node.ref_number("disk")
+            self._disks.discard(node, overlay, lambda: Overlay.open(overlay_path(self.store, session, disk),
+                                                                     self.read_path.disk(point, disk)))
 
     def _unlink_checked(self, parent: int, name: str, want_directory: bool) -> None:
         check_component(name)

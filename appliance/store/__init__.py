@@ -29,6 +29,30 @@ fsync before commit        pack data and the directory entry are durable before 
                            transaction references them (`PackWriter.seal`).
 =========================  ===============================================================
 
+The LMDB environment's tables (named databases), by owner:
+
+============  =====================================================================
+table         key -> value
+============  =====================================================================
+meta          settings and counters (e.g. ``ns-next-inode``, the next inode ever handed out)
+chunks        chunk id -> pack and offset of its record (`index`)
+packs         pack id -> its size and record count (`index`)
+vms           VM name -> when its first point was made (`catalog`)
+points        point id -> the restore point: disks, sizes, parent (`catalog`)
+maps          point id + disk -> the disk's chunk map (`catalog`)
+files         point id + name -> a small file backed up with it: .vmx, .nvram (`catalog`)
+holds         point id + holder -> why prune must keep the point (a session runs from it)
+ns_nodes      inode -> the datastore node: kind, role, mode, owner, times, generation,
+              parent, role references (`appliance.datastore.namespace`)
+ns_names      parent inode + name -> inode (lookup)
+ns_children   parent inode + child inode -> name (readdir in inode order: stable cookies)
+sessions      session name -> what it was made from (`appliance.datastore.sessions`)
+============  =====================================================================
+
+The ``ns_*`` and ``sessions`` tables are the datastore's, not the chunk store's: the
+store keeps them so NFS file handles and fileids survive restarts with the data they
+name, and the store's code never reads them. Inode numbers are never reused.
+
 Garbage collection is described in `gc`; crash behaviour: an interrupted ingest leaves
 only temporary or unlisted packs, which no reader can see and the next GC deletes.
 """
