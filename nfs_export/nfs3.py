@@ -232,7 +232,7 @@ class Nfs3Server:
 
     def _file_from_memory(self, call: Call, raw: bytes, wanted: int) -> Attributes | None:
         """The file a handle names, if its attributes are in memory and the caller may do
-        `wanted` to it (the checks of `_answer`, `file` and `require`); else None.
+        `wanted` to it (`_answer`'s export check, then `file_refusal`); else None.
         """
         if not self.export.allows(call.client):
             return None
@@ -241,10 +241,8 @@ class Nfs3Server:
         except BadHandle:
             return None
         attributes = self.vfs.getattr_nowait(handle.fileid)
-        if (attributes is None or handle.export_id != self.export.export_id
-                or attributes.generation & 0xFFFF_FFFF != handle.generation or attributes.kind is not Kind.FILE
-                or not self.export.may(attributes, self.export.identity(call.credential), wanted,
-                                       owner_override=True)):
+        if attributes is None or self.file_refusal(handle, attributes, self.export.identity(call.credential),
+                                                   wanted) is not None:
             return None
         return attributes
 
@@ -352,9 +350,40 @@ class Nfs3Server:
         return attributes
 
     def require(self, attributes: Attributes, who: Identity, wanted: int, *, owner_override: bool = False) -> None:
-        if not self.export.may(attributes, who, wanted, owner_override=owner_override):
-            read_only = wanted & CHANGING and (attributes.read_only or self.export.read_only)
-            raise NfsError(nfsstat3.NFS3ERR_ROFS if read_only else nfsstat3.NFS3ERR_ACCES)
+        refusal = self._refusal(attributes, who, wanted, owner_override)
+        if refusal is not None:
+            raise NfsError(refusal)
+
+    def _refusal(self, attributes: Attributes, who: Identity, wanted: int, owner_override: bool) -> nfsstat3 | None:
+        if self.export.may(attributes, who, wanted, owner_override=owner_override):
+            return None
+        read_only = wanted & CHANGING and (attributes.read_only or self.export.read_only)
+        return nfsstat3.NFS3ERR_ROFS if read_only else nfsstat3.NFS3ERR_ACCES
+
+    def file_refusal(self, handle: FileHandle, attributes: Attributes, who: Identity, wanted: int) -> nfsstat3 | None:
+        """Why `who` may not do `wanted` (READ or WRITE) to the file `handle` names, given its
+        attributes now; None if it may. The one check of READ and WRITE, whether they are
+        answered on the loop or in a worker thread.
+        """
+        if handle.export_id != self.export.export_id or attributes.generation & 0xFFFF_FFFF != handle.generation:
+            return nfsstat3.NFS3ERR_STALE
+        if attributes.kind is not Kind.FILE:
+            return nfsstat3.NFS3ERR_ISDIR if attributes.kind is Kind.DIRECTORY else nfsstat3.NFS3ERR_INVAL
+        return self._refusal(attributes, who, wanted, True)
+
+    def checked_file(self, raw: bytes, who: Identity, wanted: int) -> Attributes:
+        """The file a READ or WRITE names, once `file_refusal` lets `who` do `wanted` to it."""
+        handle = self.codec.decode(raw)
+        if handle.export_id != self.export.export_id:
+            raise NfsError(nfsstat3.NFS3ERR_STALE)
+        try:
+            attributes = self.vfs.getattr(handle.fileid)
+        except (errors.StaleHandle, errors.NotFound):
+            raise NfsError(nfsstat3.NFS3ERR_STALE) from None
+        refusal = self.file_refusal(handle, attributes, who, wanted)
+        if refusal is not None:
+            raise NfsError(refusal)
+        return attributes
 
     def wcc(self, before: Attributes, inode: int) -> wcc_data:
         return wcc_data(self.fattr(before).wcc(), self.fattr(self.vfs.getattr(inode)))
@@ -407,19 +436,17 @@ class Nfs3Server:
         return READLINK3resok(self.fattr(attributes), self.vfs.readlink(attributes.inode))
 
     def read(self, who: Identity, args: READ3args) -> READ3resok:
-        attributes = self.file(args.file)
-        self.require(attributes, who, ACCESS3_READ, owner_override=True)
+        attributes = self.checked_file(args.file, who, ACCESS3_READ)
         count = min(args.count, MAX_TRANSFER)
         data = self.vfs.read(attributes.inode, args.offset, count) if count else b""
         return self._read_result(attributes, args.offset, count, (data,))
 
     def write(self, who: Identity, args: WRITE3args) -> WRITE3resok:
-        before = self.file(args.file)
+        before = self.checked_file(args.file, who, ACCESS3_MODIFY)
         if args.count > len(args.data):
             raise NfsError(nfsstat3.NFS3ERR_INVAL)
         if args.offset + args.count > MAX_FILE_SIZE:
             raise NfsError(nfsstat3.NFS3ERR_FBIG)
-        self.require(before, who, ACCESS3_MODIFY, owner_override=True)
         data = args.data[: args.count]  # a view of the call's own record
         if args.stable is stable_how.UNSTABLE:
             written = self.vfs.write(before.inode, args.offset, data)

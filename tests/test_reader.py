@@ -10,6 +10,7 @@ import pytest
 from appliance.ingest.backup import backup
 from appliance.store import ReadPath, Store
 from appliance.store.cache import MemoryChunkCache
+from appliance.store.formats import ZERO_CHUNK_ID
 from tests.conftest import write_image
 
 
@@ -74,3 +75,21 @@ def test_read_cached_answers_only_from_memory(store: Store, image_point) -> None
         assert spanning is not None and [bytes(piece) for piece in spanning] == [
             data[read_path.chunk_size - 10 : read_path.chunk_size], data[read_path.chunk_size : read_path.chunk_size + 10]]
         assert read_path.opened_disk(point.id, 0) is disk
+
+
+def test_a_read_from_memory_that_gives_up_counts_nothing(store: Store, image_point) -> None:  # type: ignore[no-untyped-def]
+    """A cold read tried from memory first, then the ordinary way, counts its chunks once."""
+    image, point = image_point
+    cache = MemoryChunkCache(64 << 20)
+    with ReadPath(store, cache=cache, readahead_bytes=0) as read_path:
+        disk = read_path.disk(point, 0)
+        stored = sum(disk.chunk_id_at(index) != ZERO_CHUNK_ID for index in range(2))
+        assert stored, "the image's first two chunks are all zeros: pick another seed"
+        span = 2 * store.config.chunk_size
+        assert disk.read_cached(0, span) is None
+        assert (cache.statistics().hits, cache.statistics().misses) == (0, 0)
+        assert disk.read(0, span) == image.read_bytes()[:span]
+        assert (cache.statistics().hits, cache.statistics().misses) == (0, stored)
+        pieces = disk.read_cached(0, span)
+        assert pieces is not None and b"".join(pieces) == image.read_bytes()[:span]
+        assert (cache.statistics().hits, cache.statistics().misses) == (stored, stored)

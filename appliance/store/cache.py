@@ -24,6 +24,11 @@ class CacheStatistics:
 
 class ChunkCache(Protocol):
     def get(self, chunk_id: bytes) -> bytes | None: ...
+    def peek(self, chunk_id: bytes) -> bytes | None:
+        """`get` without counting a hit or a miss: a read from memory that may give up and
+        ask again the ordinary way counts its chunks once, with `count_hits` or `get`."""
+        ...
+    def count_hits(self, count: int) -> None: ...
     def put(self, chunk_id: bytes, data: bytes) -> None: ...
     def contains(self, chunk_id: bytes) -> bool: ...
     def statistics(self) -> CacheStatistics: ...
@@ -49,6 +54,17 @@ class MemoryChunkCache:
             self._entries.move_to_end(chunk_id)
             self._hits += 1
             return data
+
+    def peek(self, chunk_id: bytes) -> bytes | None:
+        with self._lock:
+            data = self._entries.get(chunk_id)
+            if data is not None:
+                self._entries.move_to_end(chunk_id)
+            return data
+
+    def count_hits(self, count: int) -> None:
+        with self._lock:
+            self._hits += count
 
     def contains(self, chunk_id: bytes) -> bool:
         """Presence without counting a hit or miss (read-ahead planning)."""

@@ -61,12 +61,6 @@ class DiskReader:
                 f"offset {index * self._chunk_size}: {exc}"
             ) from None
 
-    def _cached_chunk(self, index: int) -> bytes | None:
-        cid = self.chunk_id_at(index)
-        if cid == ZERO_CHUNK_ID:
-            return self._path.zeros(self.chunk_length(index))
-        return self._path.cache.get(cid)
-
     def _read(self, offset: int, length: int, chunk_of: Callable[[int], bytes | None]) -> list[memoryview] | None:
         """The bytes at `offset`, as views of the chunks that hold them, in order."""
         if offset < 0 or length < 0:
@@ -100,7 +94,21 @@ class DiskReader:
         and skip the hop to a worker thread for cache hits. The bytes come as views of
         the cached chunks, so an NFS reply sends them without a copy.
         """
-        return self._read(offset, length, self._cached_chunk)
+        cache, found = self._path.cache, 0
+
+        def cached_chunk(index: int) -> bytes | None:
+            nonlocal found
+            cid = self.chunk_id_at(index)
+            if cid == ZERO_CHUNK_ID:
+                return self._path.zeros(self.chunk_length(index))
+            data = cache.peek(cid)
+            found += data is not None
+            return data
+
+        parts = self._read(offset, length, cached_chunk)
+        if parts is not None and found:  # one that gave up is counted by the ordinary read that follows
+            cache.count_hits(found)
+        return parts
 
 
 @dataclass(frozen=True, slots=True)
