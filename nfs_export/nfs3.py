@@ -362,25 +362,21 @@ class Nfs3Server:
 
     def file_refusal(self, handle: FileHandle, attributes: Attributes, who: Identity, wanted: int) -> nfsstat3 | None:
         """Why `who` may not do `wanted` (READ or WRITE) to the file `handle` names, given its
-        attributes now; None if it may. The one check of READ and WRITE, whether they are
-        answered on the loop or in a worker thread.
+        attributes now; None if it may. What `checked_file` checks, for the loop's nowait paths.
         """
         if handle.export_id != self.export.export_id or attributes.generation & 0xFFFF_FFFF != handle.generation:
             return nfsstat3.NFS3ERR_STALE
+        return self._use_refusal(attributes, who, wanted)
+
+    def _use_refusal(self, attributes: Attributes, who: Identity, wanted: int) -> nfsstat3 | None:
         if attributes.kind is not Kind.FILE:
             return nfsstat3.NFS3ERR_ISDIR if attributes.kind is Kind.DIRECTORY else nfsstat3.NFS3ERR_INVAL
         return self._refusal(attributes, who, wanted, True)
 
     def checked_file(self, raw: bytes, who: Identity, wanted: int) -> Attributes:
-        """The file a READ or WRITE names, once `file_refusal` lets `who` do `wanted` to it."""
-        handle = self.codec.decode(raw)
-        if handle.export_id != self.export.export_id:
-            raise NfsError(nfsstat3.NFS3ERR_STALE)
-        try:
-            attributes = self.vfs.getattr(handle.fileid)
-        except (errors.StaleHandle, errors.NotFound):
-            raise NfsError(nfsstat3.NFS3ERR_STALE) from None
-        refusal = self.file_refusal(handle, attributes, who, wanted)
+        """The file a READ or WRITE names, once `who` may do `wanted` to it (as `file_refusal` says)."""
+        attributes = self.resolve(raw)
+        refusal = self._use_refusal(attributes, who, wanted)
         if refusal is not None:
             raise NfsError(refusal)
         return attributes
