@@ -22,7 +22,7 @@ from appliance.ingest.backup import ingest
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
-from overlay import Overlay
+from overlay import Overlay, export_disk
 
 
 class OverlaySource:
@@ -101,4 +101,4 @@ def export_released_session_disk(store: Store, namespace: Namespace, read_path: 
         if not 0 <= disk < len(info.disks):
             raise NotFound(f"session {name!r} has no disk {disk}")
         _, overlays = _open_overlays(store, namespace, read_path, info, stack)
-        overlays[disk].export(output)
+        export_disk(overlays[disk], output)

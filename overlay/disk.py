@@ -29,16 +29,16 @@ A second lock serialises flushes so map writes reach the file in order.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Callable, Iterator, Protocol, Sequence
 
 from overlay import mapfile
 from overlay.errors import OverlayClosed, OverlayError
+from overlay.fileio import OsErrors, fsync_dir, page_runs, pwrite_all
 from overlay.mapfile import ENTRIES_OFFSET, MapHeader
+from overlay.stalls import WriteStalls
 
 DATA_NAME = "data"
 MAP_NAME = "map"
@@ -48,19 +48,6 @@ MAX_SIZE = 64 << 40
 #: Entries per unit of dirty tracking: one page of the map file, so a flush after a
 #: single-block write rewrites 4 KiB of map rather than all of it.
 _MAP_PAGE = 4096
-_EXPORT_STEP = 1 << 20
-#: A write into the page cache takes microseconds; one that took this long (seconds) waited
-#: on the disk (dirty-page throttling, a journal commit, first allocation of new blocks) or
-#: on taking the GIL back after the syscall.
-STALL_SECONDS = 0.004
-#: How much time (seconds) such stalls may take within STALL_WINDOW_SECONDS before
-#: `write_nowait` declines. A lone stall is common on a fresh session disk and costs the
-#: loop little; stalls that keep coming mean the disk is throttling writes.
-STALL_BUDGET_SECONDS = 0.1
-STALL_WINDOW_SECONDS = 1.0
-#: How long `write_nowait` then declines, so writes wait in worker threads rather than on
-#: the caller's event loop while the disk catches up.
-STALL_BACKOFF_SECONDS = 1.0
 
 
 class BaseImage(Protocol):
@@ -69,55 +56,6 @@ class BaseImage(Protocol):
     size: int
 
     def read(self, offset: int, length: int) -> bytes: ...
-
-
-class _OsErrors:
-    """Turn OSError into OverlayError so callers meet one exception family.
-
-    A class, not a generator context manager, and its message is made only on failure:
-    it wraps every data read and write, where `contextlib.contextmanager` and an eager
-    f-string took about 0.9 us, a fifth of a page-cache write answered on the loop.
-    """
-
-    __slots__ = ("_where", "_action", "_offset")
-
-    def __init__(self, where: str, action: str, offset: int | None = None) -> None:
-        self._where, self._action, self._offset = where, action, offset
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        if isinstance(exc, OSError):
-            at = "" if self._offset is None else f" at offset {self._offset}"
-            raise OverlayError(f"{self._where}: {self._action}{at} failed: {exc.strerror or exc}") from exc
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _page_runs(pages: list[int]) -> Iterator[tuple[int, int]]:
-    """Coalesce sorted page numbers into [first, stop) runs, one map pwrite each."""
-    index = 0
-    while index < len(pages):
-        first = stop = pages[index]
-        while index < len(pages) and pages[index] == stop:
-            stop += 1
-            index += 1
-        yield first, stop
 
 
 class Overlay:
@@ -155,13 +93,8 @@ class Overlay:
         #: `allocated_bytes` as last measured; None once a write, truncate or flush may change it.
         self._allocated: int | None = None
         self._flush_lock = threading.Lock()  # taken before _lock, never after
-        #: `write_nowait` counts a write this slow (seconds) as a stall, and backs off once
-        #: stalls add up to the budget within a window; tests set them to 0.
-        self.stall_seconds = STALL_SECONDS
-        self.stall_budget = STALL_BUDGET_SECONDS
-        self._stalled = 0.0  # seconds stalled in the current window
-        self._stall_window_ends = 0.0
-        self._nowait_resumes = 0.0  # time.monotonic() before which `write_nowait` declines
+        #: `write_nowait` backs off for a while once its writes keep waiting on the disk.
+        self.stalls = WriteStalls()
 
     @classmethod
     def create(cls, directory: Path, base: BaseImage, block_size: int = 64 * 1024) -> Overlay:
@@ -172,7 +105,7 @@ class Overlay:
         """
         where = f"overlay {directory}"
         mapfile.check_block_size(block_size, where)
-        with _OsErrors(where, "create"):
+        with OsErrors(where, "create"):
             if any(directory.iterdir()):
                 raise OverlayError(f"{where}: directory is not empty")
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -180,12 +113,12 @@ class Overlay:
             temporary = directory / f"{MAP_NAME}.tmp"
             fd = os.open(temporary, flags, 0o600)
             try:
-                _pwrite_all(fd, MapHeader(block_size, base.size, base.size, 0).encode(), 0)
+                pwrite_all(fd, MapHeader(block_size, base.size, base.size, 0).encode(), 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(temporary, directory / MAP_NAME)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return cls.open(directory, base)
 
     @classmethod
@@ -194,7 +127,7 @@ class Overlay:
         where = f"overlay {directory}"
         fds: list[int] = []
         try:
-            with _OsErrors(where, "open"):
+            with OsErrors(where, "open"):
                 fds.append(os.open(directory / MAP_NAME, os.O_RDWR | os.O_CLOEXEC))
                 fds.append(os.open(directory / DATA_NAME, os.O_RDWR | os.O_CLOEXEC))
                 raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
@@ -204,7 +137,7 @@ class Overlay:
                     f"{where}: base image has {base.size} bytes but the overlay shows base "
                     f"bytes up to offset {header.base_limit}; it was made over another base"
                 )
-            with _OsErrors(where, "map read", ENTRIES_OFFSET):
+            with OsErrors(where, "map read", ENTRIES_OFFSET):
                 entries = bytearray(os.pread(fds[0], header.blocks, ENTRIES_OFFSET))
             entries.extend(bytes(header.blocks - len(entries)))
             mapfile.check_entries(entries, where)
@@ -217,6 +150,15 @@ class Overlay:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._block
+
+    @property
+    def where(self) -> str:
+        """How error messages name this overlay ("overlay <directory>")."""
+        return self._where
 
     def read(self, offset: int, length: int) -> bytes:
         """The merged disk; short only at `size`.
@@ -313,12 +255,10 @@ class Overlay:
         a pwrite into the page cache, else None.
 
         None when another thread holds the lock, when a partly written block would first
-        need a fill from the base, and for a while after writes that stalled (see
-        `STALL_BUDGET_SECONDS`): buffered writes cannot be asked not to block (ext4 refuses
-        RWF_NOWAIT for them), so a slow disk is noticed after the fact and avoided.
-        Errors are left to `write`, which meets them again and reports them.
+        need a fill from the base, and for a while after writes that stalled
+        (`overlay.stalls`). Errors are left to `write`, which meets them again and reports them.
         """
-        if time.monotonic() < self._nowait_resumes:
+        if self.stalls.declining():
             return None
         try:
             view = self._checked_write(offset, data)
@@ -334,19 +274,10 @@ class Overlay:
                 self._write_locked(offset, view, {})
             except OverlayError:
                 return None
-            finished = time.monotonic()
-            if finished - started >= self.stall_seconds:
-                self._count_stall(finished - started, finished)
+            self.stalls.timed(started)
             return view.nbytes
         finally:
             self._lock.release()
-
-    def _count_stall(self, seconds: float, now: float) -> None:
-        if now >= self._stall_window_ends:
-            self._stalled, self._stall_window_ends = 0.0, now + STALL_WINDOW_SECONDS
-        self._stalled += seconds
-        if self._stalled >= self.stall_budget:
-            self._nowait_resumes = now + STALL_BACKOFF_SECONDS
 
     def truncate(self, size: int) -> None:
         """Shrink or grow the disk; whatever lies past the old end reads as zeros.
@@ -371,7 +302,7 @@ class Overlay:
                 self._header_dirty = True
                 self._changed()
             self._flush_locked()
-            with self._lock, _OsErrors(self._where, "data truncate", size):
+            with self._lock, OsErrors(self._where, "data truncate", size):
                 os.ftruncate(self._data_fd, len(self._map) * self._block)
                 self._allocated = None
 
@@ -426,42 +357,10 @@ class Overlay:
         known = self._allocated
         if known is not None:
             return known
-        with self._lock, _OsErrors(self._where, "stat"):
+        with self._lock, OsErrors(self._where, "stat"):
             self._check_open()
             self._allocated = sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
             return self._allocated
-
-    def export(self, path: Path) -> None:
-        """Write the merged disk to a new sparse file at `path`, atomically.
-
-        All-zero blocks become holes. The export is not a snapshot: writes that race
-        with it may or may not be in it, so callers export a quiesced disk.
-        """
-        block = self._block
-        step = block * max(1, _EXPORT_STEP // block)
-        zeros = bytes(block)
-        with self._lock:
-            self._check_open()
-            size = self._size
-        with _OsErrors(self._where, f"export to {path}"):
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                try:
-                    for offset in range(0, size, step):
-                        chunk = self.read(offset, step)
-                        for at in range(0, len(chunk), block):
-                            piece = chunk[at : at + block]
-                            if piece != zeros[: len(piece)]:
-                                _pwrite_all(fd, piece, offset + at)
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(name, path)
-            except BaseException:
-                Path(name).unlink(missing_ok=True)
-                raise
-            _fsync_dir(path.parent)
 
     def discard(self) -> None:
         """Delete the overlay's files, throwing its writes away; the object is dead after.
@@ -471,7 +370,7 @@ class Overlay:
         with self._flush_lock:
             with self._lock:
                 self._close_fds()
-            with _OsErrors(self._where, "discard"):
+            with OsErrors(self._where, "discard"):
                 for name in (MAP_NAME, DATA_NAME):
                     (self._directory / name).unlink(missing_ok=True)
 
@@ -530,7 +429,7 @@ class Overlay:
 
     def _pread(self, offset: int, length: int) -> bytes:
         """Overlay bytes; blocks are written whole, so a short read means a damaged `data`."""
-        with _OsErrors(self._where, "data read", offset):
+        with OsErrors(self._where, "data read", offset):
             data = os.pread(self._data_fd, length, offset)
         if len(data) != length:
             raise OverlayError(
@@ -587,8 +486,8 @@ class Overlay:
             parts.insert(0, self._fill(first, fetched)[:head])
         if tail:
             parts.append(self._fill(last, fetched)[block - tail :])
-        with _OsErrors(self._where, "data write", offset):
-            _pwrite_all(self._data_fd, view if len(parts) == 1 else b"".join(parts), offset - head)
+        with OsErrors(self._where, "data write", offset):
+            pwrite_all(self._data_fd, view if len(parts) == 1 else b"".join(parts), offset - head)
         self._data_dirty = True
         self._changed()
         if self._map.find(0, first, last + 1) != -1:
@@ -609,8 +508,8 @@ class Overlay:
         """
         block, old = self._block, self._size
         if old % block and self._map[old // block]:
-            with _OsErrors(self._where, "data write", old):
-                _pwrite_all(self._data_fd, bytes(block - old % block), old)
+            with OsErrors(self._where, "data write", old):
+                pwrite_all(self._data_fd, bytes(block - old % block), old)
             self._data_dirty = True
         old_blocks, new_blocks = len(self._map), -(-size // block)
         if new_blocks > old_blocks:
@@ -632,7 +531,7 @@ class Overlay:
         with self._lock:
             generation = self._generation
             pages = sorted(self._dirty_pages)
-            spans = [(first * _MAP_PAGE, stop * _MAP_PAGE) for first, stop in _page_runs(pages)]
+            spans = [(first * _MAP_PAGE, stop * _MAP_PAGE) for first, stop in page_runs(pages)]
             chunks = [(ENTRIES_OFFSET + low, bytes(self._map[low:high])) for low, high in spans]
             header = None
             if pages or self._header_dirty:
@@ -642,19 +541,19 @@ class Overlay:
             self._header_dirty = self._data_dirty = False
         try:
             if metadata and self._synced_metadata < generation:
-                with _OsErrors(self._where, "data fsync"):
+                with OsErrors(self._where, "data fsync"):
                     os.fsync(self._data_fd)  # after a DATA_SYNC flush too: its mtime may still be pending
             elif data_dirty:
-                with _OsErrors(self._where, "data fdatasync"):
+                with OsErrors(self._where, "data fdatasync"):
                     os.fdatasync(self._data_fd)
             if header is not None:
-                with _OsErrors(self._where, "map write"):
+                with OsErrors(self._where, "map write"):
                     for offset, chunk in chunks:
                         if chunk:
-                            _pwrite_all(self._map_fd, chunk, offset)
+                            pwrite_all(self._map_fd, chunk, offset)
                     if header.blocks > self._durable_blocks:
                         os.fdatasync(self._map_fd)
-                    _pwrite_all(self._map_fd, header.encode(), 0)
+                    pwrite_all(self._map_fd, header.encode(), 0)
                     os.fdatasync(self._map_fd)
                 self._sequence, self._durable_blocks = header.sequence, header.blocks
                 self._allocated = None  # the map file may have grown

@@ -30,7 +30,7 @@ from appliance.ingest.backup import backup
 from appliance.store import ReadPath, init_store, open_store
 from nfs_export import Export, NfsService, parse_networks, serve_nfs
 from nfs_export.rpc_tcp import open_rpc_client
-from overlay import Overlay, disk
+from overlay import Overlay, stalls
 from tests import test_nfs_portmap
 from tests.conftest import SMALL_CHUNK, write_image
 from tests.test_nfs3 import (
@@ -276,7 +276,7 @@ def test_unstable_writes_skip_the_worker_threads_and_stable_ones_fsync(
         tmp_path: Path, rpcbind: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """qemu-img's UNSTABLE writes are done on the event loop and land in the session disk;
     a FILE_SYNC write still goes through a worker thread and is durable before its reply."""
-    monkeypatch.setattr(disk, "STALL_SECONDS", 60.0)  # a slow test disk must not send writes to threads
+    monkeypatch.setattr(stalls, "STALL_SECONDS", 60.0)  # a slow test disk must not send writes to threads
     size = 4 << 20
     image = write_image(tmp_path / "disk.img", size, seed=3)
     init_store(tmp_path / "store", chunk_size=SMALL_CHUNK)

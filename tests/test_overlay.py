@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from overlay import BaseImage, Overlay, OverlayClosed, OverlayCorrupt, OverlayError
-from overlay import disk, mapfile
+from overlay import BaseImage, Overlay, OverlayClosed, OverlayCorrupt, OverlayError, export_disk
+from overlay import disk, mapfile, stalls
 
 BLOCK = 4096
 
@@ -419,7 +419,7 @@ def test_export_equals_model_and_is_sparse(tmp_path: Path) -> None:
     overlay.write(20 * BLOCK, bytes(BLOCK))  # an overlay block of zeros is a hole too
     target = tmp_path / "export" / "disk.img"
     target.parent.mkdir()
-    overlay.export(target)
+    export_disk(overlay, target)
     assert target.read_bytes() == bytes(model)
     assert target.stat().st_blocks * 512 <= 40 * BLOCK < len(model)
     assert os.listdir(target.parent) == ["disk.img"]
@@ -669,14 +669,14 @@ def test_write_nowait_declines_what_would_wait(tmp_path: Path) -> None:
 
 
 def test_write_nowait_backs_off_once_stalls_add_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(disk, "STALL_BACKOFF_SECONDS", 0.2)
+    monkeypatch.setattr(stalls, "STALL_BACKOFF_SECONDS", 0.2)
     _, overlay = make_overlay(tmp_path, BytesBase(bytes(4 * BLOCK)))
-    overlay.stall_seconds = 0  # every write counts as a stall
+    overlay.stalls.seconds = 0  # every write counts as a stall
     for _ in range(3):  # stalls within the budget: the loop keeps writing
         assert overlay.write_nowait(3 * BLOCK, b"d" * BLOCK) == BLOCK
-    overlay.stall_budget = 0  # the next stall exhausts it
+    overlay.stalls.budget = 0  # the next stall exhausts it
     assert overlay.write_nowait(0, b"a" * BLOCK) == BLOCK  # the slow write itself is done
-    overlay.stall_seconds = disk.STALL_SECONDS
+    overlay.stalls.seconds = stalls.STALL_SECONDS
     assert overlay.write_nowait(BLOCK, b"b" * BLOCK) is None  # the disk is slow: worker threads write
     assert overlay.write(BLOCK, b"b" * BLOCK) == BLOCK
     time.sleep(0.3)
