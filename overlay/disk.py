@@ -31,12 +31,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 from overlay import mapfile
 from overlay.errors import OverlayClosed, OverlayError
 from overlay.fileio import OsErrors, fsync_dir, page_runs, pwrite_all
+from overlay.journal import JOURNAL_NAME, RECORDS_OFFSET, Journal
 from overlay.mapfile import ENTRIES_OFFSET, MapHeader
 from overlay.stalls import WriteStalls
 
@@ -93,6 +95,11 @@ class Overlay:
         #: `allocated_bytes` as last measured; None once a write, truncate or flush may change it.
         self._allocated: int | None = None
         self._flush_lock = threading.Lock()  # taken before _lock, never after
+        #: The stable-write journal, made at the first `write_durable`; `_durable_ticket` is
+        #: its last record known durable (by its own sync, or by a flush in place).
+        self._journal: Journal | None = None
+        self._durable_ticket = 0
+        self._journal_sync_lock = threading.Lock()  # one journal fdatasync at a time: the others wait for it
         #: `write_nowait` backs off for a while once its writes keep waiting on the disk.
         self.stalls = WriteStalls()
 
@@ -123,7 +130,11 @@ class Overlay:
 
     @classmethod
     def open(cls, directory: Path, base: BaseImage) -> Overlay:
-        """Open an overlay as its last completed flush left it; writes nothing to disk."""
+        """Open an overlay as its last flush and its journal left it.
+
+        Writes nothing to disk unless the journal holds stable writes that were not yet
+        flushed in place (the process died): those are applied again, and flushed.
+        """
         where = f"overlay {directory}"
         fds: list[int] = []
         try:
@@ -145,7 +156,24 @@ class Overlay:
             for fd in fds:
                 os.close(fd)
             raise
-        return cls(directory, base, header, entries, fds[1], fds[0])
+        overlay = cls(directory, base, header, entries, fds[1], fds[0])
+        try:
+            overlay._replay_journal()
+        except BaseException:
+            overlay._close_fds()
+            raise
+        return overlay
+
+    def _replay_journal(self) -> None:
+        """Apply the stable writes the journal holds beyond the last flush in place, then flush."""
+        found = Journal.open(self._directory, self._where)
+        if found is None:
+            return
+        self._journal, writes = found
+        for offset, data in writes:
+            self.write(offset, data)
+        if writes:
+            self.flush()
 
     @property
     def size(self) -> int:
@@ -279,6 +307,85 @@ class Overlay:
         finally:
             self._lock.release()
 
+    def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """`write`, returning only once the write survives a crash (a stable NFS WRITE).
+
+        The bytes go to the overlay as `write` puts them and, in the same step under the
+        lock, to the journal (`overlay.journal`), whose one fdatasync then covers every
+        record written before it: concurrent stable writes share it (group commit).
+        """
+        view = self._checked_write(offset, data)
+        if not view.nbytes:
+            return 0
+        if not Journal.can_hold(view.nbytes):
+            written = self.write(offset, view)
+            self.flush()
+            return written
+        if self._journal is None:
+            self._make_journal()
+        fetched: dict[int, bytes] = {}
+        while True:
+            with self._lock:
+                self._check_changeable()
+                journal = self._journal
+                assert journal is not None
+                wanted = self._fills_wanted(offset, offset + view.nbytes, fetched)
+                fits = journal.fits(view.nbytes)
+                if fits and not wanted:
+                    self._write_locked(offset, view, fetched)
+                    ticket = journal.append(offset, view)
+                    break
+                limit = self._base_limit
+            if not fits:
+                self._start_journal_over(view.nbytes)
+            for block in wanted:
+                start = block * self._block
+                fetched[block] = self._read_base(start, min(self._block, limit - start))
+        self._sync_journal(ticket)
+        return view.nbytes
+
+    def _make_journal(self) -> None:
+        with self._flush_lock:
+            if self._journal is None:
+                journal = Journal.create(self._directory, self._where)
+                with self._lock:
+                    self._journal, self._allocated = journal, None
+
+    def _sync_journal(self, ticket: int) -> None:
+        """Return once the record with `ticket` is durable, syncing the journal if no one did."""
+        with self._journal_sync_lock:
+            if self._durable_ticket >= ticket:
+                return
+            with self._lock:
+                journal = self._journal
+                assert journal is not None
+                last = journal.next_ticket - 1  # every record up to it is in the page cache
+            journal.sync()
+            with self._lock:
+                self._durable_ticket = max(self._durable_ticket, last)
+
+    def _start_journal_over(self, length: int) -> None:
+        """The journal is full: flush everything in place and start it over at the front.
+
+        Both locks are held throughout, so no write or record slips in between the flush
+        and the journal's new header.
+        """
+        with self._flush_lock, self._lock:
+            self._check_changeable()
+            journal = self._journal
+            assert journal is not None
+            if journal.fits(length):
+                return  # another writer started it over meanwhile
+            snapshot = self._snapshot()
+            try:
+                self._write_out(snapshot, metadata=True)
+            except BaseException:
+                self._restore(snapshot)
+                raise
+            journal.mark_durable(journal.next_ticket, RECORDS_OFFSET)
+            journal.sync()
+            self._durable_ticket = journal.next_ticket - 1
+
     def truncate(self, size: int) -> None:
         """Shrink or grow the disk; whatever lies past the old end reads as zeros.
 
@@ -348,7 +455,7 @@ class Overlay:
         return ranges
 
     def allocated_bytes(self) -> int:
-        """Bytes both overlay files occupy on disk (allocated, not apparent, size).
+        """Bytes the overlay's files (data, map, journal) occupy on disk (allocated, not apparent, size).
 
         Every NFS reply about a session disk carries it, so it is measured again only
         after something that can change it (a write to a new block, a truncate, a
@@ -359,7 +466,8 @@ class Overlay:
             return known
         with self._lock, OsErrors(self._where, "stat"):
             self._check_open()
-            self._allocated = sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
+            journal = 0 if self._journal is None else self._journal.allocated_bytes()
+            self._allocated = journal + sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._map_fd))
             return self._allocated
 
     def discard(self) -> None:
@@ -371,7 +479,7 @@ class Overlay:
             with self._lock:
                 self._close_fds()
             with OsErrors(self._where, "discard"):
-                for name in (MAP_NAME, DATA_NAME):
+                for name in (MAP_NAME, DATA_NAME, JOURNAL_NAME):
                     (self._directory / name).unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -416,6 +524,8 @@ class Overlay:
             self._closed = True
             os.close(self._data_fd)
             os.close(self._map_fd)
+            if self._journal is not None:
+                self._journal.close()
 
     def _runs(self, first: int, stop: int) -> Iterator[tuple[int, int, bool]]:
         """Split blocks [first, stop) into runs from the same side: (first, stop, in overlay)."""
@@ -524,45 +634,88 @@ class Overlay:
 
         The state is snapshotted under the lock, and the syncs run without it so reads
         and writes go on meanwhile; anything written after the snapshot waits for the
-        next flush. If the map grew, its new entries are made durable before a header
-        that covers them, so stale entries from an earlier shrink can never show. The
-        map's own file times mean nothing, so it is only ever fdatasynced.
+        next flush. Journal records the flush made durable in place are let go of last.
         """
         with self._lock:
-            generation = self._generation
-            pages = sorted(self._dirty_pages)
-            spans = [(first * _MAP_PAGE, stop * _MAP_PAGE) for first, stop in page_runs(pages)]
-            chunks = [(ENTRIES_OFFSET + low, bytes(self._map[low:high])) for low, high in spans]
-            header = None
-            if pages or self._header_dirty:
-                header = MapHeader(self._block, self._size, self._base_limit, self._sequence + 1)
-            data_dirty = self._data_dirty
-            self._dirty_pages.clear()
-            self._header_dirty = self._data_dirty = False
+            snapshot = self._snapshot()
         try:
-            if metadata and self._synced_metadata < generation:
-                with OsErrors(self._where, "data fsync"):
-                    os.fsync(self._data_fd)  # after a DATA_SYNC flush too: its mtime may still be pending
-            elif data_dirty:
-                with OsErrors(self._where, "data fdatasync"):
-                    os.fdatasync(self._data_fd)
-            if header is not None:
-                with OsErrors(self._where, "map write"):
-                    for offset, chunk in chunks:
-                        if chunk:
-                            pwrite_all(self._map_fd, chunk, offset)
-                    if header.blocks > self._durable_blocks:
-                        os.fdatasync(self._map_fd)
-                    pwrite_all(self._map_fd, header.encode(), 0)
-                    os.fdatasync(self._map_fd)
-                self._sequence, self._durable_blocks = header.sequence, header.blocks
-                self._allocated = None  # the map file may have grown
-            self._synced = generation
-            if metadata:
-                self._synced_metadata = generation
+            self._write_out(snapshot, metadata)
         except BaseException:
             with self._lock:
-                self._dirty_pages.update(pages)
-                self._header_dirty |= header is not None
-                self._data_dirty |= data_dirty
+                self._restore(snapshot)
             raise
+        journal = self._journal
+        if journal is None or snapshot.journal_last < journal.first_ticket:
+            return
+        with self._lock:  # the header is written before any later record: one fdatasync covers both
+            if journal.next_ticket == snapshot.journal_last + 1:  # no record since: start over at the front
+                journal.mark_durable(journal.next_ticket, RECORDS_OFFSET)
+            else:
+                journal.mark_durable(snapshot.journal_last + 1, snapshot.journal_head)
+        journal.sync()
+        with self._lock:
+            self._durable_ticket = max(self._durable_ticket, snapshot.journal_last)
+
+    def _snapshot(self) -> _Snapshot:
+        """What a flush writes out; the caller holds _lock. Marks it all clean."""
+        pages = sorted(self._dirty_pages)
+        spans = [(first * _MAP_PAGE, stop * _MAP_PAGE) for first, stop in page_runs(pages)]
+        header = None
+        if pages or self._header_dirty:
+            header = MapHeader(self._block, self._size, self._base_limit, self._sequence + 1)
+        journal = self._journal
+        snapshot = _Snapshot(self._generation, pages, [(ENTRIES_OFFSET + low, bytes(self._map[low:high]))
+                                                       for low, high in spans], header, self._data_dirty,
+                             0 if journal is None else journal.head,
+                             0 if journal is None else journal.next_ticket - 1)
+        self._dirty_pages.clear()
+        self._header_dirty = self._data_dirty = False
+        return snapshot
+
+    def _restore(self, snapshot: _Snapshot) -> None:
+        """A write-out failed: what it was to write is dirty again; the caller holds _lock."""
+        self._dirty_pages.update(snapshot.pages)
+        self._header_dirty |= snapshot.header is not None
+        self._data_dirty |= snapshot.data_dirty
+
+    def _write_out(self, snapshot: _Snapshot, metadata: bool) -> None:
+        """Make a snapshot durable in place: data first, then the map entries and header.
+
+        If the map grew, its new entries are made durable before a header that covers
+        them, so stale entries from an earlier shrink can never show. The map's own file
+        times mean nothing, so it is only ever fdatasynced.
+        """
+        if metadata and self._synced_metadata < snapshot.generation:
+            with OsErrors(self._where, "data fsync"):
+                os.fsync(self._data_fd)  # after a DATA_SYNC flush too: its mtime may still be pending
+        elif snapshot.data_dirty:
+            with OsErrors(self._where, "data fdatasync"):
+                os.fdatasync(self._data_fd)
+        header = snapshot.header
+        if header is not None:
+            with OsErrors(self._where, "map write"):
+                for offset, chunk in snapshot.chunks:
+                    if chunk:
+                        pwrite_all(self._map_fd, chunk, offset)
+                if header.blocks > self._durable_blocks:
+                    os.fdatasync(self._map_fd)
+                pwrite_all(self._map_fd, header.encode(), 0)
+                os.fdatasync(self._map_fd)
+            self._sequence, self._durable_blocks = header.sequence, header.blocks
+            self._allocated = None  # the map file may have grown
+        self._synced = max(self._synced, snapshot.generation)
+        if metadata:
+            self._synced_metadata = max(self._synced_metadata, snapshot.generation)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The state a flush makes durable, taken at one moment under the overlay's lock."""
+
+    generation: int
+    pages: list[int]  # dirty map pages
+    chunks: list[tuple[int, bytes]]  # (map file offset, entries) of those pages, in runs
+    header: MapHeader | None  # the new map header, if anything in the map changed
+    data_dirty: bool
+    journal_head: int  # where the journal's next record was to go
+    journal_last: int  # the last journal ticket issued (0: none)

@@ -9,8 +9,8 @@ DISK           `SessionDisk`: the session disk's copy-on-write overlay     yes
 SCRATCH        `ScratchFile`: a plain file in the session's area           yes
 =============  ==========================================================  ===========
 
-Every backing answers the same five questions (`Backing`): its extent (size, bytes used,
-times), read, write, sync and truncate. The datastore picks the backing by the node's
+Every backing answers the same questions (`Backing`): its extent (size, bytes used,
+times), read, write, a write that is durable when it returns, sync and truncate. The datastore picks the backing by the node's
 role and otherwise knows nothing of where bytes come from; overlay errors become the
 VFS's here (`SessionDisk`), nowhere else.
 """
@@ -41,6 +41,7 @@ class Backing(Protocol):
     def extent(self, node: Node) -> Extent: ...
     def read(self, node: Node, offset: int, length: int) -> bytes: ...
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int: ...
+    def write_durably(self, node: Node, offset: int, data: bytes | memoryview, durability: Durability) -> int: ...
     def sync(self, node: Node, durability: Durability) -> None: ...
     def truncate(self, node: Node, size: int) -> None: ...
 
@@ -70,6 +71,9 @@ class PointFile:
 
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:
         raise ReadOnly(f"restore point files are read-only (inode {node.inode})")
+
+    def write_durably(self, node: Node, offset: int, data: bytes | memoryview, durability: Durability) -> int:
+        return self.write(node, offset, data)
 
     def sync(self, node: Node, durability: Durability) -> None:
         """Nothing to do: a restore point is durable from the moment its backup committed."""
@@ -120,6 +124,12 @@ class SessionDisk:
         with self._errors(node):
             return self._overlay_of(node, True).write(offset, data)
 
+    def write_durably(self, node: Node, offset: int, data: bytes | memoryview, durability: Durability) -> int:
+        """Through the overlay's journal, at either level: its record carries the bytes, and
+        a replayed write sets the disk's mtime again, so FILE asks nothing more than DATA."""
+        with self._errors(node):
+            return self._overlay_of(node, True).write_durable(offset, data)
+
     def sync(self, node: Node, durability: Durability) -> None:
         with self._errors(node):
             self._overlay_of(node, False).flush(metadata=durability is Durability.FILE)
@@ -150,6 +160,11 @@ class ScratchFile:
 
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:
         return os.pwrite(self._fd_of(node), data, offset)
+
+    def write_durably(self, node: Node, offset: int, data: bytes | memoryview, durability: Durability) -> int:
+        written = self.write(node, offset, data)
+        self.sync(node, durability)
+        return written
 
     def sync(self, node: Node, durability: Durability) -> None:
         (os.fsync if durability is Durability.FILE else os.fdatasync)(self._fd_of(node))

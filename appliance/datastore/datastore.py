@@ -364,13 +364,22 @@ class Datastore:
         return written
 
     def write(self, inode: int, offset: int, data: bytes | memoryview) -> int:
+        return self._write(inode, offset, data, None)[0]
+
+    def _write(self, inode: int, offset: int, data: bytes | memoryview,
+               durability: Durability | None) -> tuple[int, Node]:
+        """A write (durable at `durability`, unless None); the bytes written and the node."""
         node = self._writable(inode)
         if node.kind is Kind.DIRECTORY:
             raise IsADirectory(f"inode {inode} is a directory")
-        written = self._backing(node).write(node, offset, data)
+        backing = self._backing(node)
+        if durability is None:
+            written = backing.write(node, offset, data)
+        else:
+            written = backing.write_durably(node, offset, data, durability)
         if self._session_io is not None:
             self._session_io.session_written(self._session_name(node), written)
-        return written
+        return written, node
 
     def fsync(self, inode: int, durability: Durability = Durability.FILE) -> None:
         """Make the file's writes durable; a session disk's mtime is its overlay's, so no LMDB commit."""
@@ -381,10 +390,9 @@ class Datastore:
 
     def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
                       durability: Durability) -> tuple[int, Attributes]:
-        """`write`, then `fsync` at `durability`: the bytes written and the attributes after both."""
-        written = self.write(inode, offset, data)
-        self.fsync(inode, durability)
-        return written, self.getattr(inode)
+        """`write`, durable at `durability` when it returns: the bytes written and the attributes after."""
+        written, node = self._write(inode, offset, data, durability)
+        return written, self._attributes(node)
 
     def _new_node(self, parent: int, name: str, kind: Kind, role: Role, mode: int, uid: int, gid: int,
                   ref: dict[str, object], exclusive: bool = True) -> Attributes:

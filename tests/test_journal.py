@@ -1,0 +1,145 @@
+"""The overlay's stable-write journal: replay after a crash, torn records, starting over, flushes in place.
+
+A crash is an overlay that is never closed, and a second `Overlay.open` of its directory
+(what a restarted appliance does); a torn record is bytes of the journal file changed on
+disk, as a power cut in the middle of a record write would leave them.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from overlay import Overlay, OverlayCorrupt, journal
+from tests.test_overlay import BytesBase, SyncLog, make_overlay
+
+BLOCK = 64 << 10
+
+
+def base_of(blocks: int, seed: int = 1) -> BytesBase:
+    return BytesBase(random.Random(seed).randbytes(blocks * BLOCK))
+
+
+def test_a_durable_write_survives_a_crash_with_nothing_flushed_in_place(tmp_path: Path) -> None:
+    base = base_of(16)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(3 * BLOCK + 100, b"stable" * 1000)  # a sub-block write into a fresh block
+    overlay.write(5 * BLOCK, b"u" * BLOCK)  # unstable: may be lost
+    assert (directory / journal.JOURNAL_NAME).stat().st_size == journal.CAPACITY
+    reopened = Overlay.open(directory, base)  # the first was never closed: a crash
+    expected = bytearray(base.data[3 * BLOCK : 4 * BLOCK])
+    expected[100 : 100 + 6000] = b"stable" * 1000
+    assert reopened.read(3 * BLOCK, BLOCK) == bytes(expected)
+    assert reopened.changed_ranges() == [(3 * BLOCK, BLOCK)]
+    reopened.close()
+    again = Overlay.open(directory, base)  # replayed once and flushed: nothing to replay now
+    assert again.read(3 * BLOCK, BLOCK) == bytes(expected)
+    again.close()
+
+
+def test_replay_applies_records_in_the_order_they_were_written(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    base = base_of(32)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    model = bytearray(base.data)
+    for _ in range(200):  # overlapping writes: only the order makes the last one win
+        offset = rng.randrange(0, len(model) - 3 * BLOCK)
+        data = rng.randbytes(rng.choice((512, 4096, 70000)))
+        overlay.write_durable(offset, data)
+        model[offset : offset + len(data)] = data
+    reopened = Overlay.open(directory, base)
+    assert reopened.read(0, len(model)) == bytes(model)
+    reopened.close()
+    overlay.close()
+
+
+def test_a_torn_record_ends_the_replay_and_the_answered_ones_before_it_stay(tmp_path: Path) -> None:
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"a" * BLOCK)
+    overlay.write_durable(BLOCK, b"b" * BLOCK)
+    torn_at = journal.RECORDS_OFFSET + 2 * (journal.RECORD_OVERHEAD + BLOCK)  # the third record
+    overlay.write_durable(2 * BLOCK, b"c" * BLOCK)
+    overlay.write_durable(3 * BLOCK, b"d" * BLOCK)
+    with open(directory / journal.JOURNAL_NAME, "r+b") as file:
+        file.seek(torn_at + journal.RECORD_OVERHEAD + 1000)
+        file.write(b"\xff" * 10)  # its data half written
+    with open(directory / "data", "r+b") as file:  # and, as after a power cut, the data file lost them
+        file.truncate(0)
+    reopened = Overlay.open(directory, base)
+    assert reopened.read(0, 2 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK
+    assert reopened.read(2 * BLOCK, 2 * BLOCK) == base.data[2 * BLOCK : 4 * BLOCK]  # the torn one and after
+    reopened.close()
+    overlay.close()
+
+
+def test_a_full_journal_is_flushed_in_place_and_started_over(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "CAPACITY", journal.RECORDS_OFFSET + 5 * (journal.RECORD_OVERHEAD + BLOCK))
+    base = base_of(16)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    for index in range(12):  # room for five records: it starts over twice
+        overlay.write_durable(index * BLOCK, bytes([index + 1]) * BLOCK)
+    reopened = Overlay.open(directory, base)
+    for index in range(12):
+        assert reopened.read(index * BLOCK, BLOCK) == bytes([index + 1]) * BLOCK, index
+    reopened.close()
+    overlay.close()
+
+
+def test_a_flush_in_place_lets_go_of_records_so_replay_never_undoes_later_writes(tmp_path: Path) -> None:
+    """A stable write, then an unstable one over it made durable by COMMIT: a crash must keep the second."""
+    base = base_of(4)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"old" * 1000)
+    overlay.write(0, b"new" * 1000)
+    overlay.flush()
+    reopened = Overlay.open(directory, base)
+    assert reopened.read(0, 3000) == b"new" * 1000
+    reopened.close()
+    overlay.close()
+
+
+def test_concurrent_durable_writes_share_journal_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = base_of(64)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"x")  # makes the journal
+    syncs = SyncLog(monkeypatch)  # every fsync and fdatasync: here only the journal's
+    start = threading.Barrier(32)
+
+    def write(index: int) -> None:
+        start.wait()
+        overlay.write_durable(index * BLOCK, bytes([index]) * BLOCK)
+
+    threads = [threading.Thread(target=write, args=(index,)) for index in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= len(syncs.calls) < 32  # each write waited for a sync that covered it, most shared one
+    reopened = Overlay.open(directory, base)
+    for index in range(1, 32):
+        assert reopened.read(index * BLOCK, BLOCK) == bytes([index]) * BLOCK
+    reopened.close()
+    overlay.close()
+
+
+def test_a_damaged_journal_header_is_reported_not_ignored(tmp_path: Path) -> None:
+    base = base_of(4)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"kept")
+    overlay.close()
+    with open(directory / journal.JOURNAL_NAME, "r+b") as file:
+        file.write(b"\0" * 8)  # the magic
+    with pytest.raises(OverlayCorrupt, match=f"overlay {directory}: journal has a wrong magic number"):
+        Overlay.open(directory, base)
+
+
+def test_discard_removes_the_journal_too(tmp_path: Path) -> None:
+    directory, overlay = make_overlay(tmp_path, base_of(4), BLOCK)
+    overlay.write_durable(0, b"gone")
+    overlay.discard()
+    assert list(directory.iterdir()) == []
