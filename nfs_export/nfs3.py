@@ -89,7 +89,7 @@ from nfs_export.nfs3_types import (
     time_how,
     wcc_data,
 )
-from nfs_export.rpc import Call, Encodable, Procedure, Program, Void, decode_void
+from nfs_export.rpc import Call, Encodable, HeldResult, Procedure, Program, Void, decode_void
 from nfs_export.workers import WorkerPool
 from nfs_export.xdr import Decoder, Encoder
 
@@ -214,7 +214,7 @@ class Nfs3Server:
 
     def program(self) -> Program:
         procedures: dict[int, Procedure[Any]] = {0: Procedure("NULL", decode_void, self._null)}
-        answered_at_once: dict[Callable[..., Encodable], Callable[[Call, Any], NfsResult | None]] = {
+        answered_at_once: dict[Callable[..., Encodable], Callable[[Call, Any], NfsResult | HeldResult | None]] = {
             Nfs3Server.read: self._read_from_memory, Nfs3Server.write: self._write_to_page_cache}
         for number, procedure in PROCEDURES.items():
             nowait = answered_at_once.get(procedure.handle)
@@ -266,26 +266,35 @@ class Nfs3Server:
         got = sum(map(len, pieces))
         return READ3resok(self.fattr(attributes), got < count or offset + got >= attributes.size, got, pieces)
 
-    def _write_to_page_cache(self, call: Call, args: WRITE3args) -> NfsResult | None:
-        """An UNSTABLE WRITE answered on the event loop when the VFS can take it at once.
+    def _write_to_page_cache(self, call: Call, args: WRITE3args) -> NfsResult | HeldResult | None:
+        """A WRITE answered on the event loop when the VFS can take it at once.
 
-        A thread hop costs ten times the page-cache write itself. DATA_SYNC and FILE_SYNC
-        writes fsync, so they, and anything unusual (a refused client, a read-only export,
-        a bad handle or argument, permissions, a write that could wait), go the ordinary
+        A thread hop costs ten times the page-cache write itself. An UNSTABLE write is
+        answered at once; a DATA_SYNC or FILE_SYNC one is written at once and its reply
+        held until the transport has read the calls at hand and made them durable with
+        one sync (`HeldResult`). Anything unusual (a refused client, a read-only export, a
+        bad handle or argument, permissions, a write that could wait) goes the ordinary
         way through a worker thread, where errors are built.
         """
-        if (args.stable is not stable_how.UNSTABLE or self.export.read_only or args.count > len(args.data)
-                or args.offset + args.count > MAX_FILE_SIZE):
+        if self.export.read_only or args.count > len(args.data) or args.offset + args.count > MAX_FILE_SIZE:
             return None
         before = self._file_from_memory(call, args.file, ACCESS3_MODIFY)
         if before is None:
             return None
-        written = self.vfs.write_nowait(before.inode, args.offset, args.data[: args.count])
+        data = args.data[: args.count]
+        ready = None
+        if args.stable is stable_how.UNSTABLE:
+            written = self.vfs.write_nowait(before.inode, args.offset, data)
+        else:
+            durability = Durability.DATA if args.stable is stable_how.DATA_SYNC else Durability.FILE
+            started = self.vfs.write_durably_nowait(before.inode, args.offset, data, durability)
+            written, ready = (None, None) if started is None else started
         if written is None:
             return None
         after = self.vfs.getattr_nowait(before.inode)  # None only if the node just left memory: no post-op attributes
         file_wcc = wcc_data(self.fattr(before).wcc(), None if after is None else self.fattr(after))
-        return NfsResult(nfsstat3.NFS3_OK, WRITE3resok(file_wcc, written, stable_how.UNSTABLE, self.write_verifier))
+        result = NfsResult(nfsstat3.NFS3_OK, WRITE3resok(file_wcc, written, args.stable, self.write_verifier))
+        return result if ready is None else HeldResult(result, ready)
 
     def _answer(self, procedure: NfsProcedure[A], call: Call, args: A) -> NfsResult:
         allowed = self.export.allows(call.client)

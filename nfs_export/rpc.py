@@ -178,6 +178,21 @@ def decode_void(decoder: Decoder) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldResult:
+    """A result computed on the event loop that is true only once `ready()` has returned.
+
+    A stable WRITE done at once is durable only after a sync: the transport keeps such
+    replies until it has read every call at hand, then calls each `ready` (the first
+    sync covers the others: group commit) and sends them. `ready` may block on the disk;
+    if it raises, the transport drops the connection instead of answering, so the client
+    resends the call and gets the error from the ordinary path.
+    """
+
+    result: Encodable
+    ready: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
 class Procedure(Generic[A]):
     """One procedure: how its arguments decode and the handler that answers them."""
 
@@ -185,7 +200,7 @@ class Procedure(Generic[A]):
     decode: Callable[[Decoder], A]
     run: Callable[[Call, A], Awaitable[Encodable]]
     #: Answers on the event loop when it can do so at once, else None (then `run` answers).
-    run_nowait: Callable[[Call, A], Encodable | None] | None = None
+    run_nowait: Callable[[Call, A], Encodable | HeldResult | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,13 +374,21 @@ class RpcDispatcher:
         A message too short to hold an xid, or a REPLY, has no caller to answer.
         """
         started = self.start(record, client, out)
-        return started if isinstance(started, bool) else await started.finish()
+        if isinstance(started, PendingCall):
+            return await started.finish()
+        if not isinstance(started, bool):
+            started()  # held until ready: here, at once
+            return True
+        return started
 
-    def start(self, record: bytes | bytearray | memoryview, client: str, out: Encoder) -> bool | PendingCall:
+    def start(self, record: bytes | bytearray | memoryview, client: str,
+              out: Encoder) -> bool | PendingCall | Callable[[], None]:
         """Answer what can be answered without waiting; else the call, to `finish` in a task.
 
         Errors in the header or arguments, and calls whose procedure answers them on the
         loop (`Procedure.run_nowait`), are done here: the transport spares them a task.
+        A `HeldResult`'s reply is written too, and its `ready` returned: the transport
+        calls it before it sends the reply.
         """
         started = time.perf_counter()
         prepared = self._prepare(record, client, out)
@@ -378,19 +401,25 @@ class RpcDispatcher:
                 result = run_nowait(prepared.call, prepared.args)
             except Exception:
                 return PendingCall(self, prepared, out, started).failed()
+            if isinstance(result, HeldResult):
+                if self._encoded(prepared, result.result, out, started):
+                    return result.ready
+                return True  # it did not encode: SYSTEM_ERR is written and waits for nothing
             if result is not None:
-                return self._succeeded(prepared, result, out, started)
+                self._encoded(prepared, result, out, started)
+                return True
         return PendingCall(self, prepared, out, started)
 
-    def _succeeded(self, prepared: _Prepared, result: Encodable, out: Encoder, started: float) -> bool:
-        """Write a procedure's result as a SUCCESS reply; SYSTEM_ERR if it does not encode."""
+    def _encoded(self, prepared: _Prepared, result: Encodable, out: Encoder, started: float) -> bool:
+        """Write a procedure's result as a SUCCESS reply; False (SYSTEM_ERR written) if it does not encode."""
         mark = len(out)
         try:
             _accepted(out, prepared.call.xid, AcceptStat.SUCCESS)
             result.encode(out)
         except Exception:
             out.discard_from(mark)
-            return PendingCall(self, prepared, out, started).failed()
+            PendingCall(self, prepared, out, started).failed()
+            return False
         self._ended(CallOutcome.SUCCESS, prepared.program.number, prepared.procedure.name,
                     time.perf_counter() - started)
         return True
@@ -489,7 +518,8 @@ class PendingCall:
             result = await self._prepared.procedure.run(self._prepared.call, self._prepared.args)
         except Exception:
             return self.failed()
-        return self._dispatcher._succeeded(self._prepared, result, self._out, self._started)
+        self._dispatcher._encoded(self._prepared, result, self._out, self._started)
+        return True
 
     def failed(self) -> bool:
         """After the procedure raised: SYSTEM_ERR, with the traceback in the log."""

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import struct
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -211,6 +212,9 @@ class _Connection:
         self._free_slots = MAX_IN_FLIGHT
         self._slot_freed = trio.Event()
         self._reply_queued = trio.Event()
+        #: Replies answered on the loop that are true only once their `ready` returns (stable
+        #: writes: a sync). They wait until the calls at hand are read, so one sync covers them all.
+        self._held: list[tuple[Callable[[], None], Encoder]] = []
 
     async def read_calls(self, nursery: trio.Nursery) -> bool:
         """Answer calls until the stream ends; a call that has to wait gets a task in `nursery`.
@@ -221,6 +225,7 @@ class _Connection:
         try:
             while True:
                 while not self._free_slots:
+                    self._release_held()
                     self.send_nowait()  # replies answered at once hold slots until they leave
                     if self._free_slots:
                         break
@@ -228,6 +233,7 @@ class _Connection:
                     self._slot_freed = trio.Event()
                 record = self._records.next_record()
                 if record is None:
+                    self._release_held()
                     self.send_nowait()
                     if not self._receive_nowait():
                         await trio.lowlevel.wait_readable(self._sock)
@@ -243,10 +249,13 @@ class _Connection:
                 started = self._dispatcher.start(record, self._client, out)
                 if isinstance(started, bool):
                     self._queue_reply(out if started else None)  # sent before the next wait
-                else:
+                elif isinstance(started, PendingCall):
                     self._records.lend()  # the call's arguments may be views of the record
                     nursery.start_soon(self._finish, started, out)
+                else:
+                    self._held.append((started, out))
         except _EndOfCalls:
+            self._release_held()
             return True
         except RecordTooLarge as exc:
             self._dispatcher.record_oversized()
@@ -254,6 +263,22 @@ class _Connection:
         except _ClientGone:
             pass
         return False
+
+    def _release_held(self) -> None:
+        """Make the held replies true (the first sync covers the rest) and queue them.
+
+        One whose `ready` fails is never sent as it stands: the connection is dropped, and
+        the client resends its calls, which then meet the error on the ordinary path.
+        """
+        held, self._held = self._held, []
+        for ready, out in held:
+            try:
+                ready()
+            except Exception:
+                log.exception("closing RPC connection from %s: a reply held for a sync cannot be made true",
+                              self._client)
+                raise _ClientGone() from None
+            self._queue_reply(out)
 
     def _receive_nowait(self) -> bool:
         """Receive what the socket holds; False if it held nothing."""

@@ -286,17 +286,10 @@ class Overlay:
         need a fill from the base, and for a while after writes that stalled
         (`overlay.stalls`). Errors are left to `write`, which meets them again and reports them.
         """
-        if self.stalls.declining():
+        view = self._locked_for_nowait(offset, data)
+        if view is None:
             return None
         try:
-            view = self._checked_write(offset, data)
-        except OverlayError:
-            return None
-        if not view.nbytes or not self._lock.acquire(blocking=False):
-            return None
-        try:
-            if self._closing or self._fills_wanted(offset, offset + view.nbytes, {}):
-                return None
             started = time.monotonic()
             try:
                 self._write_locked(offset, view, {})
@@ -306,6 +299,23 @@ class Overlay:
             return view.nbytes
         finally:
             self._lock.release()
+
+    def _locked_for_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> memoryview | None:
+        """`data` as a view, with the lock taken, when a write on the caller's thread may go
+        ahead (not backing off, a valid range, the lock free, not closing, no fill from the
+        base); else None, without the lock."""
+        if self.stalls.declining():
+            return None
+        try:
+            view = self._checked_write(offset, data)
+        except OverlayError:
+            return None
+        if not view.nbytes or not self._lock.acquire(blocking=False):
+            return None
+        if self._closing or self._fills_wanted(offset, offset + view.nbytes, {}):
+            self._lock.release()
+            return None
+        return view
 
     def write_durable(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """`write`, returning only once the write survives a crash (a stable NFS WRITE).
@@ -344,6 +354,46 @@ class Overlay:
         self._sync_journal(ticket)
         return view.nbytes
 
+    def write_durable_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """`write_durable`'s write, for an event loop: its journal ticket, or None if it cannot
+        be done at once (see `write_nowait`; also before the journal exists, or when it is full).
+
+        The write is not durable until `make_durable(ticket)` returns: the caller answers it
+        after that, and may first do every other write it has at hand, so one sync covers all.
+        """
+        journal = self._journal
+        if journal is None:
+            return None
+        view = self._locked_for_nowait(offset, data)
+        if view is None:
+            return None
+        try:
+            if not journal.fits(view.nbytes):
+                return None
+            try:
+                self._write_locked(offset, view, {})
+                return journal.append(offset, view)
+            except OverlayError:
+                return None
+        finally:
+            self._lock.release()
+
+    def make_durable(self, ticket: int) -> None:
+        """Return once the journal record `ticket` (from `write_durable_nowait`) is durable.
+
+        A sync that keeps the caller waiting long (a slow disk) counts as a stall: after
+        enough of them `write_durable_nowait` declines for a while, and stable writes wait
+        in worker threads instead of on the caller's event loop. So it does after a sync
+        that failed: the ordinary path meets the failure again and answers it as an error.
+        """
+        started = time.monotonic()
+        try:
+            self._sync_journal(ticket)
+        except BaseException:
+            self.stalls.back_off()  # the client resends; the ordinary path then reports the failure
+            raise
+        self.stalls.timed(started)
+
     def _make_journal(self) -> None:
         with self._flush_lock:
             if self._journal is None:
@@ -353,6 +403,8 @@ class Overlay:
 
     def _sync_journal(self, ticket: int) -> None:
         """Return once the record with `ticket` is durable, syncing the journal if no one did."""
+        if self._durable_ticket >= ticket:  # covered already (a flush or another sync): no lock needed
+            return
         with self._journal_sync_lock:
             if self._durable_ticket >= ticket:
                 return

@@ -50,3 +50,7 @@ class WriteStalls:
         self._stalled += now - started
         if self._stalled >= self.budget:
             self._resumes = now + STALL_BACKOFF_SECONDS
+
+    def back_off(self) -> None:
+        """Decline from now on, for a while, whatever the window holds (a write or sync failed)."""
+        self._resumes = time.monotonic() + STALL_BACKOFF_SECONDS

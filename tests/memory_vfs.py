@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from appliance.datastore.vfs import (
@@ -68,6 +68,7 @@ class MemoryVfs:
         self._nodes = {1: _Node(1, 1, 1, Kind.DIRECTORY, 0o755, 0, 0, now, now, now)}
         self.syncs: list[Durability] = []  # what each fsync or durable write asked for, in order
         self.nowait_writes = 0  # writes `write_nowait` took: the NFS tests see which path a WRITE went
+        self.durable_nowait_writes = 0  # ... and `write_durably_nowait`
 
     # ----- helpers for tests ----------------------------------------------------------
 
@@ -302,6 +303,16 @@ class MemoryVfs:
         with self._lock:
             self._node(inode)
             self.syncs.append(durability)
+
+    def write_durably_nowait(self, inode: int, offset: int, data: bytes | memoryview,
+                             durability: Durability) -> tuple[int, Callable[[], None]] | None:
+        """Writes like `write_nowait`; its sync is recorded when the caller makes it durable."""
+        written = self.write_nowait(inode, offset, data)
+        if written is None:
+            return None
+        self.nowait_writes -= 1  # counted below, as a durable one
+        self.durable_nowait_writes += 1
+        return written, lambda: self.fsync(inode, durability)
 
     def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
                       durability: Durability) -> tuple[int, Attributes]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import Overlay, OverlayCorrupt, journal
+from overlay import Overlay, OverlayCorrupt, OverlayError, journal
 from tests.test_overlay import BytesBase, SyncLog, make_overlay
 
 BLOCK = 64 << 10
@@ -143,3 +143,26 @@ def test_discard_removes_the_journal_too(tmp_path: Path) -> None:
     overlay.write_durable(0, b"gone")
     overlay.discard()
     assert list(directory.iterdir()) == []
+
+
+def test_a_failed_sync_on_the_loop_sends_the_next_stable_writes_the_ordinary_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After EIO from the journal's sync, `write_durable_nowait` declines, so a resent write meets the
+    failure in `write_durable` (a worker thread, where the error is answered) instead of looping."""
+    base = base_of(4)
+    _, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"first")  # makes the journal
+    ticket = overlay.write_durable_nowait(BLOCK, b"x" * BLOCK)
+    assert ticket is not None
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal.os, "fdatasync", failing)
+    with pytest.raises(OverlayError, match="journal fdatasync failed: Input/output error"):
+        overlay.make_durable(ticket)
+    assert overlay.write_durable_nowait(BLOCK, b"y" * BLOCK) is None
+    with pytest.raises(OverlayError, match="journal fdatasync failed"):
+        overlay.write_durable(BLOCK, b"y" * BLOCK)
+    monkeypatch.undo()
+    overlay.close()

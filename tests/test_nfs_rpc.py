@@ -29,6 +29,7 @@ from nfs_export.rpc import (
     Call,
     Credential,
     Encodable,
+    HeldResult,
     Procedure,
     Program,
     RpcDispatcher,
@@ -244,6 +245,8 @@ class TestProgram:
     def __init__(self) -> None:
         self.release = trio.Event()
         self.calls: list[Call] = []
+        self.made_ready: list[int] = []  # xids whose held reply was made true, in order
+        self.ready_fails = False
 
     async def echo(self, call: Call, data: bytes) -> Encodable:
         self.calls.append(call)
@@ -263,7 +266,16 @@ class TestProgram:
             2: Procedure("FAIL", decode_void, self.fail),
             3: Procedure("SLOW", decode_void, self.slow),
             4: Procedure("FILL", lambda d: (d.uint32(), d.uint32()), self.slow, run_nowait=self.fill),
+            5: Procedure("HELD", decode_void, self.echo_void, run_nowait=self.held),
         })
+
+    def held(self, call: Call, args: None) -> HeldResult:
+        """Answered at once, true only after `ready` (as a stable write after its sync)."""
+        def ready() -> None:
+            if self.ready_fails:
+                raise OSError(5, "Input/output error")
+            self.made_ready.append(call.xid)
+        return HeldResult(Void(), ready)
 
     async def echo_void(self, call: Call, args: None) -> Encodable:
         return Void()
@@ -376,6 +388,39 @@ async def test_calls_on_one_connection_complete_out_of_order(nursery: trio.Nurse
     test.release.set()
     assert (await _receive(stream, reader)).xid == 1
     await stream.aclose()
+
+
+@pytest.mark.trio
+async def test_held_replies_wait_for_the_calls_at_hand_and_are_made_true_first(nursery: trio.Nursery) -> None:
+    """Stable writes answered on the loop: every call in the batch is read, then each held reply is made
+    true (one sync covers them), then sent; a call answered at once meanwhile is not held up."""
+    test = TestProgram()
+    port = await nursery.start(partial(serve_rpc, RpcDispatcher([test.program()]), host="127.0.0.1", port=0))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    reader = RecordReader(stream)
+    await stream.send_all(b"".join(framed(call_record(xid, TEST_PROGRAM, 1, 5)) for xid in (1, 2, 3))
+                          + framed(call_record(4, TEST_PROGRAM, 1, 0)))
+    replies = [await _receive(stream, reader) for _ in range(4)]
+    assert sorted(reply.xid for reply in replies) == [1, 2, 3, 4]
+    assert all((reply.accepted, reply.stat) == (True, 0) for reply in replies)
+    assert test.made_ready == [1, 2, 3]
+    await stream.aclose()
+
+
+@pytest.mark.trio
+async def test_a_held_reply_that_cannot_be_made_true_closes_its_connection_unanswered(
+        nursery: trio.Nursery) -> None:
+    test = TestProgram()
+    test.ready_fails = True
+    port = await nursery.start(partial(serve_rpc, RpcDispatcher([test.program()]), host="127.0.0.1", port=0))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(framed(call_record(1, TEST_PROGRAM, 1, 5)))
+    assert await RecordReader(stream).read_record() is None  # closed, never a success it could not keep
+    other = await trio.open_tcp_stream("127.0.0.1", port)
+    await other.send_all(framed(call_record(2, TEST_PROGRAM, 1, 0)))
+    assert (await _receive(other, RecordReader(other))).xid == 2  # the server goes on
+    await stream.aclose()
+    await other.aclose()
 
 
 @pytest.mark.trio

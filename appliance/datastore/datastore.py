@@ -24,7 +24,8 @@ import contextlib
 import os
 import stat
 import threading
-from typing import Iterator, Protocol, Sequence
+from functools import partial
+from typing import Callable, Iterator, Protocol, Sequence
 
 import lmdb
 
@@ -61,7 +62,7 @@ from appliance.names import check_component
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
-from overlay import Overlay
+from overlay import Overlay, OverlayError
 
 
 
@@ -350,18 +351,49 @@ class Datastore:
 
     def write_nowait(self, inode: int, offset: int, data: bytes | memoryview) -> int | None:
         """`write` on the caller's thread when it needs no more than a page-cache pwrite
-        (`Overlay.write_nowait`): session disks whose overlay is open, else None.
-
-        A paused session is left to `write`, which answers TryAgain until it resumes.
-        """
-        overlay = self.files.overlays.get(inode)
-        session = self._session_names.get(inode)
-        if overlay is None or session is None or session in self.files.paused:
+        (`Overlay.write_nowait`): session disks whose overlay is open, else None."""
+        found = self._writable_disk_nowait(inode)
+        if found is None:
             return None
+        overlay, session = found
         written = overlay.write_nowait(offset, data)
         if written is not None and self._session_io is not None:
             self._session_io.session_written(session, written)
         return written
+
+    def write_durably_nowait(self, inode: int, offset: int, data: bytes | memoryview,
+                             durability: Durability) -> tuple[int, Callable[[], None]] | None:
+        """`write_durably`'s write on the caller's thread, for an open session disk's overlay
+        (`Overlay.write_durable_nowait`), with what makes it durable; else None.
+
+        Either level goes through the overlay's journal (see `SessionDisk.write_durably`).
+        """
+        found = self._writable_disk_nowait(inode)
+        if found is None:
+            return None
+        overlay, session = found
+        ticket = overlay.write_durable_nowait(offset, data)
+        if ticket is None:
+            return None
+        if self._session_io is not None:
+            self._session_io.session_written(session, len(data))
+        return len(data), partial(self._make_durable, overlay, ticket)
+
+    def _writable_disk_nowait(self, inode: int) -> tuple[Overlay, str] | None:
+        """The open overlay of a session disk and its session, unless the session is paused
+        (then `write` answers TryAgain until it resumes)."""
+        overlay = self.files.overlays.get(inode)
+        session = self._session_names.get(inode)
+        if overlay is None or session is None or session in self.files.paused:
+            return None
+        return overlay, session
+
+    @staticmethod
+    def _make_durable(overlay: Overlay, ticket: int) -> None:
+        try:
+            overlay.make_durable(ticket)
+        except OverlayError as exc:
+            raise SessionDiskError(str(exc)) from exc
 
     def write(self, inode: int, offset: int, data: bytes | memoryview) -> int:
         return self._write(inode, offset, data, None)[0]

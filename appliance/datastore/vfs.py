@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 
 class Kind(enum.Enum):
@@ -117,6 +117,15 @@ class Vfs(Protocol):
     def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str) -> None: ...
     def statfs(self) -> FsStats: ...
     def fsync(self, inode: int, durability: Durability = Durability.FILE) -> None: ...
+    def write_durably_nowait(self, inode: int, offset: int, data: bytes | memoryview,
+                             durability: Durability) -> tuple[int, Callable[[], None]] | None:
+        """`write_durably`'s write done at once on the caller's thread, and the call that then
+        makes it durable (it may wait on the disk), or None (nothing written).
+
+        Lets an event loop do every stable write of a batch first and then one sync for
+        all of them (group commit) before it answers any. See `write_nowait`.
+        """
+        ...
     def write_durably(self, inode: int, offset: int, data: bytes | memoryview,
                       durability: Durability) -> tuple[int, Attributes]:
         """`write` and `fsync` in one call: the bytes written and the attributes after both (a stable NFS WRITE).
