@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Iterator
@@ -103,6 +104,9 @@ class Journal:
         self.first_ticket = header.first_ticket
         self.head = head  # where the next record goes
         self.next_ticket = next_ticket
+        #: The last record known durable: by a sync of the journal, or a flush in place.
+        self.durable_ticket = next_ticket - 1
+        self._sync_lock = threading.Lock()  # one sync at a time: the writers behind it wait and reuse it
 
     @classmethod
     def create(cls, directory: Path, where: str, first_ticket: int = 1) -> Journal:
@@ -168,6 +172,22 @@ class Journal:
         """Make every record written so far durable."""
         with OsErrors(self._where, "journal fdatasync"):
             os.fdatasync(self._fd)
+
+    def sync_through(self, ticket: int) -> None:
+        """Return once record `ticket` is durable, syncing unless a sync or flush covered it (group commit)."""
+        if self.durable_ticket >= ticket:
+            return
+        with self._sync_lock:
+            if self.durable_ticket >= ticket:
+                return
+            last = self.next_ticket - 1  # a ticket is handed out after its record's bytes are written
+            self.sync()
+            self.durable_ticket = max(self.durable_ticket, last)
+
+    def note_durable(self, last: int) -> None:
+        """Records up to `last` were made durable in place (a flush): no sync is owed for them."""
+        with self._sync_lock:
+            self.durable_ticket = max(self.durable_ticket, last)
 
     def mark_durable(self, first_ticket: int, first_offset: int) -> None:
         """Records before `first_ticket` are durable in place; the live ones start at `first_offset`.

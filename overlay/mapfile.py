@@ -1,6 +1,7 @@
 """The on-disk format of an overlay's map file, defined once.
 
-An overlay directory holds two files::
+An overlay directory holds two files (and, once a stable write came, a journal:
+`overlay.journal`)::
 
     data    sparse; overlay block i lives at offset i * block size, always written whole
     map     MapHeader (48 bytes) at offset 0, zero padding up to ENTRIES_OFFSET, then
