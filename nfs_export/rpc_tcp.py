@@ -233,6 +233,8 @@ class _Connection:
                     self._slot_freed = trio.Event()
                 record = self._records.next_record()
                 if record is None:
+                    if self._held and self._receive_nowait():
+                        continue  # calls that arrived meanwhile join the held ones: one sync for more writes
                     self._release_held()
                     self.send_nowait()
                     if not self._receive_nowait():
