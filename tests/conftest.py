@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import pytest
 
 from appliance.demo import make_demo_image, sha256_file
+from appliance.hypervisor import QemuGuest
 from appliance.store import Store, init_store, open_store
 
 BLOCK = 64 << 10
@@ -73,3 +74,12 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess
     if check and result.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result
+
+
+@pytest.fixture
+def guests() -> Iterator[list[QemuGuest]]:
+    """Guests a test boots; any still running at teardown are powered off."""
+    booted: list[QemuGuest] = []
+    yield booted
+    for guest in booted:
+        guest.power_off(timeout=1)

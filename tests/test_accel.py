@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import shutil
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,14 +65,6 @@ def runs(directory: Path) -> list[str]:
         accel = words[words.index("-accel") + 1]
         found.append(accel + ("+daemonize" if "-daemonize" in words else ""))
     return found
-
-
-@pytest.fixture
-def guests() -> Iterator[list[QemuGuest]]:
-    booted: list[QemuGuest] = []
-    yield booted
-    for guest in booted:
-        guest.power_off(timeout=1)
 
 
 @pytest.fixture(scope="module")

@@ -45,15 +45,6 @@ def guest_image() -> GuestImage:
     return build_guest()
 
 
-@pytest.fixture
-def guests() -> Iterator[list[QemuGuest]]:
-    """Guests a test boots; any still running at teardown are powered off."""
-    booted: list[QemuGuest] = []
-    yield booted
-    for guest in booted:
-        guest.power_off(timeout=1)
-
-
 def backed_up(tmp_path: Path, disk: Path, vms: tuple[str, ...] = (VM,)) -> Path:
     """A new store holding `disk` as the latest point of each of `vms`."""
     store = tmp_path / "store"
