@@ -2,7 +2,9 @@
 
 Each connection reads records in order but runs up to `MAX_IN_FLIGHT` calls at once
 (ESXi and the Linux client pipeline many READ/WRITEs on one connection); replies go out
-as calls complete. A record over `MAX_RECORD` bytes closes its connection, since its
+as calls complete. A reply answered on the loop that is true only after a sync (a stable
+WRITE: `rpc.HeldResult`) waits until the calls at hand are read, then one sync makes
+them all true before they are sent. A record over `MAX_RECORD` bytes closes its connection, since its
 bytes cannot be skipped without reading them all; anything else malformed is the
 dispatcher's to answer, and one connection's trouble never ends the listener.
 """
@@ -257,7 +259,10 @@ class _Connection:
                 else:
                     self._held.append((started, out))
         except _EndOfCalls:
-            self._release_held()
+            try:
+                self._release_held()
+            except _ClientGone:
+                return False
             return True
         except RecordTooLarge as exc:
             self._dispatcher.record_oversized()

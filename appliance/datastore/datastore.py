@@ -65,7 +65,6 @@ from appliance.store.repository import Store
 from overlay import Overlay, OverlayError
 
 
-
 class SessionIo(Protocol):
     """Hears the bytes each read or write moved in a session's files (worker threads)."""
 
