@@ -42,7 +42,7 @@ from typing import Final, Iterator
 import blake3
 import xxhash
 
-from overlay.errors import OverlayCorrupt
+from overlay.errors import OverlayClosed, OverlayCorrupt
 from overlay.fileio import OsErrors, fsync_dir, pwrite_all
 
 JOURNAL_NAME: Final = "journal"
@@ -100,6 +100,7 @@ class Journal:
 
     def __init__(self, fd: int, where: str, header: JournalHeader, head: int, next_ticket: int) -> None:
         self._fd = fd
+        self._closed = False
         self._where = where
         self.first_ticket = header.first_ticket
         self.head = head  # where the next record goes
@@ -170,6 +171,8 @@ class Journal:
 
     def sync(self) -> None:
         """Make every record written so far durable."""
+        if self._closed:  # its descriptor's number may name another file by now
+            raise OverlayClosed(f"{self._where}: journal is closed")
         with OsErrors(self._where, "journal fdatasync"):
             os.fdatasync(self._fd)
 
@@ -207,7 +210,9 @@ class Journal:
             return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
-        os.close(self._fd)
+        with self._sync_lock:  # not under a sync that is running
+            self._closed = True
+            os.close(self._fd)
 
 
 def _records(fd: int, header: JournalHeader) -> Iterator[tuple[int, bytes]]:

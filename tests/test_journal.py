@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import Overlay, OverlayCorrupt, OverlayError, journal
+from overlay import Overlay, OverlayClosed, OverlayCorrupt, OverlayError, journal
 from tests.test_overlay import BytesBase, SyncLog, make_overlay
 
 BLOCK = 64 << 10
@@ -165,4 +165,17 @@ def test_a_failed_sync_on_the_loop_sends_the_next_stable_writes_the_ordinary_way
     with pytest.raises(OverlayError, match="journal fdatasync failed"):
         overlay.write_durable(BLOCK, b"y" * BLOCK)
     monkeypatch.undo()
+    overlay.close()
+
+
+def test_a_sync_after_close_is_refused_not_run_on_a_reused_descriptor(tmp_path: Path) -> None:
+    """Had a close's flush failed, a late sync must not fdatasync whatever file took the descriptor's number."""
+    directory, overlay = make_overlay(tmp_path, base_of(4), BLOCK)
+    overlay.write_durable(0, b"made")
+    found = journal.Journal.open(directory, f"overlay {directory}")
+    assert found is not None
+    opened, _ = found
+    opened.close()
+    with pytest.raises(OverlayClosed, match="journal is closed"):
+        opened.sync()
     overlay.close()
