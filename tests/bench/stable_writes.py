@@ -61,6 +61,9 @@ class RpcConnection:
         self.credential = _credential()
         self.xid = int.from_bytes(os.urandom(4), "big")
         self.buffer = bytearray()
+        #: Received into, then copied out: `recv(1 MiB)` would map and unmap a fresh 1 MiB
+        #: buffer for every small reply, and the client's cost would swamp the server's.
+        self._landing = bytearray(1 << 16)
 
     def close(self) -> None:
         self.sock.close()
@@ -101,10 +104,10 @@ class RpcConnection:
 
     def _take(self, count: int) -> bytes:
         while len(self.buffer) < count:
-            data = self.sock.recv(1 << 20)
-            if not data:
+            got = self.sock.recv_into(self._landing)
+            if not got:
                 raise ConnectionError("the server closed the connection")
-            self.buffer += data
+            self.buffer += memoryview(self._landing)[:got]
         taken = bytes(self.buffer[:count])
         del self.buffer[:count]
         return taken
