@@ -213,12 +213,13 @@ class Nfs3Server:
         self.write_verifier = os.urandom(NFS3_WRITEVERFSIZE)  # new on every start: clients resend unstable writes
 
     def program(self) -> Program:
-        procedures: dict[int, Procedure[Any]] = {0: Procedure("NULL", decode_void, self._null)}
+        procedures: dict[int, Procedure[Any]] = {0: Procedure("NULL", decode_void, self._null, keeps_views=False)}
         answered_at_once: dict[Callable[..., Encodable], Callable[[Call, Any], NfsResult | HeldResult | None]] = {
             Nfs3Server.read: self._read_from_memory, Nfs3Server.write: self._write_to_page_cache}
         for number, procedure in PROCEDURES.items():
             nowait = answered_at_once.get(procedure.handle)
-            procedures[number] = Procedure(procedure.name, procedure.decode, self._runner(procedure), nowait)
+            procedures[number] = Procedure(procedure.name, procedure.decode, self._runner(procedure), nowait,
+                                           keeps_views=procedure.handle is Nfs3Server.write)
         return Program(NFS_PROGRAM, NFS_V3, "NFS", procedures)
 
     async def _null(self, call: Call, args: None) -> Encodable:

@@ -201,6 +201,9 @@ class Procedure(Generic[A]):
     run: Callable[[Call, A], Awaitable[Encodable]]
     #: Answers on the event loop when it can do so at once, else None (then `run` answers).
     run_nowait: Callable[[Call, A], Encodable | HeldResult | None] | None = None
+    #: The decoded arguments may be views of the call's record (a WRITE's data): the
+    #: transport then keeps the record's bytes until the call has ended.
+    keeps_views: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,6 +514,11 @@ class PendingCall:
     def __init__(self, dispatcher: RpcDispatcher, prepared: _Prepared, out: Encoder, started: float) -> None:
         self._dispatcher, self._prepared, self._out, self._started = dispatcher, prepared, out, started
         self._start = len(out)
+
+    @property
+    def keeps_views(self) -> bool:
+        """Whether the call's arguments may be views of its record (`Procedure.keeps_views`)."""
+        return self._prepared.procedure.keeps_views
 
     async def finish(self) -> bool:
         """Run the procedure and write its reply; True (a call always has a caller to answer)."""

@@ -254,7 +254,8 @@ class _Connection:
                 if isinstance(started, bool):
                     self._queue_reply(out if started else None)  # sent before the next wait
                 elif isinstance(started, PendingCall):
-                    self._records.lend()  # the call's arguments may be views of the record
+                    if started.keeps_views:
+                        self._records.lend()  # keep the record's bytes: a fresh buffer receives what follows
                     nursery.start_soon(self._finish, started, out)
                 else:
                     self._held.append((started, out))

@@ -6,6 +6,7 @@ parsed as far as a test needs); the other NFS test modules import it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import trio
 
 from nfs_export import Export, NfsService, parse_networks, serve_nfs
 from nfs_export.handles import FileHandle, HandleCodec
+from nfs_export.nfs3 import PROCEDURES
 from nfs_export.rpc import AuthFlavor, Credential
 from nfs_export.rpc_tcp import RpcClient, open_rpc_client
 from nfs_export.xdr import Decoder, Encoder
@@ -477,3 +479,37 @@ async def test_root_squash_and_permission_bits(start: ServerFactory) -> None:
     access = await squashed.ok(ACCESS, private, 0x3F)
     post_op(access)
     assert access.uint32() == 0x1  # others may read a 0444 file, nothing more
+
+
+def _views_in(value: object) -> bool:
+    """Whether a decoded argument structure holds a memoryview anywhere (a view of its record)."""
+    if isinstance(value, memoryview):
+        return True
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_views_in(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (tuple, list)):
+        return any(_views_in(item) for item in value)
+    return False
+
+
+async def test_only_write_arguments_are_views_of_their_record() -> None:
+    """The transport keeps a record's bytes only for WRITE (`keeps_views`): every other procedure's
+    decoded arguments must be copies, or a reused receive buffer would change them under the handler."""
+    handle, name, verifier = b"h" * 25, "disk-flat.vmdk", fixed(bytes(8))
+    no_attrs = lambda e: sattr(e)  # noqa: E731
+    samples: dict[str, bytes] = {
+        "GETATTR": args(handle), "SETATTR": args(handle, no_attrs, 0), "LOOKUP": args(handle, name),
+        "ACCESS": args(handle, 0x3F), "READLINK": args(handle), "READ": args(handle, ("u64", 0), 4096),
+        "WRITE": args(handle, ("u64", 0), 5, FILE_SYNC, b"hello"), "CREATE": args(handle, name, UNCHECKED, no_attrs),
+        "MKDIR": args(handle, name, no_attrs), "SYMLINK": args(handle, name, no_attrs, "target"),
+        "MKNOD": args(handle, name, 7, no_attrs), "REMOVE": args(handle, name), "RMDIR": args(handle, name),
+        "RENAME": args(handle, name, handle, "new"), "LINK": args(handle, handle, name),
+        "READDIR": args(handle, ("u64", 0), verifier, 4096), "READDIRPLUS": args(handle, ("u64", 0), verifier, 4096, 8192),
+        "FSSTAT": args(handle), "FSINFO": args(handle), "PATHCONF": args(handle), "COMMIT": args(handle, ("u64", 0), 0),
+    }
+    holding = set()
+    for procedure in PROCEDURES.values():
+        decoded = procedure.decode(Decoder(memoryview(bytearray(samples[procedure.name]))))
+        if _views_in(decoded):
+            holding.add(procedure.name)
+    assert holding == {"WRITE"}
