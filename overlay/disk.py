@@ -135,21 +135,33 @@ class Overlay(OverlayStorage):
         """Write `data` at `offset`, growing the disk if it ends past `size`.
 
         A partly written block that is not yet in the overlay is first filled from the
-        merged view; the base part of that fill is read without the lock and the lock
-        is retaken to write, so writers to other blocks never wait on the base.
+        merged view (`_write_filled`).
         """
         view = self._checked_write(offset, data)
-        if not view.nbytes:
-            return 0
+        if view.nbytes:
+            self._write_filled(offset, view, None)
+        return view.nbytes
+
+    def _write_filled(self, offset: int, view: memoryview, journal: Journal | None) -> int:
+        """Write `view` at `offset`; with `journal`, append its record in the same locked step
+        and return the record's ticket (0 without).
+
+        The base part of a partly written block's fill is read without the lock and the
+        lock is retaken to write, so writers to other blocks never wait on the base. A
+        journal that has no room is flushed in place and started over first.
+        """
         fetched: dict[int, bytes] = {}
         while True:
             with self._lock:
                 self._check_changeable()
                 wanted = self._fills_wanted(offset, offset + view.nbytes, fetched)
-                if not wanted:
+                fits = journal is None or journal.fits(view.nbytes)
+                if fits and not wanted:
                     self._write_locked(offset, view, fetched)
-                    return view.nbytes
+                    return 0 if journal is None else journal.append(offset, view)
                 limit = self._base_limit
+            if not fits:
+                self._start_journal_over(view.nbytes)
             for block in wanted:
                 start = block * self._block
                 fetched[block] = self._read_base(start, min(self._block, limit - start))
@@ -209,25 +221,8 @@ class Overlay(OverlayStorage):
             return written
         if self._journal is None:
             self._make_journal()
-        fetched: dict[int, bytes] = {}
-        while True:
-            with self._lock:
-                self._check_changeable()
-                journal = self._journal
-                assert journal is not None
-                wanted = self._fills_wanted(offset, offset + view.nbytes, fetched)
-                fits = journal.fits(view.nbytes)
-                if fits and not wanted:
-                    self._write_locked(offset, view, fetched)
-                    ticket = journal.append(offset, view)
-                    break
-                limit = self._base_limit
-            if not fits:
-                self._start_journal_over(view.nbytes)
-            for block in wanted:
-                start = block * self._block
-                fetched[block] = self._read_base(start, min(self._block, limit - start))
-        self._journal_of().sync_through(ticket)
+        journal = self._journal_of()
+        journal.sync_through(self._write_filled(offset, view, journal))
         return view.nbytes
 
     def write_durable_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
