@@ -227,11 +227,16 @@ class MemoryVfs:
 
     def write_nowait(self, inode: int, offset: int, data: bytes | memoryview) -> int | None:
         """Everything here is in memory; only errors are left to `write`."""
+        written = self._write_at_once(inode, offset, data)
+        if written is not None:
+            self.nowait_writes += 1
+        return written
+
+    def _write_at_once(self, inode: int, offset: int, data: bytes | memoryview) -> int | None:
         with self._lock:
             node = self._nodes.get(inode)
             if node is None or node.kind is not Kind.FILE or node.read_only:
                 return None
-            self.nowait_writes += 1
             return self._write(node, offset, data)
 
     def create(self, parent: int, name: str, mode: int, uid: int, gid: int, exclusive: bool) -> Attributes:
@@ -307,10 +312,9 @@ class MemoryVfs:
     def write_durably_nowait(self, inode: int, offset: int, data: bytes | memoryview,
                              durability: Durability) -> tuple[int, Callable[[], None]] | None:
         """Writes like `write_nowait`; its sync is recorded when the caller makes it durable."""
-        written = self.write_nowait(inode, offset, data)
+        written = self._write_at_once(inode, offset, data)
         if written is None:
             return None
-        self.nowait_writes -= 1  # counted below, as a durable one
         self.durable_nowait_writes += 1
         return written, lambda: self.fsync(inode, durability)
 
