@@ -2,7 +2,9 @@
 
 argparse rather than typer/click: the CLI is started hundreds of times by tests and
 scripts, and the stdlib parser adds no import time and no dependency. Every
-ApplianceError becomes one line on stderr and the error's exit code; no traceback.
+ApplianceError and usage error becomes one line on stderr and the error's exit code; no
+traceback. Anything else is a bug: one "internal error" line and exit code 1, the
+traceback in the system log and, with --debug, on stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.cli_args import POINT_ARG, SESSION_ARG, VM_ARG, OneLineParser, report_internal_error
 from appliance.cli_recovery import register as register_recovery_commands
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
@@ -335,8 +338,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance", description="Instant-recovery NFS datastore appliance")
+    parser = OneLineParser(prog="appliance", description="Instant-recovery NFS datastore appliance")
     parser.add_argument("--store", default=os.environ.get("APPLIANCE_STORE"), help="store directory")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -349,20 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, help="zstd level")
 
     sub = command("backup", cmd_backup, "ingest disk images as a new restore point")
-    sub.add_argument("--vm", required=True)
+    sub.add_argument("--vm", required=True, type=VM_ARG)
     sub.add_argument("--vmx", help="the VM's .vmx file to keep with the point")
     sub.add_argument("--nvram", help="the VM's .nvram file to keep with the point")
-    sub.add_argument("--parent", help="parent point (id, prefix or latest) for an incremental backup")
+    sub.add_argument("--parent", type=POINT_ARG, help="parent point (id, prefix or latest) for an incremental backup")
     sub.add_argument("--changed-areas", action="append", help="changed-areas JSON, one per disk, in disk order")
     sub.add_argument("disks", nargs="+", metavar="DISK", help="raw image, VMDK descriptor or sparse VMDK")
 
     sub = command("points", cmd_points, "list restore points")
-    sub.add_argument("--vm")
+    sub.add_argument("--vm", type=VM_ARG)
     sub.add_argument("--json", action="store_true")
 
     sub = command("restore", cmd_restore, "write a disk of a restore point to a sparse file")
-    sub.add_argument("--vm", required=True)
-    sub.add_argument("--point", required=True, help="point id, unique prefix, or latest")
+    sub.add_argument("--vm", required=True, type=VM_ARG)
+    sub.add_argument("--point", required=True, type=POINT_ARG, help="point id, unique prefix, or latest")
     sub.add_argument("--disk", type=int, default=0)
     sub.add_argument("--output", required=True)
     sub.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -371,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--full", action="store_true", help="also decompress and re-hash every chunk")
 
     sub = command("prune", cmd_prune, "keep the newest N points of a VM, then collect garbage")
-    sub.add_argument("--vm", required=True)
+    sub.add_argument("--vm", required=True, type=VM_ARG)
     sub.add_argument("--keep-last", type=int, required=True)
 
     command("gc", cmd_gc, "reclaim space of chunks no restore point references")
@@ -382,21 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("session", cmd_session, "writable sessions of restore points")
     session_commands = sub.add_subparsers(dest="session_command", required=True, metavar="ACTION")
     action = session_commands.add_parser("create", help="make a writable session of a restore point")
-    action.add_argument("--vm", required=True)
-    action.add_argument("--point", required=True, help="point id, unique prefix, or latest")
-    action.add_argument("--name", required=True)
+    action.add_argument("--vm", required=True, type=VM_ARG)
+    action.add_argument("--point", required=True, type=POINT_ARG, help="point id, unique prefix, or latest")
+    action.add_argument("--name", required=True, type=SESSION_ARG)
     action.add_argument("--expires-hours", type=float, metavar="H",
                         help="a serving appliance ends the session after H hours (default: limits.session_expiry_hours)")
     action = session_commands.add_parser("list", help="list sessions")
     action.add_argument("--json", action="store_true")
     action = session_commands.add_parser("commit", help="store a session's disks as a new restore point")
-    action.add_argument("name")
+    action.add_argument("name", type=SESSION_ARG)
     action = session_commands.add_parser("export", help="write a session disk's merged view to a file")
-    action.add_argument("name")
+    action.add_argument("name", type=SESSION_ARG)
     action.add_argument("--disk", type=int, default=0)
     action.add_argument("--output", required=True)
     action = session_commands.add_parser("delete", help="drop a session and its overlay")
-    action.add_argument("name")
+    action.add_argument("name", type=SESSION_ARG)
 
     sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
     sub.add_argument("mountpoint")
@@ -468,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line for the operator, the traceback for the log and --debug
+        report_internal_error(exc, args.debug)
+        return 1
 
 
 if __name__ == "__main__":

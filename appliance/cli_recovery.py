@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.cli_args import JOB_ARG, POINT_ARG, SESSION_ARG, VM_ARG
 from appliance.errors import ApplianceError, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
 
@@ -169,14 +170,14 @@ def _job_flags(sub: argparse.ArgumentParser) -> None:
 def register(command: Command) -> None:
     """Add these commands to the `appliance` parser."""
     sub = command("instant-boot", cmd_instant_boot, "run a VM from a restore point (vSphere or local QEMU)")
-    sub.add_argument("--vm", required=True)
-    sub.add_argument("--point", default="latest", help="point id, unique prefix, or latest (default)")
+    sub.add_argument("--vm", required=True, type=VM_ARG)
+    sub.add_argument("--point", default="latest", type=POINT_ARG, help="point id, unique prefix, or latest (default)")
     target = sub.add_mutually_exclusive_group(required=True)
     target.add_argument("--host", metavar="ESXI_HOST", help="ESXi host to register and power on the VM on")
     target.add_argument("--qemu", action="store_true", help="boot on this machine with qemu-system-x86_64")
     sub.add_argument("--network", metavar="PORTGROUP", help="move every NIC to this (isolated) port group")
     sub.add_argument("--connection", metavar="NAME", help="vSphere connection of the configuration (default: the only one)")
-    sub.add_argument("--session", metavar="NAME", help="session name (default: <vm>-<UTC time>)")
+    sub.add_argument("--session", metavar="NAME", type=SESSION_ARG, help="session name (default: <vm>-<UTC time>)")
     sub.add_argument("--no-power-on", action="store_true", help="register only")
     sub.add_argument("--verify", default="none", metavar="HOW", help="tools | ip | script:CMD | console:TEXT | none")
     sub.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds for the verification")
@@ -189,13 +190,13 @@ def register(command: Command) -> None:
     _job_flags(sub)
 
     sub = command("migrate", cmd_migrate, "move a running VM to production storage, then drop its session")
-    sub.add_argument("session")
+    sub.add_argument("session", type=SESSION_ARG)
     sub.add_argument("--datastore", metavar="PRODUCTION_DS", help="Storage vMotion target (vSphere)")
     sub.add_argument("--to-path", metavar="DIR", help="directory for the disks' local copies (QEMU)")
     _job_flags(sub)
 
     sub = command("stop", cmd_stop, "power off and unregister a session's VM, then drop (or commit) the session")
-    sub.add_argument("session")
+    sub.add_argument("session", type=SESSION_ARG)
     sub.add_argument("--commit", action="store_true", help="store the session's disks as a new restore point first")
     _job_flags(sub)
 
@@ -215,8 +216,8 @@ def register(command: Command) -> None:
     action = actions.add_parser("list", help="every job (the default)")
     action.add_argument("--json", action="store_true")
     action = actions.add_parser("show", help="one job's steps, log and state")
-    action.add_argument("id")
+    action.add_argument("id", type=JOB_ARG)
     action.add_argument("--json", action="store_true")
     action = actions.add_parser("cancel", help="ask a job to stop (it undoes what it did)")
-    action.add_argument("id")
+    action.add_argument("id", type=JOB_ARG)
     sub.set_defaults(json=False)

@@ -64,7 +64,7 @@ class Control:
         with self.store.env.begin() as txn:
             found = []
             for vm in self.store.catalog.vms(txn):
-                points = self.store.catalog.vm_points(txn, vm)
+                points = self.store.catalog.points(txn, vm)
                 if points:
                     newest = points[-1]
                     found.append(VmSummary(vm, len(points), newest.id, newest.created))

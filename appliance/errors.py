@@ -78,6 +78,18 @@ class DamageFound(ApplianceError):
     """`verify` found damage; the message summarises it."""
 
 
+class InvalidRequest(UsageError):
+    """An API request its schema refuses: a missing field, a wrong type, a name that breaks its rule."""
+
+
+class NotConfigured(UsageError):
+    """What a request needs is not configured on this appliance (no vSphere connection, or several and none named)."""
+
+
+class MethodNotAllowed(UsageError):
+    """An API path asked with a method it does not answer."""
+
+
 class NameTooLong(InvalidName):
     """A name longer than a path component may be."""
 

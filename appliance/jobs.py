@@ -29,6 +29,7 @@ import trio
 from appliance.durable import replace_atomically
 from appliance.errors import ApplianceError, NotFound
 from appliance.events import event
+from appliance.names import JOB_ID
 
 #: Finished jobs kept (in memory and on disk); older ones are forgotten at start.
 KEEP_FINISHED = 500
@@ -221,7 +222,7 @@ class JobRunner:
 
     def get(self, job_id: str) -> Job:
         with self._lock:
-            job = self._jobs.get(job_id)
+            job = self._jobs.get(JOB_ID.check(job_id))
         if job is None:
             raise NotFound(f"unknown job {job_id!r}")
         return job

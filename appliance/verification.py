@@ -65,6 +65,16 @@ _OFFERED = {
 }
 
 
+def verification_pattern(kinds: tuple[str, ...] = KINDS) -> str:
+    """What `parse_verification` accepts of `kinds`, as a regular expression (for the API's schema)."""
+    return "^(" + "|".join(f"{kind}:[\\s\\S]+" if kind in ("script", "console") else kind for kind in kinds) + ")$"
+
+
+def offered_pattern(target: str) -> str:
+    """The verifications `target` can observe, as a regular expression (for the API's schema)."""
+    return verification_pattern(_OFFERED[target][1])
+
+
 def check_offered(target: str, verification: Verification) -> None:
     """Refuse a verification the target cannot observe (a QEMU guest has no VMware Tools)."""
     who, kinds, alternatives = _OFFERED[target]

@@ -130,13 +130,14 @@ def test_session_errors(api: Api) -> None:
     assert duplicate.status_code == 409 and duplicate.json()["error"] == "AlreadyExists"
     for bad in ("../x", "a/b", "", ".."):
         answer = api.client.post("/sessions", json={"vm": "vm1", "name": bad})
-        assert answer.status_code == 400, (bad, answer.text)
+        assert answer.status_code == 422 and answer.json()["error"] == "InvalidRequest", (bad, answer.text)
+        assert "invalid session name" in answer.json()["message"]
     unknown = api.client.post("/sessions", json={"vm": "ghost", "name": "g"})
     assert unknown.status_code == 404
     malformed = api.client.post("/sessions", json={"name": "x"})
     assert malformed.status_code == 422
     relative = api.client.post("/sessions/s1/export", json={"output": "relative.img"})
-    assert relative.status_code == 400
+    assert relative.status_code == 422 and "absolute path" in relative.json()["message"]
     assert api.client.post("/sessions/ghost/commit").status_code == 404
     assert api.client.delete("/sessions/ghost").status_code == 404
     assert [s["name"] for s in api.client.get("/sessions").json()] == ["s1"]
@@ -221,7 +222,7 @@ def test_api_token_file_must_be_private(store: Path, tmp_path: Path) -> None:
 ])
 def test_instant_boot_requests_are_checked_before_a_job_starts(api: Api, body: dict[str, object], reason: str) -> None:
     answer = api.client.post("/instant-boots", json=body)
-    assert answer.status_code == 400 and reason in answer.json()["message"], answer.text
+    assert answer.status_code == 422 and reason in answer.json()["message"], answer.text
     assert api.client.get("/jobs").json() == []
 
 

@@ -69,8 +69,6 @@ class ApiClient:
             return doc
         if isinstance(doc, dict) and "message" in doc:
             raise _error_of(str(doc.get("error")), str(doc["message"]))
-        if isinstance(doc, dict) and "detail" in doc:  # request validation by the framework
-            raise errors.UsageError(f"the appliance refused the request: {doc['detail']}")
         raise errors.ApplianceError(f"the appliance's API answered {response.status_code} to {method} {path}")
 
     def wait_job(self, job_id: str, poll_seconds: float = 0.5, on_change: Any = None) -> dict[str, Any]:

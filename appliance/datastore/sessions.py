@@ -44,7 +44,7 @@ from appliance.datastore.vfs import Kind
 from appliance.datastore.vmdk_files import descriptor_text, minimal_vmx, session_vmx
 from appliance.durable import write_durably
 from appliance.errors import AlreadyExists, NotFound, SessionBusy
-from appliance.names import check_name
+from appliance.names import SESSION_NAME
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
@@ -66,7 +66,7 @@ class SessionTable:
         self._db = namespace.sessions_table
 
     def get(self, txn: lmdb.Transaction, name: str) -> SessionInfo | None:
-        raw = txn.get(name.encode(), db=self._db)
+        raw = txn.get(SESSION_NAME.check(name).encode(), db=self._db)
         if raw is None:
             return None
         doc = json.loads(bytes(raw))
@@ -95,7 +95,7 @@ def point_files(store: Store, txn: lmdb.Transaction, point: RestorePoint) -> dic
 def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: str, point_ref: str,
                    name: str, expires: float | None = None) -> SessionInfo:
     """Make a writable session of a restore point; usable at once by a running server."""
-    check_name("session", name)
+    SESSION_NAME.check(name)
     table = SessionTable(namespace)
     sessions_root = ensure_tree(namespace)[SESSIONS]
     with store.env.begin(write=True) as txn:

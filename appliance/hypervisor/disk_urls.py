@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import quote
 
-from appliance.names import check_name
+from appliance.names import SESSION_NAME, check_component
 
 
 def session_disk_url(host: str, session: str, disk: str, export_path: str = "/") -> str:
@@ -25,8 +25,8 @@ def session_disk_url(host: str, session: str, disk: str, export_path: str = "/")
 
     `export_path` is the path `serve --export-path` exports the datastore under.
     """
-    check_name("session", session)
-    check_name("disk", disk)
+    SESSION_NAME.check(session)
+    check_component(disk)
     try:
         authority = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     except ValueError:

@@ -28,7 +28,7 @@ import zstandard
 from appliance.errors import SourceError, UsageError
 from appliance.ingest.changed_areas import chunks_touched, load_changed_areas
 from appliance.ingest.sources import open_source
-from appliance.names import check_name
+from appliance.names import VM_NAME
 from appliance.store import formats
 from appliance.store.catalog import DiskInfo, RestorePoint, disk_name, new_point_id
 from appliance.store.index import ChunkLocation
@@ -173,7 +173,7 @@ def backup(
 
     `config_files` maps a suffix (".vmx", ".nvram") to the file kept as `<vm><suffix>`.
     """
-    check_name("VM", vm)
+    VM_NAME.check(vm)
     if changed_areas is not None and len(changed_areas) != len(disks):
         raise UsageError(f"got {len(changed_areas)} --changed-areas files for {len(disks)} disks; give one per disk")
     files = {f"{vm}{suffix}": _read_config_file(path) for suffix, path in (config_files or {}).items()}
@@ -203,7 +203,7 @@ def ingest(
     hears every slot read from a source as it is read, so a serving process's metrics
     show ingest throughput while it runs (the point's `read_bytes` is the total).
     """
-    check_name("VM", vm)
+    VM_NAME.check(vm)
     if not sources:
         raise UsageError("backup needs at least one disk image")
     if changed is not None and parent_ref is None:

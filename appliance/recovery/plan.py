@@ -45,7 +45,7 @@ from appliance.config import (
     text,
 )
 from appliance.errors import InvalidName, UsageError
-from appliance.names import check_name
+from appliance.names import SESSION_NAME
 from appliance.verification import Verification, check_offered, parse_verification
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
@@ -68,7 +68,7 @@ def vm_names(value: Any) -> tuple[str, ...]:
 def session_name(value: Any) -> str:
     name = text(value)
     try:
-        check_name("session", name)
+        SESSION_NAME.check(name)
     except InvalidName as exc:
         raise Invalid(str(exc)) from None
     return name

@@ -7,7 +7,7 @@ from typing import Any
 
 from appliance.config import QemuConfig, VsphereConnection
 from appliance.control import Control
-from appliance.errors import NotFound, NotSupported, UsageError
+from appliance.errors import NotConfigured, NotFound, NotSupported
 from appliance.recovery.orchestrator import Target
 from appliance.recovery.qemu_target import QemuSettings, QemuTarget
 from appliance.recovery.vsphere_target import VsphereTarget
@@ -48,7 +48,7 @@ class ConfiguredTargets:
     def vsphere(self, name: str | None) -> VsphereTarget:
         if name is None:
             if len(self.connections) != 1:
-                raise UsageError(f"{len(self.connections)} vSphere connections are configured: name one (connection)"
+                raise NotConfigured(f"{len(self.connections)} vSphere connections are configured: name one (connection)"
                                  if self.connections else "no vSphere connection is configured ([[vsphere.connections]])")
             name = next(iter(self.connections))
         connection = self.connections.get(name)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import lmdb
 
 from appliance.errors import NotFound
+from appliance.names import POINT_REF, VM_NAME
 from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
 
 _DISK_KEY = struct.Struct(">H")
@@ -138,18 +139,19 @@ class Catalog:
 
     def vm_points(self, txn: lmdb.Transaction, vm: str) -> list[RestorePoint]:
         """A known VM's points, oldest first; NotFound for a VM never backed up."""
-        if txn.get(vm.encode(), db=self._vms) is None:
+        if txn.get(VM_NAME.check(vm).encode(), db=self._vms) is None:
             raise NotFound(f"unknown VM {vm!r}")
         return self.points(txn, vm)
 
     def get_point(self, txn: lmdb.Transaction, point_id: str) -> RestorePoint:
-        raw = txn.get(point_id.encode(), db=self._points)
+        raw = txn.get(POINT_REF.check(point_id).encode(), db=self._points)
         if raw is None:
             raise NotFound(f"unknown restore point {point_id!r}")
         return RestorePoint.from_json(json.loads(bytes(raw)))
 
     def resolve(self, txn: lmdb.Transaction, vm: str, ref: str) -> RestorePoint:
         """Find a VM's point by exact id, unique id prefix, or `latest`."""
+        POINT_REF.check(ref)
         points = self.vm_points(txn, vm)
         if ref == "latest":
             if not points:

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from appliance.errors import StoreBusy, UsageError
-from appliance.names import check_name
+from appliance.names import VM_NAME
 from appliance.store.catalog import RestorePoint, referenced_chunks
 from appliance.store.chunks import ChunkLoader
 from appliance.store.index import ChunkLocation
@@ -46,7 +46,7 @@ def prune(store: Store, vm: str, keep_last: int) -> tuple[list[RestorePoint], Gc
 
     Points with holders (sessions running from them) are kept whatever their age.
     """
-    check_name("VM", vm)
+    VM_NAME.check(vm)
     if keep_last < 1:
         raise UsageError("--keep-last must be at least 1")
     with store.writer_lock():
