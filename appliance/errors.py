@@ -82,6 +82,10 @@ class InvalidRequest(UsageError):
     """An API request its schema refuses: a missing field, a wrong type, a name that breaks its rule."""
 
 
+class OutputRefused(UsageError):
+    """A file the appliance was asked to create on its host cannot be: it exists, its folder is missing or read-only."""
+
+
 class NotConfigured(UsageError):
     """What a request needs is not configured on this appliance (no vSphere connection, or several and none named)."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from appliance.datastore.layout import overlay_path, scratch_path
 from appliance.datastore.namespace import Namespace
 from appliance.datastore.sessions import SessionInfo, datastore_lock, get_session
-from appliance.errors import NotFound
+from appliance.errors import NotFound, OutputRefused
 from appliance.ingest.backup import ingest
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
@@ -101,4 +101,9 @@ def export_released_session_disk(store: Store, namespace: Namespace, read_path: 
         if not 0 <= disk < len(info.disks):
             raise NotFound(f"session {name!r} has no disk {disk}")
         _, overlays = _open_overlays(store, namespace, read_path, info, stack)
-        export_disk(overlays[disk], output)
+        if output.exists() or output.is_symlink():
+            raise OutputRefused(f"cannot export to {output}: it exists (an export only creates a new file)")
+        try:
+            export_disk(overlays[disk], output)
+        except OSError as exc:
+            raise OutputRefused(f"cannot export to {output}: {exc.strerror or exc}") from None

@@ -138,6 +138,15 @@ def test_session_errors(api: Api) -> None:
     assert malformed.status_code == 422
     relative = api.client.post("/sessions/s1/export", json={"output": "relative.img"})
     assert relative.status_code == 422 and "absolute path" in relative.json()["message"]
+    precious = api.server.store.parent / "precious"
+    precious.write_bytes(b"not to be replaced")
+    for target, reason in ((precious, "it exists"), (api.server.store.parent, "it exists"),
+                           (api.server.store.parent / "missing" / "x.img", "No such file")):
+        refused = api.client.post("/sessions/s1/export", json={"output": str(target)})
+        assert refused.status_code == 409 and refused.json()["error"] == "OutputRefused", refused.text
+        assert reason in refused.json()["message"]
+    assert precious.read_bytes() == b"not to be replaced"
+    assert not [p for p in api.server.store.parent.iterdir() if p.name.endswith(".tmp")]
     assert api.client.post("/sessions/ghost/commit").status_code == 404
     assert api.client.delete("/sessions/ghost").status_code == 404
     assert [s["name"] for s in api.client.get("/sessions").json()] == ["s1"]

@@ -79,12 +79,14 @@ class Serve:
             self._pick_ports()
         raise AssertionError(f"serve found no free ports: {self.log_text()}")
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "appliance", "--store", str(self.store), "serve",
+                *([] if self.portmap else ["--no-portmap"]), "--nfs-port", str(self.ports.nfs_port),
+                "--mount-port", str(self.ports.mount_port), "--metrics-port", str(self.metrics_port),
+                "--api-port", str(self.api_port), *self.extra]
+
     def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--store", str(self.store), "serve",
-             *([] if self.portmap else ["--no-portmap"]), "--nfs-port", str(self.ports.nfs_port), "--mount-port", str(self.ports.mount_port),
-             "--metrics-port", str(self.metrics_port), "--api-port", str(self.api_port), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=log)
+        return subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log)
 
     def stop(self) -> int:
         assert self.process is not None

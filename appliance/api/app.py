@@ -125,7 +125,7 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
         return control.commit_session(name).to_json()
 
     @app.post(f"{PREFIX}/sessions/{{name}}/export", status_code=204,
-              responses=documented(*busy, errors.AlreadyExists, errors.UsageError))
+              responses=documented(*busy, errors.OutputRefused))
     def export_session(name: SessionName, body: SessionExport) -> None:
         """Write a session disk's merged view to a new sparse file on the appliance host."""
         control.export_session_disk(name, body.disk, Path(body.output))

@@ -14,12 +14,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, W
 from pydantic_core import PydanticCustomError
 
 from appliance.errors import ApplianceError, UsageError
-from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME, NameRule
+from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME
 from appliance.verification import check_offered, offered_pattern, parse_verification, verification_pattern
 
 
-def checked(check: Callable[[str], object], schema: dict[str, Any]) -> Any:
-    """A string type that `check` validates (its error is the message) and `schema` documents."""
+def validated(check: Callable[[str], object]) -> AfterValidator:
+    """A validator that runs the appliance's own `check`; its error becomes the message."""
 
     def validate(value: str) -> str:
         try:
@@ -28,15 +28,11 @@ def checked(check: Callable[[str], object], schema: dict[str, Any]) -> Any:
             raise PydanticCustomError("invalid", str(exc)) from None
         return value
 
-    return Annotated[str, AfterValidator(validate), WithJsonSchema(schema)]
-
-
-def named(rule: NameRule) -> Any:
-    """A string type checked and documented by `rule`."""
-    return checked(rule.check, rule.json_schema())
+    return AfterValidator(validate)
 
 
 def host_path(value: str) -> None:
+    """A file the appliance writes on its own host: only a whole absolute path means one place there."""
     if not value.startswith("/") or "\x00" in value:
         raise UsageError(f"must be an absolute path on the appliance host, not {value!r}")
 
@@ -47,12 +43,13 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-VmName = named(VM_NAME)
-SessionName = named(SESSION_NAME)
-PointRef = named(POINT_REF)
-JobId = named(JOB_ID)
-Verification = checked(parse_verification, {"type": "string", "pattern": verification_pattern()})
-HostPath = checked(host_path, {"type": "string", "pattern": "^/[^\\x00]*$"})
+VmName = Annotated[str, validated(VM_NAME.check), WithJsonSchema(VM_NAME.json_schema())]
+SessionName = Annotated[str, validated(SESSION_NAME.check), WithJsonSchema(SESSION_NAME.json_schema())]
+PointRef = Annotated[str, validated(POINT_REF.check), WithJsonSchema(POINT_REF.json_schema())]
+JobId = Annotated[str, validated(JOB_ID.check), WithJsonSchema(JOB_ID.json_schema())]
+Verification = Annotated[str, validated(parse_verification),
+                         WithJsonSchema({"type": "string", "pattern": verification_pattern()})]
+HostPath = Annotated[str, validated(host_path), WithJsonSchema({"type": "string", "pattern": "^/[^\\x00]*$"})]
 
 
 class SessionCreate(Body):

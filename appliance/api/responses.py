@@ -31,6 +31,7 @@ STATUSES: tuple[tuple[type[errors.ApplianceError], int], ...] = (
     (errors.SessionBusy, 409),
     (errors.TryAgain, 409),
     (errors.NotConfigured, 409),
+    (errors.OutputRefused, 409),
     (errors.LimitReached, 429),
     (errors.InvalidRequest, 422),
     (errors.InvalidName, 400),
