@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -66,13 +67,13 @@ def store(store_factory: Callable[..., Store]) -> Store:
     return store_factory()
 
 
-def run_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the real `appliance` entry point in a child process."""
+def run_cli(*args: str | bytes, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real `appliance` entry point in a child process (bytes arguments go as they are)."""
     result = subprocess.run(
         [sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        raise AssertionError(f"appliance {' '.join(map(os.fsdecode, args))} failed ({result.returncode}): {result.stderr}")
     return result
 
 

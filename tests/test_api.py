@@ -128,7 +128,7 @@ def test_session_lifecycle_while_serving(api: Api, tmp_path: Path) -> None:
 def test_session_errors(api: Api) -> None:
     duplicate = api.client.post("/sessions", json={"vm": "vm1", "name": "s1"})
     assert duplicate.status_code == 409 and duplicate.json()["error"] == "AlreadyExists"
-    for bad in ("../x", "a/b", "", ".."):
+    for bad in ("../x", "a/b", "", "..", "nul\x00byte", "x" * 81, "\udcff"):
         answer = api.client.post("/sessions", json={"vm": "vm1", "name": bad})
         assert answer.status_code == 422 and answer.json()["error"] == "InvalidRequest", (bad, answer.text)
         assert "invalid session name" in answer.json()["message"]

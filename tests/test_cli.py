@@ -148,3 +148,21 @@ def test_verify_exits_1_on_damage(cli_store: str, tmp_path: Path) -> None:
 def test_progress_is_quiet_when_not_a_terminal(cli_store: str, tmp_path: Path) -> None:
     result = run_cli("--store", cli_store, "backup", "--vm", "vm", str(write_image(tmp_path / "d.img", 1 << 20)))
     assert "\r" not in result.stderr and "ETA" not in result.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug (not an ApplianceError) is named in one line, exit 1; --debug adds the traceback."""
+    from appliance import cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("a bug in a command")
+
+    monkeypatch.setattr(cli, "cmd_gc", broken)
+    assert cli.main(["--store", "/nonexistent", "gc"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["appliance: internal error: RuntimeError: a bug in a command (--debug shows the traceback)"]
+    assert cli.main(["--store", "/nonexistent", "--debug", "gc"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("appliance: internal error: RuntimeError: a bug in a command\n")
+    assert "Traceback (most recent call last)" in err and "in broken" in err

@@ -8,7 +8,7 @@ derived from the same rule, so the schema states exactly what the server accepts
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
