@@ -128,10 +128,13 @@ def test_session_lifecycle_while_serving(api: Api, tmp_path: Path) -> None:
 def test_session_errors(api: Api) -> None:
     duplicate = api.client.post("/sessions", json={"vm": "vm1", "name": "s1"})
     assert duplicate.status_code == 409 and duplicate.json()["error"] == "AlreadyExists"
-    for bad in ("../x", "a/b", "", "..", "nul\x00byte", "x" * 81, "\udcff"):
+    for bad in ("../x", "a/b", "", "..", "nul\x00byte", "x" * 81):
         answer = api.client.post("/sessions", json={"vm": "vm1", "name": bad})
         assert answer.status_code == 422 and answer.json()["error"] == "InvalidRequest", (bad, answer.text)
         assert "invalid session name" in answer.json()["message"]
+    lone_surrogate = api.client.post("/sessions", content=b'{"vm": "vm1", "name": "\\udcff"}',
+                                     headers={"Content-Type": "application/json"})
+    assert lone_surrogate.status_code == 422 and "invalid session name" in lone_surrogate.json()["message"]
     unknown = api.client.post("/sessions", json={"vm": "ghost", "name": "g"})
     assert unknown.status_code == 404
     malformed = api.client.post("/sessions", json={"name": "x"})
@@ -254,3 +257,23 @@ def test_the_stores_own_token_must_be_private_too(store: Path) -> None:
                      "--no-metrics", "--api-port", "0", timeout=60)
     assert result.returncode == 2 and f"{token}: the API token is readable by others" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_wrong_method_is_405_with_the_whole_allow(api: Api) -> None:
+    """/sessions is served by two routes (GET, POST): Allow names both, whichever the router met first."""
+    answer = api.client.put("/sessions", json={})
+    assert answer.status_code == 405 and answer.json()["error"] == "MethodNotAllowed"
+    assert answer.headers["Allow"] == "GET, POST"
+    assert api.client.patch("/sessions/s1").headers["Allow"] == "DELETE, GET"
+    unknown = api.client.get("/no-such-thing")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "NotFound"
+
+
+def test_every_error_an_operation_answers_with_is_documented(api: Api) -> None:
+    """Each operation declares 401 and its own errors, all with the one error body."""
+    document = api.client.get("/openapi.json").json()
+    create = document["paths"][f"{API}/sessions"]["post"]["responses"]
+    assert {"201", "401", "404", "409", "422", "429"} <= set(create)
+    assert create["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    name = document["components"]["schemas"]["SessionCreate"]["properties"]["name"]
+    assert name["minLength"] == 1 and name["maxLength"] == 80 and name["pattern"].startswith("^[")
