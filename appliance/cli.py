@@ -10,44 +10,31 @@ traceback in the system log and, with --debug, on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.cli_args import POINT_ARG, SESSION_ARG, VM_ARG, OneLineParser, report_internal_error
+from appliance.cli_args import POINT_ARG, VM_ARG, Handler, OneLineParser, report_internal_error, store_path
 from appliance.cli_recovery import register as register_recovery_commands
+from appliance.cli_sessions import register as register_session_commands
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
 from appliance.progress import Progress, human_bytes
 from appliance.store import init_store, open_store
-from appliance.store.repository import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_COMPRESSION_LEVEL,
-    Store,
-)
+from appliance.store.repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL
 
 if TYPE_CHECKING:
     from appliance.config import ApplianceConfig
-    from appliance.datastore.namespace import Namespace
-    from appliance.store.reader import ReadPath
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-def _store_path(args: argparse.Namespace) -> Path:
-    if not args.store:
-        raise ApplianceError("no store given: pass --store DIR or set APPLIANCE_STORE")
-    return Path(args.store)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    config = init_store(_store_path(args), chunk_size=args.chunk_size, compression_level=args.compression_level)
+    config = init_store(store_path(args), chunk_size=args.chunk_size, compression_level=args.compression_level)
     print(f"initialised store {args.store} (id {config.store_id}, chunk size {human_bytes(config.chunk_size)})")
     return 0
 
@@ -56,7 +43,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from appliance.ingest.backup import backup
 
     config_files = {suffix: Path(path) for suffix, path in ((".vmx", args.vmx), (".nvram", args.nvram)) if path}
-    with open_store(_store_path(args)) as store, Progress(f"backup {args.vm}") as progress:
+    with open_store(store_path(args)) as store, Progress(f"backup {args.vm}") as progress:
         point = backup(
             store,
             args.vm,
@@ -79,7 +66,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    with open_store(_store_path(args)) as store, store.env.begin() as txn:
+    with open_store(store_path(args)) as store, store.env.begin() as txn:
         points = store.catalog.vm_points(txn, args.vm) if args.vm else store.catalog.points(txn)
     if args.json:
         print(json.dumps([p.to_json() for p in points], indent=2))
@@ -95,7 +82,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from appliance.restore import restore_disk
 
-    with open_store(_store_path(args)) as store:
+    with open_store(store_path(args)) as store:
         with store.env.begin() as txn:
             point = store.catalog.resolve(txn, args.vm, args.point)
         with Progress(f"restore {args.vm} disk {args.disk}") as progress:
@@ -107,7 +94,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from appliance.store.verify import MAX_LISTED_PROBLEMS, verify
 
-    with open_store(_store_path(args)) as store, Progress("verify") as progress:
+    with open_store(store_path(args)) as store, Progress("verify") as progress:
         report = verify(store, full=args.full, progress=progress)
     for problem in report.problems[:MAX_LISTED_PROBLEMS]:
         print(f"damage: {problem}", file=sys.stderr)
@@ -124,7 +111,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from appliance.store.gc import prune
 
-    with open_store(_store_path(args)) as store:
+    with open_store(store_path(args)) as store:
         removed, report = prune(store, args.vm, args.keep_last)
     for point in removed:
         print(f"removed {point.vm} {point.id}")
@@ -139,7 +126,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from appliance.store.gc import collect_garbage
 
-    with open_store(_store_path(args)) as store:
+    with open_store(store_path(args)) as store:
         report = collect_garbage(store)
     print(json.dumps(dataclasses.asdict(report)))
     return 0
@@ -148,7 +135,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from appliance.store.stats import store_statistics
 
-    with open_store(_store_path(args)) as store:
+    with open_store(store_path(args)) as store:
         stats = store_statistics(store)
     if args.json:
         print(json.dumps(stats.to_json(), indent=2))
@@ -171,90 +158,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _datastore(args: argparse.Namespace) -> Iterator[tuple[Store, Namespace, ReadPath]]:
-    from appliance.datastore.layout import ensure_tree
-    from appliance.datastore.namespace import Namespace
-    from appliance.store.reader import ReadPath
-
-    with open_store(_store_path(args)) as store, store.reader_lock(), ReadPath(store) as read_path:
-        namespace = Namespace(store.env)
-        ensure_tree(namespace)
-        yield store, namespace, read_path
-
-
-def _print_sessions(found: Sequence[Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([dataclasses.asdict(s) for s in found], indent=2))
-        return
-    print(f"{'SESSION':<24} {'VM':<20} {'POINT':<22} {'CREATED (UTC)':<20} EXPIRES (UTC)")
-    for s in found:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created))
-        expires = "-" if s.expires is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.expires))
-        print(f"{s.name:<24} {s.vm:<20} {s.point:<22} {created:<20} {expires}")
-
-
-def cmd_session(args: argparse.Namespace) -> int:
-    """Offline on the store, or through the API of the `serve` that holds it."""
-    from appliance.api.client import ApiClient
-    from appliance import session_commit
-    from appliance.datastore import sessions
-
-    client = ApiClient.for_store(_store_path(args))
-    if client is not None:
-        with client:
-            return _session_via_api(client, args)
-    with _datastore(args) as (store, namespace, read_path):
-        if args.session_command == "create":
-            expires = None if args.expires_hours is None else time.time() + args.expires_hours * 3600
-            info = sessions.create_session(store, namespace, read_path, args.vm, args.point, args.name, expires)
-            print(f"created session {info.name} of {info.vm} point {info.point}")
-        elif args.session_command == "list":
-            _print_sessions(sessions.list_sessions(namespace), args.json)
-        elif args.session_command == "commit":
-            point = session_commit.commit_session(store, namespace, read_path, args.name)
-            _print_committed(args.name, point.id, point.vm)
-        elif args.session_command == "export":
-            session_commit.export_session_disk(store, namespace, read_path, args.name, args.disk, Path(args.output))
-            print(f"exported session {args.name} disk {args.disk} to {args.output}", file=sys.stderr)
-        else:
-            sessions.delete_session(store, namespace, args.name)
-            print(f"deleted session {args.name}")
-    return 0
-
-
-def _print_committed(name: str, point: str, vm: str) -> None:
-    print(f"committed session {name} as point {point} of {vm}", file=sys.stderr)
-    print(point)
-
-
-def _session_via_api(client: Any, args: argparse.Namespace) -> int:
-    from appliance.datastore.sessions import SessionInfo
-
-    if args.session_command == "create":
-        doc = client.call("POST", "/sessions", {"vm": args.vm, "point": args.point, "name": args.name,
-                                               "expires_hours": args.expires_hours})
-        print(f"created session {doc['name']} of {doc['vm']} point {doc['point']}")
-    elif args.session_command == "list":
-        found = [SessionInfo(**dict(doc, disks=tuple(doc["disks"]))) for doc in client.call("GET", "/sessions")]
-        _print_sessions(found, args.json)
-    elif args.session_command == "commit":
-        doc = client.call("POST", f"/sessions/{args.name}/commit")
-        _print_committed(args.name, doc["id"], doc["vm"])
-    elif args.session_command == "export":
-        client.call("POST", f"/sessions/{args.name}/export",
-                    {"disk": args.disk, "output": os.path.abspath(args.output)})
-        print(f"exported session {args.name} disk {args.disk} to {args.output}", file=sys.stderr)
-    else:
-        client.call("DELETE", f"/sessions/{args.name}")
-        print(f"deleted session {args.name}")
-    return 0
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     from appliance.serve import mount_datastore
 
-    mount_datastore(_store_path(args), Path(args.mountpoint), cache_bytes=args.cache_mib << 20)
+    mount_datastore(store_path(args), Path(args.mountpoint), cache_bytes=args.cache_mib << 20)
     return 0
 
 
@@ -383,24 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("stats", cmd_stats, "space used, dedup and compression ratios")
     sub.add_argument("--json", action="store_true")
 
-    sub = command("session", cmd_session, "writable sessions of restore points")
-    session_commands = sub.add_subparsers(dest="session_command", required=True, metavar="ACTION")
-    action = session_commands.add_parser("create", help="make a writable session of a restore point")
-    action.add_argument("--vm", required=True, type=VM_ARG)
-    action.add_argument("--point", required=True, type=POINT_ARG, help="point id, unique prefix, or latest")
-    action.add_argument("--name", required=True, type=SESSION_ARG)
-    action.add_argument("--expires-hours", type=float, metavar="H",
-                        help="a serving appliance ends the session after H hours (default: limits.session_expiry_hours)")
-    action = session_commands.add_parser("list", help="list sessions")
-    action.add_argument("--json", action="store_true")
-    action = session_commands.add_parser("commit", help="store a session's disks as a new restore point")
-    action.add_argument("name", type=SESSION_ARG)
-    action = session_commands.add_parser("export", help="write a session disk's merged view to a file")
-    action.add_argument("name", type=SESSION_ARG)
-    action.add_argument("--disk", type=int, default=0)
-    action.add_argument("--output", required=True)
-    action = session_commands.add_parser("delete", help="drop a session and its overlay")
-    action.add_argument("name", type=SESSION_ARG)
+    register_session_commands(command)
 
     sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
     sub.add_argument("mountpoint")

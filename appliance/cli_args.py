@@ -10,9 +10,10 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
-from appliance.errors import InvalidName
+from appliance.errors import ApplianceError, InvalidName
 from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME, NameRule
 
 
@@ -34,6 +35,10 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"appliance: error: {message} (see {self.prog} --help)\n")
 
+
+Handler = Callable[[argparse.Namespace], int]
+#: How a command module adds a command: `command(name, handler, help)` -> its parser.
+Command = Callable[[str, Handler, str], argparse.ArgumentParser]
 
 #: Where journald (or syslogd) takes log lines on a Linux host.
 SYSLOG_SOCKET = "/dev/log"
@@ -58,3 +63,8 @@ def report_internal_error(exc: Exception, debug: bool) -> None:
             logger.addHandler(logging.handlers.SysLogHandler(address=SYSLOG_SOCKET))
             logger.error("appliance: internal error in %s: %s", " ".join(sys.argv[1:]), summary, exc_info=exc)
 
+
+def store_path(args: argparse.Namespace) -> Path:
+    if not args.store:
+        raise ApplianceError("no store given: pass --store DIR or set APPLIANCE_STORE")
+    return Path(args.store)

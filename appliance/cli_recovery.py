@@ -16,15 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.cli_args import JOB_ARG, POINT_ARG, SESSION_ARG, VM_ARG
+from appliance.cli_args import JOB_ARG, POINT_ARG, SESSION_ARG, VM_ARG, Command
 from appliance.errors import ApplianceError, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
 
 if TYPE_CHECKING:
     from appliance.api.client import ApiClient
 
-Handler = Callable[[argparse.Namespace], int]
-Command = Callable[[str, Handler, str], argparse.ArgumentParser]
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
