@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.cli_args import POINT_ARG, VM_ARG, Handler, OneLineParser, report_internal_error, store_path
+from appliance.cli_files import register as register_file_commands
 from appliance.cli_recovery import register as register_recovery_commands
 from appliance.cli_sessions import register as register_session_commands
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true")
 
     register_session_commands(command)
+    register_file_commands(command)
 
     sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
     sub.add_argument("mountpoint")

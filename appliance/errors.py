@@ -196,6 +196,16 @@ class GuestImageError(ApplianceError):
     """The demo's guest disk could not be built or read: a tool or package is missing, or a step failed."""
 
 
+class UnreadableVolume(ApplianceError):
+    """A volume whose files cannot be browsed: encrypted, LVM, no file system read here, or none chosen."""
+
+
+class DamagedFileSystem(ApplianceError):
+    """A file system whose structures do not parse; the message names the volume, the path and the fault."""
+
+    exit_code = 3
+
+
 class SessionDiskError(ApplianceError):
     """A session disk's overlay could not be opened, read, written or flushed (I/O or damage).
 

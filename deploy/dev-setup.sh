@@ -9,7 +9,8 @@ debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse
       golang-go golang-github-vmware-govmomi-dev        # the vSphere tests build vcsim
       qemu-system-x86 busybox-static kmod cpio iproute2   # the QEMU boot tests build and boot a guest
       syslinux syslinux-common mtools dosfstools fdisk     # ... from its own bootloader (no loop mounts)
-      nfs-ganesha nfs-ganesha-vfs)                        # tests/bench/nfs.py: the peer NFS server
+      nfs-ganesha nfs-ganesha-vfs                         # tests/bench/nfs.py: the peer NFS server
+      xfsprogs ntfs-3g cryptsetup-bin)                    # tests/test_flr.py builds XFS, NTFS and LUKS volumes
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -30,4 +31,4 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,flr]'

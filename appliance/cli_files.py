@@ -1,0 +1,185 @@
+"""The `appliance files` commands: browse, fetch and search files inside restore points."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.cli_args import POINT_ARG, VM_ARG, Command, store_path
+from appliance.errors import UsageError
+from appliance.progress import Progress, human_bytes
+from appliance.store import open_store
+
+if TYPE_CHECKING:
+    from appliance.flr.browse import PointFiles
+    from appliance.flr.filesystems import FileNode
+
+
+@contextlib.contextmanager
+def _point_files(args: argparse.Namespace, point_ref: str) -> Iterator[PointFiles]:
+    from appliance.flr.browse import PointFiles
+    from appliance.store.reader import ReadPath
+
+    with open_store(store_path(args)) as store, store.reader_lock(), ReadPath(store) as read_path:
+        with store.env.begin() as txn:
+            point = store.catalog.resolve(txn, args.vm, point_ref)
+        files = PointFiles(read_path, point)
+        yield files
+        print(f"read {files.chunks_read} chunks of the store", file=sys.stderr)
+
+
+def _when(mtime_ns: int | None) -> str:
+    return "-" if mtime_ns is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mtime_ns // 1_000_000_000))
+
+
+def _line(node: FileNode) -> str:
+    mode = "-" if node.mode is None else stat.filemode(
+        node.mode | {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(node.kind, stat.S_IFREG))
+    link = f" -> {node.target}" if node.kind == "symlink" else ""
+    name = node.name + ("/" if node.kind == "dir" else "")
+    return f"{mode:<10} {node.size:>14} {_when(node.mtime_ns):<19} {name}{link}"
+
+
+def cmd_files_ls(args: argparse.Namespace) -> int:
+    from appliance.flr.browse import resolve
+
+    with _point_files(args, args.point) as files:
+        if args.path is None:
+            disks = range(len(files.point.disks)) if args.disk is None else [args.disk]
+            listing = {disk: [volume.to_json() for volume in files.volumes(disk)] for disk in disks}
+            if args.json:
+                print(json.dumps({str(disk): volumes for disk, volumes in listing.items()}, indent=2))
+                return 0
+            for disk, volumes in listing.items():
+                print(f"disk {disk} ({human_bytes(files.disk(disk).size)})")
+                for volume in volumes:
+                    print(f"  partition {volume['partition']}  {volume['scheme']:<4} {human_bytes(int(str(volume['size']))):>10}"
+                          f"  {volume['format']:<9} {volume['type']}")
+            return 0
+        _, filesystem = files.filesystem(args.disk or 0, args.partition)
+        node = resolve(filesystem, args.path)
+        found = filesystem.children(node) if node.kind == "dir" else [node]
+        if args.json:
+            print(json.dumps([entry.to_json() for entry in found], indent=2))
+        else:
+            for entry in found:
+                print(_line(entry))
+    return 0
+
+
+def cmd_files_get(args: argparse.Namespace) -> int:
+    from appliance.flr.browse import resolve
+    from appliance.flr.extract import extract_file
+
+    with _point_files(args, args.point) as files:
+        _, filesystem = files.filesystem(args.disk or 0, args.partition)
+        node = resolve(filesystem, args.path)
+        with Progress(f"get {node.name}") as progress:
+            done = 0
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                progress(done, node.size)
+
+            written = extract_file(filesystem, node, Path(args.output), advance)
+        if args.json:
+            print(json.dumps({**node.to_json(), "output": args.output, "bytes": written}))
+        else:
+            print(f"wrote {args.output} ({human_bytes(written)})", file=sys.stderr)
+    return 0
+
+
+def cmd_files_dump(args: argparse.Namespace) -> int:
+    from appliance.flr.browse import resolve
+    from appliance.flr.extract import copy_to, write_archive
+
+    if args.output is None and sys.stdout.isatty():
+        raise UsageError("files dump writes an archive: give --output FILE or redirect standard output")
+    with _point_files(args, args.point) as files:
+        _, filesystem = files.filesystem(args.disk or 0, args.partition)
+        top = resolve(filesystem, args.path)
+        with Progress(f"dump {top.path}") as progress:
+            done = 0
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                progress(done, 0)
+
+            members = copy_to(None if args.output is None else Path(args.output),
+                              lambda target: write_archive(filesystem, top, target, args.format, advance))
+        print(f"{members} entries, {human_bytes(done)} of file data", file=sys.stderr)
+    return 0
+
+
+def _chosen_points(args: argparse.Namespace) -> list[str]:
+    with open_store(store_path(args)) as store, store.env.begin() as txn:
+        points = store.catalog.vm_points(txn, args.vm)
+    if args.points == "all":
+        return [point.id for point in points]
+    if args.points == "latest":
+        return [point.id for point in points[-1:]]
+    if not args.points.isdigit() or int(args.points) < 1:
+        raise UsageError(f"--points must be all, latest or a number of newest points, not {args.points!r}")
+    return [point.id for point in points[-int(args.points):]]
+
+
+def cmd_files_find(args: argparse.Namespace) -> int:
+    matches = []
+    points = _chosen_points(args)
+    for number, point_id in enumerate(points, 1):
+        if sys.stderr.isatty():
+            print(f"\rsearching point {number} of {len(points)} ({point_id})", end="", file=sys.stderr)
+        with _point_files(args, point_id) as files:
+            for found in files.find(args.pattern):
+                matches.append(found)
+                if not args.json:
+                    node = found.node
+                    print(f"{found.point}  disk {found.disk} partition {found.partition}  {node.size:>14}  "
+                          f"{_when(node.mtime_ns)}  {node.path}")
+    if args.json:
+        print(json.dumps([found.to_json() for found in matches], indent=2))
+    return 0
+
+
+def register(command: Command) -> None:
+    """Add `files` and its actions to the `appliance` parser."""
+    sub = command("files", lambda args: int(args.files_handler(args)), "browse, fetch and search files in restore points")
+    actions = sub.add_subparsers(dest="files_command", required=True, metavar="ACTION")
+
+    def action(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help_text, description=help_text)
+        parser.set_defaults(files_handler=handler)
+        parser.add_argument("--vm", required=True, type=VM_ARG)
+        parser.add_argument("--json", action="store_true")
+        return parser
+
+    def where(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--point", default="latest", type=POINT_ARG, help="point id, unique prefix, or latest (default)")
+        parser.add_argument("--disk", type=int, metavar="N", help="disk number, 0 first (default 0)")
+        parser.add_argument("--partition", type=int, metavar="K",
+                            help="partition number (default: the disk's only file system)")
+
+    parser = action("ls", cmd_files_ls, "list a folder, or without PATH the disks' partitions and file systems")
+    where(parser)
+    parser.add_argument("path", nargs="?", metavar="PATH")
+    parser = action("get", cmd_files_get, "copy one file out, keeping its mode and mtime")
+    where(parser)
+    parser.add_argument("path", metavar="PATH")
+    parser.add_argument("--output", required=True, metavar="FILE", help="a new local file")
+    parser = action("dump", cmd_files_dump, "stream a folder as a tar or zip archive")
+    where(parser)
+    parser.add_argument("path", metavar="PATH")
+    parser.add_argument("--format", choices=("tar", "zip"), default="tar")
+    parser.add_argument("--output", metavar="FILE", help="a new local file (default: standard output)")
+    parser = action("find", cmd_files_find, "search file names (a glob) across restore points")
+    parser.add_argument("pattern", metavar="NAME-GLOB")
+    parser.add_argument("--points", default="all", help="all (default), latest, or N: the newest N points")
