@@ -15,7 +15,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from appliance.errors import IsADirectory, OutputRefused
 from appliance.flr.browse import walk
@@ -29,7 +29,7 @@ DEFAULT_FILE_MODE, DEFAULT_DIR_MODE = 0o644, 0o755
 Progress = Callable[[int], None]
 
 
-def copy_stream(source: BinaryIO, target: BinaryIO, progress: Progress | None = None) -> int:
+def copy_stream(source: BinaryIO, target: IO[bytes], progress: Progress | None = None) -> int:
     copied = 0
     while block := source.read(COPY_BYTES):
         target.write(block)

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from appliance.errors import ApplianceError, DamagedFileSystem
 
 #: MBR partition types that only contain other partitions.
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
+
+
+class Source(Protocol):
+    """What a parser reads from: a seekable byte source (a disk of a restore point, or a slice of one)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
 
 
 class ParsersMissing(ApplianceError):
@@ -30,7 +40,7 @@ def dissect(module: str) -> ModuleType:
                              "its flr extra (pip install '.[flr]', AGPL-3.0-or-later; see the README)") from None
 
 
-def partition_table(disk: BinaryIO) -> tuple[str, list[tuple[int, int, int, str]]] | None:
+def partition_table(disk: Source) -> tuple[str, list[tuple[int, int, int, str]]] | None:
     """("gpt" | "mbr", [(number, offset, size, type name)]) of the disk, or None when it has no table."""
     disk_module = dissect("volume.disk")
     disk.seek(0)
@@ -50,7 +60,7 @@ def partition_table(disk: BinaryIO) -> tuple[str, list[tuple[int, int, int, str]
     return scheme, found
 
 
-def volume_stream(disk: BinaryIO, offset: int, size: int) -> BinaryIO:
+def volume_stream(disk: Source, offset: int, size: int) -> BinaryIO:
     """A file object of `size` bytes at `offset` of the disk."""
     stream: BinaryIO = dissect("util.stream").RangeStream(disk, offset, size)
     return stream

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from appliance.errors import NotFound, UnreadableVolume
-from appliance.flr.parsers import partition_table, volume_stream
+from appliance.flr.parsers import Source, partition_table, volume_stream
 
 #: Formats a volume can hold, as `format_of` names them.
 FILE_SYSTEMS = ("ext", "xfs", "ntfs", "fat")
@@ -65,12 +65,12 @@ def format_of(head: bytes) -> str:
 HEAD_BYTES = 64 << 10
 
 
-def _read_head(disk: BinaryIO, offset: int) -> bytes:
+def _read_head(disk: Source, offset: int) -> bytes:
     disk.seek(offset)
     return disk.read(HEAD_BYTES)
 
 
-def find_volumes(disk: BinaryIO, size: int) -> list[Volume]:
+def find_volumes(disk: Source, size: int) -> list[Volume]:
     """Every volume of the disk, in partition order; the whole disk if it has no partition table."""
     whole = format_of(_read_head(disk, 0))
     table = None if whole in FILE_SYSTEMS or whole in ENCRYPTED else partition_table(disk)
@@ -97,7 +97,7 @@ def pick_volume(volumes: list[Volume], number: int | None) -> Volume:
                            else f"no file system this appliance reads on the disk ({described})")
 
 
-def open_volume(disk: BinaryIO, volume: Volume) -> BinaryIO:
+def open_volume(disk: Source, volume: Volume) -> BinaryIO:
     """The volume's bytes as a file object, refused with the reason when it cannot be browsed."""
     if volume.format in ENCRYPTED:
         raise UnreadableVolume(f"partition {volume.number} is encrypted ({ENCRYPTED[volume.format]}): its files "
