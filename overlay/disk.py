@@ -181,7 +181,7 @@ class Overlay(OverlayStorage):
         """
         block, end = self._block, offset + view.nbytes
         first, last = offset // block, (end - 1) // block
-        if (end <= self._size and end <= self._stable.durable_size
+        if (end <= self._size and end <= self._stable.durable_size and not self._stable.journal_due()
                 and self._map.find(0, first, last + 1) == -1 and self._stable.settled(first, last)):
             self._write_locked(offset, view, fetched)
             return self._stable.issue(in_place=True)

@@ -56,6 +56,11 @@ class StableWrites:
         blocks = range(first, last + 1)
         return self._unsettled.isdisjoint(blocks) and self._settling.isdisjoint(blocks)
 
+    def journal_due(self) -> bool:
+        """Whether a journaled write awaits a sync: a settled write then joins the journal too,
+        so the sync that covers both needs the journal's fdatasync alone."""
+        return self._last_journaled > self._durable
+
     def unsettle(self, first: int, last: int) -> None:
         """Blocks first..last were allocated, or a journal record covers them."""
         self._unsettled.update(range(first, last + 1))

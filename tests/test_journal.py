@@ -267,3 +267,23 @@ def test_a_block_journaled_after_a_flush_began_stays_unsettled(tmp_path: Path) -
     lose_page_cache_of_data(directory)  # both records of block 1 replay, in order
     assert read_after_crash(directory, base, BLOCK, BLOCK) == b"c" * BLOCK
     overlay.close()
+
+
+def test_a_settled_rewrite_joins_the_journal_while_a_journaled_write_awaits_its_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So the one sync that covers both is the journal's alone, not the journal's and the data file's."""
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"a" * BLOCK)
+    overlay.flush()  # block 0 settled
+    journaled = overlay.write_durable_nowait(BLOCK, b"b" * BLOCK)  # a fresh block: journaled, not yet synced
+    head = overlay._journal_of().head
+    rewrite = overlay.write_durable_nowait(0, b"c" * 4096)
+    assert journaled is not None and rewrite is not None
+    assert overlay._journal_of().head > head  # recorded too
+    syncs = SyncLog(monkeypatch)
+    overlay.make_durable(rewrite)
+    assert syncs.of(overlay._data_fd) == [] and len(syncs.calls) == 1
+    lose_page_cache_of_data(directory)
+    assert read_after_crash(directory, base, 0, 2 * BLOCK)[:4096] == b"c" * 4096
+    overlay.close()
