@@ -7,8 +7,9 @@ sub-block write to a block not yet in the overlay first fills the block from the
 merged view (read-modify-write).
 
 Stable writes (`write_durable`) also go to the journal, whose one fdatasync makes them
-durable (`overlay.journal`); opening an overlay replays what a crash left there. The
-files and their durability rules are `overlay.storage`.
+durable (`overlay.journal`), unless they rewrite blocks already durable in place
+(`overlay.stable`); opening an overlay replays what a crash left there. The files and
+their durability rules are `overlay.storage`.
 
 Concurrency: reads of the base, which may decompress or go to the network, happen
 outside the lock; they stay correct because base bytes never change and the base
@@ -143,28 +144,53 @@ class Overlay(OverlayStorage):
         return view.nbytes
 
     def _write_filled(self, offset: int, view: memoryview, journal: Journal | None) -> int:
-        """Write `view` at `offset`; with `journal`, append its record in the same locked step
-        and return the record's ticket (0 without).
+        """Write `view` at `offset`; with `journal`, as a stable write (`_write_stable_locked`)
+        whose ticket it returns (0 without).
 
         The base part of a partly written block's fill is read without the lock and the
         lock is retaken to write, so writers to other blocks never wait on the base. A
-        journal that has no room is flushed in place and started over first.
+        journal that has no room for a record the write needs is flushed in place and
+        started over first.
         """
         fetched: dict[int, bytes] = {}
         while True:
             with self._lock:
                 self._check_changeable()
                 wanted = self._fills_wanted(offset, offset + view.nbytes, fetched)
-                fits = journal is None or journal.fits(view.nbytes)
-                if fits and not wanted:
-                    self._write_locked(offset, view, fetched)
-                    return 0 if journal is None else journal.append(offset, view)
+                if not wanted:
+                    if journal is None:
+                        self._write_locked(offset, view, fetched)
+                        return 0
+                    ticket = self._write_stable_locked(offset, view, fetched, journal)
+                    if ticket is not None:
+                        return ticket
                 limit = self._base_limit
-            if not fits:
+            if not wanted:
                 self._start_journal_over(view.nbytes)
             for block in wanted:
                 start = block * self._block
                 fetched[block] = self._read_base(start, min(self._block, limit - start))
+
+    def _write_stable_locked(self, offset: int, view: memoryview, fetched: dict[int, bytes],
+                             journal: Journal) -> int | None:
+        """A stable write under the lock: its ticket for `_sync_stable`, or None (nothing done)
+        when it needs a journal record and the journal is full.
+
+        Into settled blocks it goes in place alone; else in place and as a journal record,
+        and its blocks are unsettled until a flush in place (`overlay.stable`).
+        """
+        block, end = self._block, offset + view.nbytes
+        first, last = offset // block, (end - 1) // block
+        if (end <= self._size and end <= self._stable.durable_size and not self._stable.journal_due()
+                and self._map.find(0, first, last + 1) == -1 and self._stable.settled(first, last)):
+            self._write_locked(offset, view, fetched)
+            return self._stable.issue(in_place=True)
+        if not journal.fits(view.nbytes):
+            return None
+        self._write_locked(offset, view, fetched)
+        journal.append(offset, view)
+        self._stable.unsettle(first, last)
+        return self._stable.issue(in_place=False)
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
         """`write`, for an event loop: done on the caller's thread when it needs nothing but
@@ -209,8 +235,9 @@ class Overlay(OverlayStorage):
         """`write`, returning only once the write survives a crash (a stable NFS WRITE).
 
         The bytes go to the overlay as `write` puts them and, in the same step under the
-        lock, to the journal (`overlay.journal`), whose one fdatasync then covers every
-        record written before it: concurrent stable writes share it (group commit).
+        lock, to the journal (`overlay.journal`) unless every block they cover is settled
+        (`overlay.stable`); one sync then covers every stable write done before it:
+        concurrent stable writes share it (group commit).
         """
         view = self._checked_write(offset, data)
         if not view.nbytes:
@@ -221,13 +248,12 @@ class Overlay(OverlayStorage):
             return written
         if self._journal is None:
             self._make_journal()
-        journal = self._journal_of()
-        journal.sync_through(self._write_filled(offset, view, journal))
+        self._sync_stable(self._write_filled(offset, view, self._journal_of()))
         return view.nbytes
 
     def write_durable_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
-        """`write_durable`'s write, for an event loop: its journal ticket, or None if it cannot
-        be done at once (see `write_nowait`; also before the journal exists, or when it is full).
+        """`write_durable`'s write, for an event loop: its ticket, or None if it cannot be done
+        at once (see `write_nowait`; also before the journal exists, or when it is full).
 
         The write is not durable until `make_durable(ticket)` returns: the caller answers it
         after that, and may first do every other write it has at hand, so one sync covers all.
@@ -239,18 +265,14 @@ class Overlay(OverlayStorage):
         if view is None:
             return None
         try:
-            if not journal.fits(view.nbytes):
-                return None
-            try:
-                self._write_locked(offset, view, {})
-                return journal.append(offset, view)
-            except OverlayError:
-                return None
+            return self._write_stable_locked(offset, view, {}, journal)
+        except OverlayError:
+            return None
         finally:
             self._lock.release()
 
     def make_durable(self, ticket: int) -> None:
-        """Return once the journal record `ticket` (from `write_durable_nowait`) is durable.
+        """Return once the stable write `ticket` (from `write_durable_nowait`) is durable.
 
         A sync that keeps the caller waiting long (a slow disk) counts as a stall: after
         enough of them `write_durable_nowait` declines for a while, and stable writes wait
@@ -259,7 +281,7 @@ class Overlay(OverlayStorage):
         """
         started = time.monotonic()
         try:
-            self._journal_of().sync_through(ticket)
+            self._sync_stable(ticket)
         except BaseException:
             self.stalls.back_off()  # the client resends; the ordinary path then reports the failure
             raise
@@ -404,6 +426,7 @@ class Overlay(OverlayStorage):
         self._changed()
         if self._mapstate.mark(first, last):
             self._allocated = None
+            self._stable.unsettle(first, last)
 
     def _grow(self, size: int) -> None:
         """Extend the disk to `size`; the new range reads as zeros.

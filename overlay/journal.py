@@ -7,7 +7,8 @@ journal record goes to a file whose blocks were allocated and zeroed when it was
 made, so its fdatasync flushes data alone; concurrent stable writes share it (group
 commit). The write itself also goes to the data file and the in-memory map as usual,
 and a later full flush (COMMIT, close, a truncate, or a full journal) makes those
-durable in place and starts the journal anew.
+durable in place and starts the journal anew. A rewrite of a block already durable in
+place, which no live record covers, needs no record at all (`overlay.stable`).
 
 On-disk format (``journal`` in the overlay directory, `CAPACITY` bytes)::
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Iterator
@@ -96,7 +96,8 @@ def _record(ticket: int, offset: int, data: bytes | bytearray | memoryview) -> t
 
 
 class Journal:
-    """One overlay's journal file; the overlay serialises `append` with its writes (its lock)."""
+    """One overlay's journal file; the overlay serialises `append` with its writes (its lock),
+    and its stable writes share `sync` calls (`overlay.stable`)."""
 
     def __init__(self, fd: int, where: str, header: JournalHeader, head: int, next_ticket: int) -> None:
         self._fd = fd
@@ -105,9 +106,6 @@ class Journal:
         self.first_ticket = header.first_ticket
         self.head = head  # where the next record goes
         self.next_ticket = next_ticket
-        #: The last record known durable: by a sync of the journal, or a flush in place.
-        self.durable_ticket = next_ticket - 1
-        self._sync_lock = threading.Lock()  # one sync at a time: the writers behind it wait and reuse it
 
     @classmethod
     def create(cls, directory: Path, where: str, first_ticket: int = 1) -> Journal:
@@ -176,22 +174,6 @@ class Journal:
         with OsErrors(self._where, "journal fdatasync"):
             os.fdatasync(self._fd)
 
-    def sync_through(self, ticket: int) -> None:
-        """Return once record `ticket` is durable, syncing unless a sync or flush covered it (group commit)."""
-        if self.durable_ticket >= ticket:
-            return
-        with self._sync_lock:
-            if self.durable_ticket >= ticket:
-                return
-            last = self.next_ticket - 1  # a ticket is handed out after its record's bytes are written
-            self.sync()
-            self.durable_ticket = max(self.durable_ticket, last)
-
-    def note_durable(self, last: int) -> None:
-        """Records up to `last` were made durable in place (a flush): no sync is owed for them."""
-        with self._sync_lock:
-            self.durable_ticket = max(self.durable_ticket, last)
-
     def mark_durable(self, first_ticket: int, first_offset: int) -> None:
         """Records before `first_ticket` are durable in place; the live ones start at `first_offset`.
 
@@ -210,9 +192,9 @@ class Journal:
             return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
-        with self._sync_lock:  # not under a sync that is running
-            self._closed = True
-            os.close(self._fd)
+        """Close the file; the overlay first waits for a stable-write sync that is running (`overlay.stable`)."""
+        self._closed = True
+        os.close(self._fd)
 
 
 def _records(fd: int, header: JournalHeader) -> Iterator[tuple[int, bytes]]:

@@ -20,7 +20,7 @@ Group commit: every change bumps a generation, and a flush records the generatio
 covered. A flush that finds, once it holds the flush lock, that another flush already
 covered its caller's writes returns at once. So concurrent syncs of one disk share
 their fsyncs: while one flush runs, the callers behind it queue, and the next flush
-covers all of them. Stable writes share journal syncs the same way (`Journal.sync_through`).
+covers all of them. Stable writes share their syncs the same way (`overlay.stable`).
 
 Concurrency: one `threading.Lock` guards the state and every use of the file
 descriptors, so a close can never leave another thread reading a reused descriptor.
@@ -43,6 +43,7 @@ from overlay.fileio import OsErrors, fsync_dir, pwrite_all
 from overlay.journal import JOURNAL_NAME, RECORDS_OFFSET, Journal
 from overlay.mapfile import ENTRIES_OFFSET, MapHeader
 from overlay.mapstate import MapChanges, MapState
+from overlay.stable import StableWrites
 from overlay.stalls import WriteStalls
 
 DATA_NAME = "data"
@@ -90,6 +91,8 @@ class OverlayStorage:
         self._flush_lock = threading.Lock()  # taken before _lock, never after
         #: The stable-write journal, made at the first `write_durable`.
         self._journal: Journal | None = None
+        #: Which stable writes may skip the journal, and their group commit.
+        self._stable = StableWrites(header.size)
         #: `write_nowait` backs off for a while once its writes keep waiting on the disk.
         self.stalls = WriteStalls()
 
@@ -186,12 +189,12 @@ class OverlayStorage:
             snapshot = self._snapshot()
             try:
                 self._write_out(snapshot, metadata=True)
+                journal.mark_durable(journal.next_ticket, RECORDS_OFFSET)
+                journal.sync()
             except BaseException:
                 self._restore(snapshot)
                 raise
-            journal.mark_durable(journal.next_ticket, RECORDS_OFFSET)
-            journal.sync()
-            journal.note_durable(journal.next_ticket - 1)
+            self._settled(snapshot)
 
     def flush(self, metadata: bool = True) -> None:
         """Make every write so far survive a crash (see the module docstring for the order).
@@ -263,11 +266,22 @@ class OverlayStorage:
 
     def _close_fds(self) -> None:
         if not self._closed:
-            self._closed = True
-            os.close(self._data_fd)
-            os.close(self._map_fd)
-            if self._journal is not None:
-                self._journal.close()
+            with self._stable.lock:  # not under a stable-write sync that is running
+                self._closed = True
+                os.close(self._data_fd)
+                os.close(self._map_fd)
+                if self._journal is not None:
+                    self._journal.close()
+
+    def _sync_stable(self, ticket: int) -> None:
+        """Return once stable write `ticket` is durable (`overlay.stable`); a sync covers every write before it."""
+        self._stable.sync_through(ticket, self._sync_data, self._journal_of().sync)
+
+    def _sync_data(self) -> None:
+        """fdatasync the data file for the stable writes done in place; the caller holds the stable-write lock."""
+        self._check_open()  # closed meanwhile: its descriptor may already name another file
+        with OsErrors(self._where, "data fdatasync"):
+            os.fdatasync(self._data_fd)
 
     def _changed(self) -> None:
         self._generation += 1
@@ -278,16 +292,23 @@ class OverlayStorage:
 
         The state is snapshotted under the lock, and the syncs run without it so reads
         and writes go on meanwhile; anything written after the snapshot waits for the
-        next flush. Journal records the flush made durable in place are let go of last.
+        next flush. Journal records the flush made durable in place are let go of last,
+        and only then are the blocks it saw settled (`overlay.stable`).
         """
         with self._lock:
             snapshot = self._snapshot()
         try:
             self._write_out(snapshot, metadata)
+            self._let_go_of_records(snapshot)
         except BaseException:
             with self._lock:
                 self._restore(snapshot)
             raise
+        with self._lock:
+            self._settled(snapshot)
+
+    def _let_go_of_records(self, snapshot: _Snapshot) -> None:
+        """The records up to the snapshot's are durable in place: a replay must not apply them again."""
         journal = self._journal
         if journal is None or snapshot.journal_last < journal.first_ticket:
             return
@@ -297,22 +318,27 @@ class OverlayStorage:
             else:
                 journal.mark_durable(snapshot.journal_last + 1, snapshot.journal_head)
         journal.sync()
-        journal.note_durable(snapshot.journal_last)
+
+    def _settled(self, snapshot: _Snapshot) -> None:
+        """A flush of `snapshot` ended well: its blocks are settled, its stable writes durable; the caller holds _lock."""
+        self._stable.end_settling(True)
+        self._stable.note_durable(snapshot.stable_last)
 
     def _snapshot(self) -> _Snapshot:
         """What a flush writes out; the caller holds _lock. Marks it all clean."""
         journal = self._journal
         snapshot = _Snapshot(self._generation, self._mapstate.take(self._block, self._size, self._base_limit),
                              self._data_dirty, 0 if journal is None else journal.head,
-                             0 if journal is None else journal.next_ticket - 1)
+                             0 if journal is None else journal.next_ticket - 1, self._stable.start_settling())
         self._data_dirty = False
         return snapshot
 
     def _restore(self, snapshot: _Snapshot) -> None:
-        """A write-out failed: what it was to write is dirty again; the caller holds _lock."""
+        """A flush failed: what it was to write is dirty again, its blocks unsettled; the caller holds _lock."""
         if snapshot.map is not None:
             self._mapstate.put_back(snapshot.map)
         self._data_dirty |= snapshot.data_dirty
+        self._stable.end_settling(False)
 
     def _write_out(self, snapshot: _Snapshot, metadata: bool) -> None:
         """Make a snapshot durable in place: the data first, then the map that points into it."""
@@ -325,6 +351,7 @@ class OverlayStorage:
         if snapshot.map is not None:
             self._mapstate.write_out(self._map_fd, snapshot.map, self._where)
             self._allocated = None  # the map file may have grown
+            self._stable.durable_size = snapshot.map.header.size
         self._synced = max(self._synced, snapshot.generation)
         if metadata:
             self._synced_metadata = max(self._synced_metadata, snapshot.generation)
@@ -339,3 +366,4 @@ class _Snapshot:
     data_dirty: bool
     journal_head: int  # where the journal's next record was to go
     journal_last: int  # the last journal ticket issued (0: none)
+    stable_last: int  # the last stable-write ticket issued (`overlay.stable`)

@@ -179,3 +179,111 @@ def test_a_sync_after_close_is_refused_not_run_on_a_reused_descriptor(tmp_path: 
     with pytest.raises(OverlayClosed, match="journal is closed"):
         opened.sync()
     overlay.close()
+
+
+def read_after_crash(directory: Path, base: BytesBase, offset: int, length: int) -> bytes:
+    """What a restarted appliance reads: the overlay opened again (replaying its journal), never closed before."""
+    reopened = Overlay.open(directory, base)
+    try:
+        return reopened.read(offset, length)
+    finally:
+        reopened.close()
+
+
+def lose_page_cache_of_data(directory: Path) -> None:
+    """What a power cut does to data-file bytes that no sync made durable: here, all of them are lost."""
+    with open(directory / "data", "r+b") as file:
+        file.truncate(0)
+
+
+def test_a_rewrite_of_a_settled_block_goes_in_place_alone_and_survives_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a flush made a block durable in place, a stable rewrite of it writes no record:
+    one fdatasync of the data file makes it durable, and reopening reads it back."""
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(2 * BLOCK, b"a" * BLOCK)  # a fresh block: journaled
+    overlay.flush()  # settles it
+    head = overlay._journal_of().head
+    syncs = SyncLog(monkeypatch)
+    overlay.write_durable(2 * BLOCK + 4096, b"b" * 4096)
+    assert overlay._journal_of().head == head  # no record
+    assert syncs.of(overlay._data_fd) == ["fdatasync"] and len(syncs.calls) == 1
+    assert read_after_crash(directory, base, 2 * BLOCK, BLOCK) == b"a" * 4096 + b"b" * 4096 + b"a" * (BLOCK - 8192)
+    overlay.close()
+
+
+def test_a_rewrite_of_a_block_a_live_record_covers_is_journaled_so_replay_keeps_the_order(
+        tmp_path: Path) -> None:
+    """Had the second write gone in place alone, replaying the first one's record after a
+    crash would write the old bytes over it."""
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(BLOCK, b"1" * BLOCK)
+    overlay.write_durable(BLOCK, b"2" * BLOCK)  # same block, no flush in between
+    lose_page_cache_of_data(directory)
+    assert read_after_crash(directory, base, BLOCK, BLOCK) == b"2" * BLOCK
+    overlay.close()
+
+
+def test_a_stable_write_to_a_block_only_an_unstable_write_allocated_is_journaled(tmp_path: Path) -> None:
+    """The block's map entry is only in memory: in place alone, a crash would lose the block."""
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"x")  # makes the journal
+    overlay.write(3 * BLOCK, b"u" * BLOCK)  # unstable: allocates block 3 in memory only
+    overlay.write_durable(3 * BLOCK, b"s" * 4096)
+    lose_page_cache_of_data(directory)
+    assert read_after_crash(directory, base, 3 * BLOCK, 4096) == b"s" * 4096
+    overlay.close()
+
+
+def test_a_stable_write_that_grows_the_disk_is_journaled(tmp_path: Path) -> None:
+    """A settled block that straddles the end: a write past the end needs a new size, which only a record keeps."""
+    base = base_of(4)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.truncate(3 * BLOCK + 100)
+    overlay.write_durable(3 * BLOCK, b"t" * 100)
+    overlay.flush()  # block 3 settled, the durable size ends inside it
+    overlay.write_durable(3 * BLOCK + 50, b"g" * 1000)
+    assert read_after_crash(directory, base, 3 * BLOCK, 2000) == b"t" * 50 + b"g" * 1000  # short at the new end
+    overlay.close()
+
+
+def test_a_block_journaled_after_a_flush_began_stays_unsettled(tmp_path: Path) -> None:
+    """A flush settles only the blocks it saw; one a record covered after its snapshot keeps its record live."""
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"a" * BLOCK)
+    with overlay._lock:
+        snapshot = overlay._snapshot()
+    overlay.write_durable(BLOCK, b"b" * BLOCK)  # journaled while the flush is under way
+    overlay._write_out(snapshot, True)
+    overlay._let_go_of_records(snapshot)
+    with overlay._lock:
+        overlay._settled(snapshot)
+    assert overlay._stable.settled(0, 0) and not overlay._stable.settled(1, 1)
+    overlay.write_durable(BLOCK, b"c" * BLOCK)
+    lose_page_cache_of_data(directory)  # both records of block 1 replay, in order
+    assert read_after_crash(directory, base, BLOCK, BLOCK) == b"c" * BLOCK
+    overlay.close()
+
+
+def test_a_settled_rewrite_joins_the_journal_while_a_journaled_write_awaits_its_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So the one sync that covers both is the journal's alone, not the journal's and the data file's."""
+    base = base_of(8)
+    directory, overlay = make_overlay(tmp_path, base, BLOCK)
+    overlay.write_durable(0, b"a" * BLOCK)
+    overlay.flush()  # block 0 settled
+    journaled = overlay.write_durable_nowait(BLOCK, b"b" * BLOCK)  # a fresh block: journaled, not yet synced
+    head = overlay._journal_of().head
+    rewrite = overlay.write_durable_nowait(0, b"c" * 4096)
+    assert journaled is not None and rewrite is not None
+    assert overlay._journal_of().head > head  # recorded too
+    syncs = SyncLog(monkeypatch)
+    overlay.make_durable(rewrite)
+    assert syncs.of(overlay._data_fd) == [] and len(syncs.calls) == 1
+    lose_page_cache_of_data(directory)
+    assert read_after_crash(directory, base, 0, 2 * BLOCK)[:4096] == b"c" * 4096
+    overlay.close()
