@@ -121,15 +121,11 @@ def cmd_files_dump(args: argparse.Namespace) -> int:
 
 
 def _chosen_points(args: argparse.Namespace) -> list[str]:
+    from appliance.flr.browse import newest_points
+
     with open_store(store_path(args)) as store, store.env.begin() as txn:
         points = store.catalog.vm_points(txn, args.vm)
-    if args.points == "all":
-        return [point.id for point in points]
-    if args.points == "latest":
-        return [point.id for point in points[-1:]]
-    if not args.points.isdigit() or int(args.points) < 1:
-        raise UsageError(f"--points must be all, latest or a number of newest points, not {args.points!r}")
-    return [point.id for point in points[-int(args.points):]]
+    return [point.id for point in newest_points(points, args.points)]
 
 
 def cmd_files_find(args: argparse.Namespace) -> int:

@@ -200,6 +200,10 @@ class UnreadableVolume(ApplianceError):
     """A volume whose files cannot be browsed: encrypted, LVM, no file system read here, or none chosen."""
 
 
+class RangeNotSatisfiable(ApplianceError):
+    """A byte range that starts past the end of the file asked for."""
+
+
 class DamagedFileSystem(ApplianceError):
     """A file system whose structures do not parse; the message names the volume, the path and the fault."""
 

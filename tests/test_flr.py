@@ -26,6 +26,8 @@ import pytest
 from appliance.store import open_store
 from appliance.store.formats import CHUNK_ID_SIZE
 from tests.conftest import run_cli
+from tests.test_api import Api
+from tests.test_nfs_serve import Serve
 
 pytestmark = pytest.mark.slow
 
@@ -287,6 +289,46 @@ def test_a_corrupt_chunk_is_an_error_never_wrong_bytes(backed: Backed, tmp_path:
     result = run_cli("--store", str(store_path), "files", "get", "--vm", "vm", "/dir/big.bin", "--output", str(output))
     one_line_error(result, 3, "checksum mismatch")
     assert not output.exists() and not list(tmp_path.glob(".big*"))
+
+
+def test_the_api_lists_downloads_ranges_archives_and_finds(backed: Backed) -> None:
+    server = Serve(backed.store)
+    server.start()
+    api = Api(server)
+    try:
+        base = f"/vms/flr/points/{backed.first_point}"
+        volumes = api.client.get(f"{base}/volumes").json()
+        assert [volume["format"] for volume in volumes["1"]] == ["ext", "xfs"]
+        listing = api.client.get(f"{base}/files", params={"disk": 1, "partition": 1, "path": "/dir"}).json()
+        assert {entry["name"]: entry["kind"] for entry in listing} == {"big.bin": "file", "link": "symlink", "sub": "dir"}
+        big = (backed.tree / "dir" / "big.bin").read_bytes()
+        where = {"disk": 1, "partition": 1, "path": "/dir/big.bin"}
+        whole = api.client.get(f"{base}/files/content", params=where)
+        assert whole.status_code == 200 and sha256(whole.content) == sha256(big)
+        assert whole.headers["content-disposition"].startswith('attachment; filename="big.bin"')
+        part = api.client.get(f"{base}/files/content", params=where, headers={"Range": "bytes=1000-1999"})
+        assert part.status_code == 206 and part.content == big[1000:2000]
+        assert part.headers["content-range"] == f"bytes 1000-1999/{len(big)}"
+        tail = api.client.get(f"{base}/files/content", params=where, headers={"Range": "bytes=-10"})
+        assert tail.status_code == 206 and tail.content == big[-10:]
+        past = api.client.get(f"{base}/files/content", params=where, headers={"Range": f"bytes={len(big)}-"})
+        assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(big)}"
+        folder = api.client.get(f"{base}/files/content", params={**where, "path": "/dir"})
+        assert folder.status_code == 409 and folder.json()["error"] == "IsADirectory"
+        named = api.client.get(f"{base}/files/content", params={"disk": 1, "partition": 1, "path": f"/dir/sub/{NON_ASCII}"})
+        assert "filename*=UTF-8''na%C3%AFve-" in named.headers["content-disposition"]
+        archive = api.client.get(f"{base}/files/archive", params={"disk": 0, "partition": 1, "path": "/docs",
+                                                                  "format": "zip"})
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as opened:
+            assert sha256(opened.read("docs/big.bin")) == sha256(big)
+        found = api.client.get("/vms/flr/files", params={"name": "big.bin", "points": "1"}).json()
+        assert {(hit["disk"], hit["partition"], hit["path"]) for hit in found} == {
+            (0, 1, "/docs/big.bin"), (0, 2, "/big.bin"), (1, 1, "/dir/big.bin"), (1, 2, "/dir/big.bin")}
+        encrypted = api.client.get("/vms/locked/points/latest/files", params={"partition": 1})
+        assert encrypted.status_code == 409 and "encrypted (LUKS" in encrypted.json()["message"]
+    finally:
+        api.close()
+        assert server.stop() == 0
 
 
 def test_the_restore_point_stays_byte_identical(backed: Backed, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import errors
 from appliance.api.access import PREFIX
+from appliance.api.files import file_routes
 from appliance.api.models import (
     InstantBootCreate,
     JobId,
@@ -151,6 +152,7 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
         job.cancel()
         return job.to_dict()
 
+    file_routes(app, control)
     if recovery is not None:
         _recovery_routes(app, recovery)
     return TokenAuth(MethodCheck(app), token)

@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from appliance.errors import NotFound, UnreadableVolume
+from appliance.errors import NotFound, UnreadableVolume, UsageError
 from appliance.flr.diskfile import DiskFile
 from appliance.flr.filesystems import FileNode, FileSystem, normal_path, open_filesystem
 from appliance.flr.volumes import Volume, find_volumes, open_volume, pick_volume
@@ -81,6 +81,17 @@ class PointFiles:
                 for node in walk(filesystem, filesystem.node("/")):
                     if fnmatch.fnmatchcase(node.name, pattern):
                         yield Found(self.point.id, disk, volume.number, node)
+
+
+def newest_points(points: list[RestorePoint], which: str) -> list[RestorePoint]:
+    """The points a search covers: "all", "latest", or the newest N (points are oldest first)."""
+    if which == "all":
+        return points
+    if which == "latest":
+        return points[-1:]
+    if not which.isdigit() or int(which) < 1:
+        raise UsageError(f"points must be all, latest or a number of newest points, not {which!r}")
+    return points[-int(which):]
 
 
 def walk(filesystem: FileSystem, top: FileNode) -> Iterator[FileNode]:

@@ -71,7 +71,7 @@ def _member_name(top: FileNode, node: FileNode) -> str:
     return posixpath.join(base, posixpath.relpath(node.path, top.path)) if node is not top else base
 
 
-def write_archive(filesystem: FileSystem, top: FileNode, output: BinaryIO, archive: str,
+def write_archive(filesystem: FileSystem, top: FileNode, output: IO[bytes], archive: str,
                   progress: Progress | None = None) -> int:
     """Stream `top` (a folder or a file) and everything below it as a tar or zip; returns the members written."""
     nodes = [top, *walk(filesystem, top)] if top.kind == "dir" else [top]
@@ -80,7 +80,7 @@ def write_archive(filesystem: FileSystem, top: FileNode, output: BinaryIO, archi
     return _write_zip(filesystem, top, nodes, output, progress)
 
 
-def _write_tar(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], output: BinaryIO,
+def _write_tar(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], output: IO[bytes],
                progress: Progress | None) -> int:
     first_of_inode: dict[int, str] = {}
     with tarfile.open(fileobj=output, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -106,7 +106,7 @@ def _write_tar(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], out
     return len(nodes)
 
 
-def _write_zip(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], output: BinaryIO,
+def _write_zip(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], output: IO[bytes],
                progress: Progress | None) -> int:
     with zipfile.ZipFile(output, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for node in nodes:
