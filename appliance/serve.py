@@ -28,6 +28,7 @@ from appliance.api.app import build_app
 from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
+from appliance.datastore.files_view import with_files
 from appliance.datastore.sessions import datastore_lock
 from appliance.durable import create_durably
 from appliance.errors import ApplianceError, StoreError
@@ -110,7 +111,7 @@ def mount_datastore(store_path: Path, mountpoint: Path, cache_bytes: int = DEFAU
     ):
         datastore = Datastore(store, read_path)
         try:
-            trio.run(serve_fuse, datastore, mountpoint)
+            trio.run(serve_fuse, with_files(datastore), mountpoint)
         finally:
             datastore.close()
 
@@ -158,7 +159,7 @@ async def _expire_periodically(control: Control) -> None:
 async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, token: str,
                  options: ServeOptions) -> None:
     control = recovery.control
-    datastore = control.datastore
+    vfs = with_files(control.datastore)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.jobs.run)
@@ -168,7 +169,7 @@ async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, t
                 event("metrics.serving", url=f"http://{host}:{bound}/metrics")
             if options.nfs_enabled:
                 service = await nursery.start(partial(
-                    serve_nfs, datastore, handle_secret=secret, export=options.export, host=options.bind,
+                    serve_nfs, vfs, handle_secret=secret, export=options.export, host=options.bind,
                     nfs_port=options.nfs_port, mount_port=options.mount_port,
                     register_portmap=options.register_portmap, observe_call=metrics.observe_call))
                 event("nfs.serving", address=options.bind, nfs_port=service.nfs_port,
@@ -178,7 +179,7 @@ async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, t
                       root="squashed" if options.export.root_squash else "not-squashed")
             if options.mountpoint is not None:
                 await nursery.start(_then_stop, nursery.cancel_scope, partial(serve_fuse, observe_op=metrics.observe_op),
-                                    datastore, options.mountpoint)
+                                    vfs, options.mountpoint)
                 event("datastore.mounted", via="fuse", mountpoint=str(options.mountpoint))
             if options.api_address is not None:
                 url = await nursery.start(_serve_api, recovery, token, options)

@@ -10,6 +10,7 @@ volumes cannot be made on Linux; their signature is the same kind of check as LU
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ from appliance.store import open_store
 from appliance.store.formats import CHUNK_ID_SIZE
 from tests.conftest import run_cli
 from tests.test_api import Api
-from tests.test_nfs_serve import Serve
+from tests.test_nfs_serve import Serve, serve_with_mount
 
 pytestmark = pytest.mark.slow
 
@@ -328,6 +329,30 @@ def test_the_api_lists_downloads_ranges_archives_and_finds(backed: Backed) -> No
         assert encrypted.status_code == 409 and "encrypted (LUKS" in encrypted.json()["message"]
     finally:
         api.close()
+        assert server.stop() == 0
+
+
+def test_the_files_view_serves_every_volume_over_fuse_and_nfs(backed: Backed, tmp_path: Path) -> None:
+    server = serve_with_mount(backed.store, tmp_path / "mnt")
+    try:
+        point = tmp_path / "mnt" / "files" / "flr" / backed.first_point
+        assert sorted(os.listdir(point)) == ["0-p1", "0-p2", "1-p1", "1-p2"]
+        big = sha256((backed.tree / "dir" / "big.bin").read_bytes())
+        for copy in (point / "0-p1" / "docs" / "big.bin", point / "0-p2" / "big.bin", point / "1-p1" / "dir" / "big.bin",
+                     point / "1-p2" / "dir" / "big.bin"):
+            assert sha256(copy.read_bytes()) == big, copy
+        assert os.readlink(point / "1-p1" / "dir" / "link") == "../hello.txt"
+        assert (point / "1-p1" / "dir" / "sub" / NON_ASCII).read_bytes() == "é\n".encode()
+        with pytest.raises(OSError) as refused:
+            (point / "1-p1" / "new.txt").write_bytes(b"x")
+        assert refused.value.errno == errno.EROFS
+        fetched = subprocess.run(["nfs-cat", server.url(f"/files/flr/{backed.first_point}/1-p2/dir/big.bin")],
+                                 capture_output=True, check=True)
+        assert sha256(fetched.stdout) == big
+        listing = subprocess.run(["nfs-ls", server.url(f"/files/flr/{backed.first_point}/1-p1/dir")],
+                                 capture_output=True, text=True, check=True)
+        assert {"big.bin", "link", "sub"} <= {line.split()[-1] for line in listing.stdout.splitlines()}
+    finally:
         assert server.stop() == 0
 
 
