@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 from appliance.cli_args import POINT_ARG, VM_ARG, Command, store_path
 from appliance.errors import UsageError
 from appliance.progress import Progress, human_bytes
-from appliance.store import open_store
+from appliance.store import Store, open_store
 
 if TYPE_CHECKING:
     from appliance.flr.browse import PointFiles
     from appliance.flr.filesystems import FileNode
+    from appliance.store.reader import ReadPath
 
 
 @contextlib.contextmanager
@@ -120,29 +121,44 @@ def cmd_files_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chosen_points(args: argparse.Namespace) -> list[str]:
-    from appliance.flr.browse import newest_points
+@contextlib.contextmanager
+def _read_path(args: argparse.Namespace) -> Iterator[tuple[Store, ReadPath]]:
+    from appliance.store.reader import ReadPath
 
-    with open_store(store_path(args)) as store, store.env.begin() as txn:
-        points = store.catalog.vm_points(txn, args.vm)
-    return [point.id for point in newest_points(points, args.points)]
+    with open_store(store_path(args)) as store, store.reader_lock(), ReadPath(store) as read_path:
+        yield store, read_path
 
 
 def cmd_files_find(args: argparse.Namespace) -> int:
-    matches = []
-    points = _chosen_points(args)
-    for number, point_id in enumerate(points, 1):
-        if sys.stderr.isatty():
-            print(f"\rsearching point {number} of {len(points)} ({point_id})", end="", file=sys.stderr)
-        with _point_files(args, point_id) as files:
-            for found in files.find(args.pattern):
-                matches.append(found)
-                if not args.json:
-                    node = found.node
-                    print(f"{found.point}  disk {found.disk} partition {found.partition}  {node.size:>14}  "
-                          f"{_when(node.mtime_ns)}  {node.path}")
+    from appliance.flr.browse import newest_points
+    from appliance.flr.index import search
+
+    with _read_path(args) as (store, read_path):
+        with store.env.begin() as txn:
+            points = newest_points(store.catalog.vm_points(txn, args.vm), args.points)
+        matches = []
+        for found in search(store, read_path, points, args.pattern):
+            matches.append(found)
+            if not args.json:
+                node = found.node
+                print(f"{found.point}  disk {found.disk} partition {found.partition}  {node.size:>14}  "
+                      f"{_when(node.mtime_ns)}  {node.path}")
     if args.json:
         print(json.dumps([found.to_json() for found in matches], indent=2))
+    return 0
+
+
+def cmd_files_index(args: argparse.Namespace) -> int:
+    from appliance.flr.index import build_index
+
+    with _read_path(args) as (store, read_path):
+        with store.env.begin() as txn:
+            points = store.catalog.vm_points(txn, args.vm)
+            chosen = points if args.all else [store.catalog.resolve(txn, args.vm, args.point)]
+        for point in chosen:
+            started = time.monotonic()
+            count = build_index(store, read_path, point)
+            print(f"indexed point {point.id}: {count} files in {time.monotonic() - started:.1f}s", file=sys.stderr)
     return 0
 
 
@@ -179,3 +195,8 @@ def register(command: Command) -> None:
     parser = action("find", cmd_files_find, "search file names (a glob) across restore points")
     parser.add_argument("pattern", metavar="NAME-GLOB")
     parser.add_argument("--points", default="all", help="all (default), latest, or N: the newest N points")
+    parser = action("index", cmd_files_index, "index a point's files now, so find answers without parsing them "
+                    "(a serving appliance indexes new points by itself)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--point", default="latest", type=POINT_ARG, help="point id, unique prefix, or latest (default)")
+    which.add_argument("--all", action="store_true", help="every point of the VM")

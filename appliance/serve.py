@@ -33,6 +33,8 @@ from appliance.datastore.sessions import datastore_lock
 from appliance.durable import create_durably
 from appliance.errors import ApplianceError, StoreError
 from appliance.events import event
+from appliance.flr.index import build_index, unindexed
+from appliance.flr.parsers import ParsersMissing
 from appliance.fuse_adapter import serve_fuse
 from appliance.store import ReadPath, open_store
 from appliance.jobs import JobRunner
@@ -45,6 +47,8 @@ from nfs_export import Export, serve_nfs
 #: A serving appliance keeps whole booted disks' working sets decompressed; a one-shot
 #: restore needs far less (`reader.DEFAULT_CACHE_BYTES`).
 DEFAULT_SERVE_CACHE_BYTES = 1 << 30
+#: How often a serving appliance looks for restore points whose files are not indexed yet.
+INDEX_CHECK_SECONDS = 30.0
 #: Seals NFS file handles; kept with the store so handles survive restarts (and moves).
 HANDLE_KEY_NAME = "nfs-handle.key"
 HANDLE_KEY_BYTES = 32
@@ -150,6 +154,28 @@ async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
             remove_runtime(store_path)
 
 
+async def _index_new_points(control: Control) -> None:
+    """Index each restore point's files once, newest first, one at a time, in a worker thread.
+
+    A point whose indexing fails is logged and not tried again in this process; without the
+    optional parsers there is nothing to index with, said once.
+    """
+    failed: set[str] = set()
+    while True:
+        for point in await trio.to_thread.run_sync(unindexed, control.store):
+            if point.id in failed:
+                continue
+            try:
+                await trio.to_thread.run_sync(build_index, control.store, control.datastore.read_path, point)
+            except ParsersMissing as exc:
+                event("files.index_off", logging.WARNING, reason=str(exc))
+                return
+            except ApplianceError as exc:
+                failed.add(point.id)
+                event("files.index_failed", logging.WARNING, vm=point.vm, point=point.id, reason=str(exc))
+        await trio.sleep(INDEX_CHECK_SECONDS)
+
+
 async def _expire_periodically(control: Control) -> None:
     while True:
         await trio.to_thread.run_sync(control.expire_sessions)
@@ -185,6 +211,7 @@ async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, t
                 url = await nursery.start(_serve_api, recovery, token, options)
                 event("api.serving", url=url)
             nursery.start_soon(_expire_periodically, control)
+            nursery.start_soon(_index_new_points, control)
             async for signum in signals:
                 event("appliance.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

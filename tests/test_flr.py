@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import tarfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,6 +355,44 @@ def test_the_files_view_serves_every_volume_over_fuse_and_nfs(backed: Backed, tm
         assert {"big.bin", "link", "sub"} <= {line.split()[-1] for line in listing.stdout.splitlines()}
     finally:
         assert server.stop() == 0
+
+
+def test_an_index_answers_a_search_as_a_walk_does_and_goes_with_its_point(backed: Backed, tmp_path: Path) -> None:
+    walked = backed.cli("files", "find", "--vm", "flr", "*.bin", "--json")
+    assert walked.returncode == 0, walked.stderr
+    indexed = backed.cli("files", "index", "--vm", "flr", "--all")
+    assert indexed.returncode == 0 and "indexed point" in indexed.stderr, indexed.stderr
+    assert backed.cli("files", "find", "--vm", "flr", "*.bin", "--json").stdout == walked.stdout
+    with open_store(backed.store) as store, store.env.begin() as txn:
+        assert store.catalog.file_index(txn, backed.first_point)
+
+    image = tmp_path / "ext4.img"
+    ext4_image(backed.tree, image)
+    for _ in range(2):
+        backed.cli("backup", "--vm", "pruned", str(image))
+    backed.cli("files", "index", "--vm", "pruned", "--all")
+    with open_store(backed.store) as store, store.env.begin() as txn:
+        oldest = store.catalog.vm_points(txn, "pruned")[0].id
+        assert store.catalog.file_index(txn, oldest) is not None
+    assert backed.cli("prune", "--vm", "pruned", "--keep-last", "1").returncode == 0
+    with open_store(backed.store) as store, store.env.begin() as txn:
+        assert store.catalog.file_index(txn, oldest) is None
+
+
+def test_a_serving_appliance_indexes_new_points_by_itself(backed: Backed) -> None:
+    image = backed.disks[0]
+    point = backed.cli("backup", "--vm", "fresh", str(image)).stdout.strip()
+    server = Serve(backed.store)
+    server.start()
+    try:
+        deadline = time.monotonic() + 60
+        while f"event=files.indexed vm=fresh point={point}" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.2)
+    finally:
+        assert server.stop() == 0
+    with open_store(backed.store) as store, store.env.begin() as txn:
+        assert set(store.catalog.file_index(txn, point) or {}) == {(0, 1), (0, 2)}
 
 
 def test_the_restore_point_stays_byte_identical(backed: Backed, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from appliance.api.responses import documented, error_response
 from appliance.control import Control
 from appliance.flr.browse import PointFiles, newest_points, resolve
 from appliance.flr.extract import COPY_BYTES, write_archive
+from appliance.flr.index import search
 from appliance.flr.filesystems import FileNode, FileSystem
 
 Disk = Annotated[int, Query(ge=0, description="disk number, 0 first")]
@@ -186,8 +187,5 @@ def file_routes(app: FastAPI, control: Control) -> None:
     def find(vm: VmName, name: Annotated[str, Query(min_length=1, description="a glob of file names, e.g. *.conf")],
              points: Annotated[str, Query(pattern="^(all|latest|[1-9][0-9]{0,5})$")] = "all") -> list[dict[str, object]]:
         """Files whose name matches, in every readable volume of the VM's points (newest last)."""
-        found: list[dict[str, object]] = []
-        for restore_point in newest_points(control.points(vm), points):
-            files = PointFiles(control.datastore.read_path, restore_point)
-            found.extend(hit.to_json() for hit in files.find(name))
-        return found
+        chosen = newest_points(control.points(vm), points)
+        return [hit.to_json() for hit in search(control.store, control.datastore.read_path, chosen, name)]

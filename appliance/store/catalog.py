@@ -22,6 +22,7 @@ from appliance.names import POINT_REF, VM_NAME
 from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
 
 _DISK_KEY = struct.Struct(">H")
+_VOLUME_KEY = struct.Struct(">II")  # file-index key: point id "/" disk, partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ def disk_name(vm: str, index: int) -> str:
 
 
 class Catalog:
-    """Typed access to the `vms`, `points`, `maps` and `files` tables."""
+    """Typed access to the `vms`, `points`, `maps`, `files`, `holds` and `file-index` tables."""
 
     def __init__(self, env: lmdb.Environment) -> None:
         self._vms = env.open_db(b"vms")
@@ -80,6 +81,7 @@ class Catalog:
         self._maps = env.open_db(b"maps")
         self._files = env.open_db(b"files")
         self._holds = env.open_db(b"holds")
+        self._file_index = env.open_db(b"file-index")
 
     def add_point(
         self,
@@ -105,6 +107,42 @@ class Catalog:
             txn.delete(key + b"/" + _DISK_KEY.pack(index), db=self._maps)
         for name in point.files:
             txn.delete(key + b"/" + name.encode(), db=self._files)
+        for index_key in list(self._file_index_keys(txn, point.id)):
+            txn.delete(index_key, db=self._file_index)
+
+    def _file_index_keys(self, txn: lmdb.Transaction, point_id: str) -> Iterator[bytes]:
+        prefix = point_id.encode() + b"/"
+        with txn.cursor(db=self._file_index) as cursor:
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(prefix):
+                        return
+                    yield bytes(key)
+
+    def put_file_index(self, txn: lmdb.Transaction, point_id: str, volumes: dict[tuple[int, int], bytes]) -> bool:
+        """Store a point's file index (opaque bytes per (disk, partition)); False if the point is gone.
+
+        A marker key says the point is indexed even when it has no readable volume.
+        """
+        if txn.get(point_id.encode(), db=self._points) is None:
+            return False
+        prefix = point_id.encode() + b"/"
+        txn.put(prefix, b"", db=self._file_index)
+        for (disk, partition), blob in volumes.items():
+            txn.put(prefix + _VOLUME_KEY.pack(disk, partition), blob, db=self._file_index)
+        return True
+
+    def file_index(self, txn: lmdb.Transaction, point_id: str) -> dict[tuple[int, int], bytes] | None:
+        """A point's file index by (disk, partition), or None when it has none yet."""
+        prefix = point_id.encode() + b"/"
+        if txn.get(prefix, db=self._file_index) is None:
+            return None
+        found = {}
+        with txn.cursor(db=self._file_index) as cursor:
+            for key in self._file_index_keys(txn, point_id):
+                if key != prefix and cursor.set_key(key):
+                    found[_VOLUME_KEY.unpack(key[len(prefix):])] = bytes(cursor.value())
+        return found
 
     def add_hold(self, txn: lmdb.Transaction, point_id: str, holder: str) -> None:
         """Keep a point from being pruned while `holder` (e.g. a session) depends on it."""
