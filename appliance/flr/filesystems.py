@@ -95,13 +95,17 @@ class _InodeFileSystem:
         except Exception as exc:  # the parsers raise FileNotFoundError or their own kind
             raise NotFound(f"no {path!r} in this {self.kind} file system ({type(exc).__name__})") from None
 
+    def _of(self, node: FileNode) -> Any:
+        """The parser's inode of a node already found: by number, without walking its path again."""
+        return self._fs.get(node.inode) if node.inode is not None else self._lookup(node.path)
+
     def children(self, directory: FileNode) -> list[FileNode]:
-        entries = parse(f"{self.kind} {directory.path}", lambda: self._lookup(directory.path).listdir())
+        entries = parse(f"{self.kind} {directory.path}", lambda: self._of(directory).listdir())
         return [parse(f"{self.kind} {_join(directory.path, name)}", self._node, _join(directory.path, name), inode)
                 for name, inode in sorted(entries.items()) if name not in (".", "..")]
 
     def open(self, node: FileNode) -> BinaryIO:
-        stream: BinaryIO = parse(f"{self.kind} {node.path}", lambda: self._lookup(node.path).open())
+        stream: BinaryIO = parse(f"{self.kind} {node.path}", lambda: self._of(node).open())
         return stream
 
 
@@ -129,9 +133,12 @@ class _NtfsFileSystem:
     def node(self, path: str) -> FileNode:
         return parse(f"ntfs {path}", self._node, path, self._lookup(path))
 
+    def _of(self, node: FileNode) -> Any:
+        """The MFT record of a node already found: by segment number, without walking its path again."""
+        return self._fs.mft.get(node.inode) if node.inode is not None else self._lookup(node.path)
+
     def children(self, directory: FileNode) -> list[FileNode]:
-        record = self._lookup(directory.path)
-        entries = parse(f"ntfs {directory.path}", record.listdir)
+        entries = parse(f"ntfs {directory.path}", lambda: self._of(directory).listdir())
         found = []
         for name, entry in sorted(entries.items()):
             if name in (".", "..") or (directory.path == "/" and name.startswith("$")):
@@ -141,7 +148,7 @@ class _NtfsFileSystem:
         return found
 
     def open(self, node: FileNode) -> BinaryIO:
-        stream: BinaryIO = parse(f"ntfs {node.path}", self._lookup(node.path).open)
+        stream: BinaryIO = parse(f"ntfs {node.path}", lambda: self._of(node).open())
         return stream
 
 

@@ -3,8 +3,10 @@
 Searching 30 restore points by walking their file systems parses every directory of
 every volume 30 times. An index, built once per point after its backup (`build_index`,
 run in the background by a serving appliance), answers the same search from LMDB. It is
-stored in the catalog's `file-index` table as one zstd-compressed JSON list per volume,
-and goes when the point goes. `search` uses a point's index when it has one and walks
+stored in the catalog's `file-index` table, one zstd-compressed record per volume, and
+goes when the point goes. A record holds the names apart from the rest (the names
+NUL-separated, then one JSON line per file), so a search matches names without decoding
+the details of the files it does not return. `search` uses a point's index when it has one and walks
 the point's file systems when it has not, so the answer is the same either way.
 """
 
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import posixpath
+import re
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import zstandard
 
@@ -29,14 +32,26 @@ from appliance.store.repository import Store
 COMPRESSION_LEVEL = 3
 
 
+_NAMES_LENGTH = struct.Struct(">I")
+
+
 def _encode(nodes: list[FileNode]) -> bytes:
-    rows = [[node.path, node.kind, node.size, node.mtime_ns, node.mode, node.target, node.inode] for node in nodes]
-    return zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress(json.dumps(rows, separators=(",", ":")).encode())
+    names = "\0".join(node.name for node in nodes).encode("utf-8", "surrogateescape")
+    rows = "\n".join(json.dumps([node.path, node.kind, node.size, node.mtime_ns, node.mode, node.target, node.inode],
+                                separators=(",", ":")) for node in nodes).encode()
+    return zstandard.ZstdCompressor(level=COMPRESSION_LEVEL).compress(_NAMES_LENGTH.pack(len(names)) + names + rows)
 
 
-def _decode(blob: bytes) -> list[FileNode]:
-    rows = json.loads(zstandard.ZstdDecompressor().decompress(blob))
-    return [FileNode(*row) for row in rows]
+def _matches(blob: bytes, matches: Callable[[str], object]) -> Iterator[FileNode]:
+    data = zstandard.ZstdDecompressor().decompress(blob)
+    length = _NAMES_LENGTH.unpack_from(data)[0]
+    start = _NAMES_LENGTH.size
+    names = data[start : start + length].decode("utf-8", "surrogateescape").split("\0") if length else []
+    hits = [position for position, name in enumerate(names) if matches(name)]
+    if hits:
+        rows = data[start + length :].split(b"\n")
+        for position in hits:
+            yield FileNode(*json.loads(rows[position]))
 
 
 def build_index(store: Store, read_path: ReadPath, point: RestorePoint) -> int:
@@ -75,6 +90,7 @@ def unindexed(store: Store) -> list[RestorePoint]:
 
 def search(store: Store, read_path: ReadPath, points: list[RestorePoint], pattern: str) -> Iterator[Found]:
     """Files whose name matches the glob `pattern` in `points`: from each point's index, or by walking it."""
+    matcher = re.compile(fnmatch.translate(pattern)).match
     for point in points:
         with store.env.begin() as txn:
             index = store.catalog.file_index(txn, point.id)
@@ -82,6 +98,5 @@ def search(store: Store, read_path: ReadPath, points: list[RestorePoint], patter
             yield from PointFiles(read_path, point).find(pattern)
             continue
         for (disk, partition), blob in sorted(index.items()):
-            for node in _decode(blob):
-                if fnmatch.fnmatchcase(posixpath.basename(node.path), pattern):
-                    yield Found(point.id, disk, partition, node)
+            for node in _matches(blob, matcher):
+                yield Found(point.id, disk, partition, node)

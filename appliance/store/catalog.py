@@ -107,7 +107,11 @@ class Catalog:
             txn.delete(key + b"/" + _DISK_KEY.pack(index), db=self._maps)
         for name in point.files:
             txn.delete(key + b"/" + name.encode(), db=self._files)
-        for index_key in list(self._file_index_keys(txn, point.id)):
+        self.drop_file_index(txn, point.id)
+
+    def drop_file_index(self, txn: lmdb.Transaction, point_id: str) -> None:
+        """Forget a point's file index (it is built again by whoever wants one)."""
+        for index_key in list(self._file_index_keys(txn, point_id)):
             txn.delete(index_key, db=self._file_index)
 
     def _file_index_keys(self, txn: lmdb.Transaction, point_id: str) -> Iterator[bytes]:
