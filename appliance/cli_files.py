@@ -48,6 +48,17 @@ def _line(node: FileNode) -> str:
     return f"{mode:<10} {node.size:>14} {_when(node.mtime_ns):<19} {name}{link}"
 
 
+class Advance:
+    """A progress line fed by increments: extraction reports the bytes it copies as it copies them."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        self.progress(self.done, self.total)
+
+
 def cmd_files_ls(args: argparse.Namespace) -> int:
     from appliance.flr.browse import resolve
 
@@ -83,14 +94,7 @@ def cmd_files_get(args: argparse.Namespace) -> int:
         _, filesystem = files.filesystem(args.disk or 0, args.partition)
         node = resolve(filesystem, args.path)
         with Progress(f"get {node.name}") as progress:
-            done = 0
-
-            def advance(count: int) -> None:
-                nonlocal done
-                done += count
-                progress(done, node.size)
-
-            written = extract_file(filesystem, node, Path(args.output), advance)
+            written = extract_file(filesystem, node, Path(args.output), Advance(progress, node.size))
         if args.json:
             print(json.dumps({**node.to_json(), "output": args.output, "bytes": written}))
         else:
@@ -108,16 +112,10 @@ def cmd_files_dump(args: argparse.Namespace) -> int:
         _, filesystem = files.filesystem(args.disk or 0, args.partition)
         top = resolve(filesystem, args.path)
         with Progress(f"dump {top.path}") as progress:
-            done = 0
-
-            def advance(count: int) -> None:
-                nonlocal done
-                done += count
-                progress(done, 0)
-
+            advance = Advance(progress, 0)
             members = copy_to(None if args.output is None else Path(args.output),
                               lambda target: write_archive(filesystem, top, target, args.format, advance))
-        print(f"{members} entries, {human_bytes(done)} of file data", file=sys.stderr)
+        print(f"{members} entries, {human_bytes(advance.done)} of file data", file=sys.stderr)
     return 0
 
 
