@@ -44,6 +44,12 @@ COMMANDS = {
     "stop": ["stop", NAME],
     "jobs show": ["jobs", "show", NAME],
     "jobs cancel": ["jobs", "cancel", NAME],
+    "files ls --vm": ["files", "ls", "--vm", NAME],
+    "files ls --point": ["files", "ls", "--vm", "vm1", "--point", NAME, "/"],
+    "files get --vm": ["files", "get", "--vm", NAME, "/x", "--output", "OUT"],
+    "files dump --point": ["files", "dump", "--vm", "vm1", "--point", NAME, "/", "--output", "OUT"],
+    "files find --vm": ["files", "find", "--vm", NAME, "*"],
+    "files index --point": ["files", "index", "--vm", "vm1", "--point", NAME],
 }
 
 
