@@ -31,13 +31,18 @@ SCHEMATHESIS = Path(sys.executable).with_name("st")
 SETTINGS = Path(__file__).with_name("schemathesis.toml")
 PHASES = "examples,coverage,fuzzing,stateful"
 
-#: Run "$@" with every mount read-only but $1's folder ($1 is shifted off first).
+#: Run "$@" with every mount read-only but $1's folder ($1 is shifted off first). FUSE mounts
+#: (another process's, maybe busy) are left alone: remounting one asks its daemon.
 CONFINE = """
 set -e
 work=$1; shift
 mount --bind "$work" "$work"
-awk '{print $5}' /proc/self/mountinfo | while read -r point; do
-  case "$point" in /proc*|/sys*|/dev*|"$work") ;; *) mount -o remount,bind,ro "$point" 2>/dev/null || true ;; esac
+awk '{for (i = 7; i <= NF; i++) if ($i == "-") { print $5, $(i + 1); break }}' /proc/self/mountinfo |
+while read -r point type; do
+  case "$point:$type" in
+    /proc*|/sys*|/dev*|"$work":*|*:fuse*) ;;
+    *) timeout 5 mount -o remount,bind,ro "$point" 2>/dev/null || true ;;
+  esac
 done
 exec "$@"
 """

@@ -207,7 +207,7 @@ def test_fuse_only_when_nfs_is_off(store: Path, tmp_path: Path) -> None:
     process = start_serve("serve", "--config", str(path))
     try:
         wait_until(process, lambda: os.path.ismount(mountpoint))
-        assert sorted(os.listdir(mountpoint)) == ["restore-points", "sessions"]
+        assert sorted(os.listdir(mountpoint)) == ["files", "restore-points", "sessions"]
         assert not accepting(nfs_port)
     finally:
         assert stop(process) == 0
