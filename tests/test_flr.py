@@ -353,6 +353,13 @@ def test_the_files_view_serves_every_volume_over_fuse_and_nfs(backed: Backed, tm
         listing = subprocess.run(["nfs-ls", server.url(f"/files/flr/{backed.first_point}/1-p1/dir")],
                                  capture_output=True, text=True, check=True)
         assert {"big.bin", "link", "sub"} <= {line.split()[-1] for line in listing.stdout.splitlines()}
+        damaged_point = next((tmp_path / "mnt" / "files" / "damaged").iterdir())
+        assert os.listdir(damaged_point) == ["0-p0"]  # shown: parsed only when opened
+        with pytest.raises(OSError) as damaged:
+            os.listdir(damaged_point / "0-p0")
+        assert damaged.value.errno == errno.EIO
+        assert "locked" in os.listdir(tmp_path / "mnt" / "files")
+        assert os.listdir(next((tmp_path / "mnt" / "files" / "locked").iterdir())) == []  # LUKS and blank: none
     finally:
         assert server.stop() == 0
 

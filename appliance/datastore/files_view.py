@@ -3,9 +3,11 @@
 ``/files/<vm>/<point>/<disk>-p<k>/...`` shows partition k of disk `disk` (p0: a disk
 without a partition table) as its file system shows it, so an operator copies a file out
 of a backup with any NFS or FUSE client. It stays lazy: a VM's folder lists the catalog;
-a point's folder parses the point's partition tables when it is first listed; a volume's
-file system is parsed when its folder is first opened, and then only the directories
-walked and the files read are fetched from the store.
+a point's folder reads the point's partition tables when it is first listed and shows
+every volume that holds a file system read here; a volume's file system is parsed when
+its folder is first listed (a damaged one fails there, with the parser's fault, and not
+the point's listing), and then only the directories walked and the files read are
+fetched from the store.
 
 The nodes are not kept in the namespace (a backup's files would flood it): they get inode
 numbers from a range of their own, given out as they are first seen and kept in memory,
@@ -23,9 +25,10 @@ from typing import Any, BinaryIO
 
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.vfs import Attributes, AttributeChanges, DirEntry, Durability, FsStats, Kind
-from appliance.errors import NotADirectory, NotFound, ReadOnly, StaleHandle, UnreadableVolume
+from appliance.errors import NotADirectory, NotFound, ReadOnly, StaleHandle
 from appliance.flr.browse import PointFiles
 from appliance.flr.filesystems import FileNode, FileSystem
+from appliance.flr.volumes import FILE_SYSTEMS
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 
@@ -129,20 +132,13 @@ class FilesView:
             return [(point.id, _Entry(inode, entry.vm, point.id)) for point in self._points() if point.vm == entry.vm]
         if entry.depth == 2:
             files = self._files(entry.vm, entry.point)
-            found = []
-            for disk in range(len(files.point.disks)):
-                for volume in files.volumes(disk):
-                    try:
-                        root = files.filesystem(disk, volume.number)[1].node("/")
-                    except UnreadableVolume:
-                        continue
-                    found.append((f"{disk}-p{volume.number}",
-                                  _Entry(inode, entry.vm, entry.point, disk, volume.number, "/", root)))
-            return found
+            return [(f"{disk}-p{volume.number}", _Entry(inode, entry.vm, entry.point, disk, volume.number, "/"))
+                    for disk in range(len(files.point.disks)) for volume in files.volumes(disk)
+                    if volume.format in FILE_SYSTEMS]
         filesystem = self._filesystem(entry)
-        assert entry.node is not None
+        directory = entry.node if entry.node is not None else filesystem.node("/")
         return [(child.name, _Entry(inode, entry.vm, entry.point, entry.disk, entry.partition, child.path, child))
-                for child in filesystem.children(entry.node) if child.kind in _KINDS]
+                for child in filesystem.children(directory) if child.kind in _KINDS]
 
     def lookup(self, parent: int, name: str) -> Attributes:
         with self._lock:
