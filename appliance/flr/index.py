@@ -85,7 +85,7 @@ def unindexed(store: Store) -> list[RestorePoint]:
     """Points without an index, newest first (the ones a search is likeliest to ask about)."""
     with store.env.begin() as txn:
         points = store.catalog.points(txn)
-        return [point for point in reversed(points) if store.catalog.file_index(txn, point.id) is None]
+        return [point for point in reversed(points) if not store.catalog.has_file_index(txn, point.id)]
 
 
 def search(store: Store, read_path: ReadPath, points: list[RestorePoint], pattern: str) -> Iterator[Found]:

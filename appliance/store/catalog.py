@@ -136,10 +136,13 @@ class Catalog:
             txn.put(prefix + _VOLUME_KEY.pack(disk, partition), blob, db=self._file_index)
         return True
 
+    def has_file_index(self, txn: lmdb.Transaction, point_id: str) -> bool:
+        return txn.get(point_id.encode() + b"/", db=self._file_index) is not None
+
     def file_index(self, txn: lmdb.Transaction, point_id: str) -> dict[tuple[int, int], bytes] | None:
         """A point's file index by (disk, partition), or None when it has none yet."""
         prefix = point_id.encode() + b"/"
-        if txn.get(prefix, db=self._file_index) is None:
+        if not self.has_file_index(txn, point_id):
             return None
         found = {}
         with txn.cursor(db=self._file_index) as cursor:
