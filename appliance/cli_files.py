@@ -24,11 +24,18 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _point_files(args: argparse.Namespace, point_ref: str) -> Iterator[PointFiles]:
-    from appliance.flr.browse import PointFiles
+def _read_path(args: argparse.Namespace) -> Iterator[tuple[Store, ReadPath]]:
     from appliance.store.reader import ReadPath
 
     with open_store(store_path(args)) as store, store.reader_lock(), ReadPath(store) as read_path:
+        yield store, read_path
+
+
+@contextlib.contextmanager
+def _point_files(args: argparse.Namespace, point_ref: str) -> Iterator[PointFiles]:
+    from appliance.flr.browse import PointFiles
+
+    with _read_path(args) as (store, read_path):
         with store.env.begin() as txn:
             point = store.catalog.resolve(txn, args.vm, point_ref)
         files = PointFiles(read_path, point)
@@ -60,8 +67,6 @@ class Advance:
 
 
 def cmd_files_ls(args: argparse.Namespace) -> int:
-    from appliance.flr.browse import resolve
-
     with _point_files(args, args.point) as files:
         if args.path is None:
             disks = range(len(files.point.disks)) if args.disk is None else [args.disk]
@@ -75,8 +80,7 @@ def cmd_files_ls(args: argparse.Namespace) -> int:
                     print(f"  partition {volume['partition']}  {volume['scheme']:<4} {human_bytes(int(str(volume['size']))):>10}"
                           f"  {volume['format']:<9} {volume['type']}")
             return 0
-        _, filesystem = files.filesystem(args.disk or 0, args.partition)
-        node = resolve(filesystem, args.path)
+        filesystem, node = files.locate(args.disk or 0, args.partition, args.path)
         found = filesystem.children(node) if node.kind == "dir" else [node]
         if args.json:
             print(json.dumps([entry.to_json() for entry in found], indent=2))
@@ -87,12 +91,10 @@ def cmd_files_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_files_get(args: argparse.Namespace) -> int:
-    from appliance.flr.browse import resolve
     from appliance.flr.extract import extract_file
 
     with _point_files(args, args.point) as files:
-        _, filesystem = files.filesystem(args.disk or 0, args.partition)
-        node = resolve(filesystem, args.path)
+        filesystem, node = files.locate(args.disk or 0, args.partition, args.path)
         with Progress(f"get {node.name}") as progress:
             written = extract_file(filesystem, node, Path(args.output), Advance(progress, node.size))
         if args.json:
@@ -103,28 +105,18 @@ def cmd_files_get(args: argparse.Namespace) -> int:
 
 
 def cmd_files_dump(args: argparse.Namespace) -> int:
-    from appliance.flr.browse import resolve
     from appliance.flr.extract import copy_to, write_archive
 
     if args.output is None and sys.stdout.isatty():
         raise UsageError("files dump writes an archive: give --output FILE or redirect standard output")
     with _point_files(args, args.point) as files:
-        _, filesystem = files.filesystem(args.disk or 0, args.partition)
-        top = resolve(filesystem, args.path)
+        filesystem, top = files.locate(args.disk or 0, args.partition, args.path)
         with Progress(f"dump {top.path}") as progress:
             advance = Advance(progress, 0)
             members = copy_to(None if args.output is None else Path(args.output),
                               lambda target: write_archive(filesystem, top, target, args.format, advance))
         print(f"{members} entries, {human_bytes(advance.done)} of file data", file=sys.stderr)
     return 0
-
-
-@contextlib.contextmanager
-def _read_path(args: argparse.Namespace) -> Iterator[tuple[Store, ReadPath]]:
-    from appliance.store.reader import ReadPath
-
-    with open_store(store_path(args)) as store, store.reader_lock(), ReadPath(store) as read_path:
-        yield store, read_path
 
 
 def cmd_files_find(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from appliance.api.access import PREFIX
 from appliance.api.models import PointRef, VmName
 from appliance.api.responses import documented, error_response
 from appliance.control import Control
-from appliance.flr.browse import PointFiles, newest_points, resolve
+from appliance.flr.browse import PointFiles, newest_points
 from appliance.flr.extract import COPY_BYTES, write_archive
 from appliance.flr.index import search
 from appliance.flr.filesystems import FileNode, FileSystem
@@ -144,8 +144,7 @@ def file_routes(app: FastAPI, control: Control) -> None:
     def listing(vm: VmName, point: PointRef, path: VolumePath = "/", disk: Disk = 0,
                 partition: Partition = None) -> list[dict[str, object]]:
         """A folder's entries, or the one entry a file's path names."""
-        _, filesystem = point_files(control, vm, point).filesystem(disk, partition)
-        node = resolve(filesystem, path)
+        filesystem, node = point_files(control, vm, point).locate(disk, partition, path)
         return [entry.to_json() for entry in (filesystem.children(node) if node.kind == "dir" else [node])]
 
     @app.get(f"{point_path}/files/content", response_class=StreamingResponse,
@@ -155,8 +154,7 @@ def file_routes(app: FastAPI, control: Control) -> None:
     def content(vm: VmName, point: PointRef, path: VolumePath, disk: Disk = 0, partition: Partition = None,
                 range: Annotated[str | None, Header(description="bytes=START-END (one range)")] = None) -> Response:
         """A file's bytes, streamed; one byte range on request."""
-        _, filesystem = point_files(control, vm, point).filesystem(disk, partition)
-        node = resolve(filesystem, path)
+        filesystem, node = point_files(control, vm, point).locate(disk, partition, path)
         if node.kind != "file":
             raise errors.IsADirectory(f"{node.path} is a {node.kind}, not a file: list it, or fetch it as an archive")
         headers = {"Content-Disposition": attachment(node.name), "Accept-Ranges": "bytes"}
@@ -177,8 +175,7 @@ def file_routes(app: FastAPI, control: Control) -> None:
     def archive(vm: VmName, point: PointRef, path: VolumePath = "/", disk: Disk = 0, partition: Partition = None,
                 format: Literal["tar", "zip"] = "tar") -> Response:
         """A folder (or one file) and everything below it, as a tar or zip made while it is sent."""
-        _, filesystem = point_files(control, vm, point).filesystem(disk, partition)
-        top = resolve(filesystem, path)
+        filesystem, top = point_files(control, vm, point).locate(disk, partition, path)
         name = f"{top.name if top.path != '/' else 'root'}.{format}"
         return StreamingResponse(streamed(_archive_writer(filesystem, top, format)), media_type=ARCHIVE_TYPES[format],
                                  headers={"Content-Disposition": attachment(name)})

@@ -27,7 +27,7 @@ from appliance.datastore.datastore import Datastore
 from appliance.datastore.vfs import Attributes, AttributeChanges, DirEntry, Durability, FsStats, Kind
 from appliance.errors import NotADirectory, NotFound, ReadOnly, StaleHandle
 from appliance.flr.browse import PointFiles
-from appliance.flr.filesystems import FileNode, FileSystem
+from appliance.flr.filesystems import DEFAULT_DIR_MODE, FileNode, FileSystem
 from appliance.flr.volumes import FILE_SYSTEMS
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
@@ -109,8 +109,7 @@ class FilesView:
     def _attributes(self, inode: int, entry: _Entry) -> Attributes:
         node = entry.node
         kind = _KINDS[node.kind] if node is not None else Kind.DIRECTORY
-        mode = (node.mode if node is not None and node.mode is not None
-                else 0o755 if kind is Kind.DIRECTORY else 0o644) & 0o7555
+        mode = (node.permissions if node is not None else DEFAULT_DIR_MODE) & 0o7555
         size = len((node.target or "").encode()) if node is not None and kind is Kind.SYMLINK else \
             node.size if node is not None else 0
         mtime = node.mtime_ns if node is not None and node.mtime_ns is not None else self._mtime_ns

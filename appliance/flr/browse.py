@@ -68,6 +68,11 @@ class PointFiles:
             self._filesystems[key] = open_filesystem(volume.format, open_volume(self.disk(disk), volume), where)
         return volume, self._filesystems[key]
 
+    def locate(self, disk: int, partition: int | None, path: str) -> tuple[FileSystem, FileNode]:
+        """The file system of a volume and the node at `path` in it (never above its root)."""
+        _, filesystem = self.filesystem(disk, partition)
+        return filesystem, filesystem.node(normal_path(path))
+
     def find(self, pattern: str, on_volume: Callable[[int, Volume], None] | None = None) -> Iterator[Found]:
         """Every node whose name matches the glob `pattern`, on every readable volume of every disk."""
         for disk in range(len(self.point.disks)):
@@ -104,5 +109,3 @@ def walk(filesystem: FileSystem, top: FileNode) -> Iterator[FileNode]:
         pending.extend(reversed([child for child in children if child.kind == "dir"]))
 
 
-def resolve(filesystem: FileSystem, path: str) -> FileNode:
-    return filesystem.node(normal_path(path))

@@ -23,8 +23,6 @@ from appliance.flr.filesystems import FileNode, FileSystem
 
 COPY_BYTES = 1 << 20
 ARCHIVE_FORMATS = ("tar", "zip")
-#: What a member without a mode gets (FAT and NTFS keep none).
-DEFAULT_FILE_MODE, DEFAULT_DIR_MODE = 0o644, 0o755
 
 Progress = Callable[[int], None]
 
@@ -54,7 +52,7 @@ def extract_file(filesystem: FileSystem, node: FileNode, output: Path, progress:
             copied = copy_stream(source, target, progress)
             target.flush()
             os.fsync(target.fileno())
-        os.chmod(temporary, node.mode if node.mode is not None else DEFAULT_FILE_MODE)
+        os.chmod(temporary, node.permissions)
         if node.mtime_ns is not None:
             os.utime(temporary, ns=(node.mtime_ns, node.mtime_ns))
         os.link(temporary, output)
@@ -87,7 +85,7 @@ def _write_tar(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], out
         for node in nodes:
             info = tarfile.TarInfo(_member_name(top, node))
             info.mtime = (node.mtime_ns or 0) / 1e9
-            info.mode = node.mode if node.mode is not None else DEFAULT_DIR_MODE if node.kind == "dir" else DEFAULT_FILE_MODE
+            info.mode = node.permissions
             if node.kind == "dir":
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
@@ -114,8 +112,7 @@ def _write_zip(filesystem: FileSystem, top: FileNode, nodes: list[FileNode], out
             moment = time.gmtime(max((node.mtime_ns or 0) // 1_000_000_000, 315532800))  # zip starts in 1980
             info = zipfile.ZipInfo(name, date_time=moment[:6])
             kind_bits = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(node.kind, stat.S_IFREG)
-            mode = node.mode if node.mode is not None else DEFAULT_DIR_MODE if node.kind == "dir" else DEFAULT_FILE_MODE
-            info.external_attr = (kind_bits | mode) << 16
+            info.external_attr = (kind_bits | node.permissions) << 16
             if node.kind == "symlink":
                 archive.writestr(info, node.target or "")
             elif node.kind == "file":

@@ -19,6 +19,10 @@ from appliance.errors import NotFound
 from appliance.flr.parsers import dissect, parse
 
 
+#: Mode bits of a node whose file system keeps none.
+DEFAULT_FILE_MODE, DEFAULT_DIR_MODE = 0o644, 0o755
+
+
 @dataclass(frozen=True)
 class FileNode:
     """A file, directory or symbolic link of a volume; `mode` and `inode` where the file system has them."""
@@ -30,6 +34,13 @@ class FileNode:
     mode: int | None
     target: str | None
     inode: int | None
+
+    @property
+    def permissions(self) -> int:
+        """The node's mode bits, or what a file system without modes (FAT, NTFS) is shown with."""
+        if self.mode is not None:
+            return self.mode
+        return DEFAULT_DIR_MODE if self.kind == "dir" else DEFAULT_FILE_MODE
 
     @property
     def name(self) -> str:
