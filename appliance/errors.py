@@ -216,3 +216,17 @@ class SessionDiskError(ApplianceError):
     The message names the overlay directory and the offset involved; adapters answer
     EIO / NFS3ERR_IO, as for a damaged chunk.
     """
+
+
+class RemoteRefused(ApplianceError):
+    """Another appliance could not be trusted or used: wrong fingerprint or token, unreachable, or incompatible store."""
+
+
+class ChunkRefused(IntegrityError):
+    """A replicated chunk whose bytes do not hash to its ID (damaged in transit or by its sender); nothing of it is kept."""
+
+
+class ChunksMissing(ApplianceError):
+    """A replicated restore point names chunks this store does not hold (yet): the sender sends them and retries."""
+
+    exit_code = 75

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from appliance.cli import _serve_config, build_parser
-from appliance.config import ApplianceConfig, Secret, load_config, resolve_secrets, summary
+from appliance.config import ApplianceConfig, load_config, resolve_secrets, summary
+from appliance.config_checks import Secret
 from appliance.errors import ConfigError, UsageError
 from appliance.serve import ServeOptions, serve_options
 from nfs_export import Export

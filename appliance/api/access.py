@@ -53,6 +53,7 @@ class RuntimeInfo:
     pid: int
     api_url: str
     token_file: str
+    tls_cert_file: str | None = None  # the API's certificate when it serves https (the CLI trusts exactly it)
 
     def alive(self) -> bool:
         try:

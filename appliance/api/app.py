@@ -39,6 +39,7 @@ from appliance.api.models import (
     StopRequest,
     VmName,
 )
+from appliance.api.replication import replication_routes
 from appliance.api.responses import MethodCheck, documented, error_response, install_error_handlers
 from appliance.control import Control
 from appliance.jobs import Job
@@ -153,6 +154,7 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
         return job.to_dict()
 
     file_routes(app, control)
+    replication_routes(app, control)
     if recovery is not None:
         _recovery_routes(app, recovery)
     return TokenAuth(MethodCheck(app), token)

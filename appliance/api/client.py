@@ -6,6 +6,7 @@ command fails with the same message and exit code whether it ran here or in the 
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import httpx
 
 from appliance import errors
 from appliance.api.access import PREFIX, RuntimeInfo, load_token, read_runtime
+from appliance.api.tls import trusting
 
 #: Generous: a commit of a large session answers only when it is stored.
 REQUEST_TIMEOUT_SECONDS = 3600.0
@@ -33,8 +35,8 @@ def _error_of(kind_name: str, message: str) -> errors.ApplianceError:
 
 
 class ApiClient:
-    def __init__(self, base_url: str, token: str) -> None:
-        self._client = httpx.Client(base_url=base_url + PREFIX, timeout=REQUEST_TIMEOUT_SECONDS,
+    def __init__(self, base_url: str, token: str, verify: ssl.SSLContext | bool = True) -> None:
+        self._client = httpx.Client(base_url=base_url + PREFIX, timeout=REQUEST_TIMEOUT_SECONDS, verify=verify,
                                     headers={"Authorization": f"Bearer {token}"})
 
     @classmethod
@@ -43,7 +45,10 @@ class ApiClient:
         info: RuntimeInfo | None = read_runtime(store_path)
         if info is None:
             return None
-        return cls(info.api_url, load_token(Path(info.token_file)))
+        verify: ssl.SSLContext | bool = True
+        if info.tls_cert_file is not None:
+            verify = trusting(Path(info.tls_cert_file).read_text())
+        return cls(info.api_url, load_token(Path(info.token_file)), verify)
 
     def close(self) -> None:
         self._client.close()
@@ -54,22 +59,36 @@ class ApiClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
+        """The server's answer; an error answer raised as the appliance error it names."""
         try:
-            response = self._client.request(method, path, json=body)
+            response = self._client.request(method, path, **request)
         except httpx.HTTPError as exc:
             raise errors.ApplianceError(f"the appliance's API at {self._client.base_url} did not answer: {exc}") from None
-        if response.status_code == 204:
-            return None
+        if response.is_success:
+            return response
         try:
             doc = response.json()
         except ValueError:
             doc = None
-        if response.is_success:
-            return doc
         if isinstance(doc, dict) and "message" in doc:
             raise _error_of(str(doc.get("error")), str(doc["message"]))
         raise errors.ApplianceError(f"the appliance's API answered {response.status_code} to {method} {path}")
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = self._send(method, path, json=body)
+        if response.status_code == 204:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def exchange(self, method: str, path: str, content: bytes | None = None,
+                 params: list[tuple[str, str]] | None = None) -> bytes:
+        """A binary request and its binary answer (replication's chunk lists, records and manifests)."""
+        return self._send(method, path, content=content, params=params,
+                          headers={"Content-Type": "application/octet-stream"}).content
 
     def wait_job(self, job_id: str, poll_seconds: float = 0.5, on_change: Any = None) -> dict[str, Any]:
         """Poll a job until it finishes; `on_change(job)` sees each new state of it."""

@@ -30,16 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.config import (
+from appliance.config import build_document, read_table
+from appliance.config_checks import (
     Invalid,
     boolean,
-    build_document,
     connection_name,
     integer,
     option,
     part,
     positive_number,
-    read_table,
     required,
     table_array,
     text,

@@ -188,6 +188,9 @@ class Catalog:
             raise NotFound(f"unknown VM {vm!r}")
         return self.points(txn, vm)
 
+    def has_point(self, txn: lmdb.Transaction, point_id: str) -> bool:
+        return txn.get(POINT_REF.check(point_id).encode(), db=self._points) is not None
+
     def get_point(self, txn: lmdb.Transaction, point_id: str) -> RestorePoint:
         raw = txn.get(POINT_REF.check(point_id).encode(), db=self._points)
         if raw is None:

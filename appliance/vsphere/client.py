@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
-from appliance.config import Secret
+from appliance.config_checks import Secret
 from appliance.errors import NotFound, VsphereError, VsphereTimeout, VsphereUnreachable
 from appliance.vsphere.settings import VsphereSettings
 

@@ -15,17 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from appliance.config import (
-    Invalid,
-    Secret,
-    VsphereConnection,
-    VsphereLogin,
-    host,
-    nfs_path,
-    option,
-    required,
-    section,
-)
+from appliance.config import VsphereConnection, VsphereLogin
+from appliance.config_checks import Invalid, Secret, host, nfs_path, option, required, section
 from appliance.errors import ConfigError
 
 #: The table these settings are read from; refusals name keys under it.

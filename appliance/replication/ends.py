@@ -1,0 +1,48 @@
+"""The two ends of a replication, whichever side of the network each is on.
+
+A push reads from this store (`LocalSource`) and writes to another appliance
+(`RemoteAppliance`); a pull reads from another appliance and writes here
+(`LocalTarget`). One algorithm (`appliance.replication.run`) drives both through these
+interfaces, so push and pull cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from appliance.replication.wire import Manifest, StoreIdentity
+from appliance.store.catalog import RestorePoint
+
+
+class SourceEnd(Protocol):
+    """Where restore points come from."""
+
+    def identity(self) -> StoreIdentity: ...
+
+    def points(self, vms: list[str] | None) -> list[RestorePoint]: ...
+
+    def manifest(self, point_id: str) -> Manifest: ...
+
+    def records(self, ids: list[bytes]) -> bytes:
+        """The stored records of `ids` back to back, each verified where it is stored."""
+        ...
+
+
+class TargetEnd(Protocol):
+    """Where restore points go."""
+
+    def identity(self) -> StoreIdentity: ...
+
+    def points(self, vms: list[str] | None) -> list[RestorePoint]: ...
+
+    def missing(self, ids: list[bytes]) -> list[bytes]:
+        """Which of `ids` the target does not hold."""
+        ...
+
+    def store(self, records: bytes) -> int:
+        """Verify and keep a record stream; the number of chunks newly stored."""
+        ...
+
+    def commit(self, manifest: Manifest) -> bool:
+        """Add the restore point (False: it was there already); ChunksMissing if a chunk is not held."""
+        ...

@@ -1,0 +1,136 @@
+"""Another appliance, over its HTTP API, as either end of a replication.
+
+The connection is https only, to a certificate pinned by fingerprint
+(`appliance.api.tls.pinned_context`), with the remote's API token. Every body that
+crosses the link goes through one `Link`, which meters the bytes (the job's
+wire-bytes figure) and paces them through the token bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from appliance.api.client import ApiClient
+from appliance.api.tls import pinned_context
+from appliance.errors import ApplianceError, RemoteRefused, StoreBusy
+from appliance.replication.wire import (
+    Manifest,
+    StoreIdentity,
+    decode_ids,
+    decode_manifest,
+    encode_ids,
+    encode_manifest,
+)
+from appliance.store.catalog import RestorePoint
+
+BUSY_RETRIES = 8
+BUSY_BACKOFF_SECONDS = 0.5
+
+
+class TokenBucket:
+    """Paces bytes to `rate` per second, with bursts of at most one second's worth; thread-safe."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, amount: int) -> None:
+        """Wait until `amount` bytes may pass (a body larger than a burst waits for its whole share)."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+            self._tokens -= amount
+            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
+
+
+@dataclass
+class Link:
+    """What one job sent and received over the network, and its pace."""
+
+    limit: TokenBucket | None = None
+    sent: int = 0
+    received: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.sent += sent
+            self.received += received
+        if self.limit is not None:
+            self.limit.take(sent + received)
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Where another appliance is and how this one proves who it talks to."""
+
+    name: str
+    url: str
+    token: str
+    fingerprint: str
+    rate_limit: float | None = None  # bytes per second on the link, both directions together
+    streams: int = 4
+
+
+class RemoteAppliance:
+    """A remote appliance's replication resources; speaks both `SourceEnd` and `TargetEnd`."""
+
+    def __init__(self, settings: RemoteSettings, link: Link) -> None:
+        self.name = settings.name
+        self._client = ApiClient(settings.url.rstrip("/"), settings.token,
+                                 pinned_context(settings.url, settings.fingerprint))
+        self._link = link
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _binary(self, method: str, path: str, content: bytes | None = None,
+                params: list[tuple[str, str]] | None = None) -> bytes:
+        """One binary exchange, metered, and tried again while the remote store is busy."""
+        for attempt in range(BUSY_RETRIES):
+            try:
+                answer = self._client.exchange(method, path, content, params)
+            except StoreBusy:
+                if attempt == BUSY_RETRIES - 1:
+                    raise
+                time.sleep(BUSY_BACKOFF_SECONDS * 2**attempt)
+                continue
+            self._link.count(len(content or b""), len(answer))
+            return answer
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def identity(self) -> StoreIdentity:
+        try:
+            doc = self._client.call("GET", "/replication/identity")
+        except ApplianceError as exc:
+            raise RemoteRefused(f"remote {self.name!r}: {exc}") from None
+        return StoreIdentity(str(doc["store_id"]), int(doc["chunk_size"]), str(doc["chunk_id"]))
+
+    def points(self, vms: list[str] | None) -> list[RestorePoint]:
+        params = [("vm", vm) for vm in vms] if vms is not None else None
+        docs = json.loads(self._binary("GET", "/replication/points", params=params))
+        return [RestorePoint.from_json(doc) for doc in docs]
+
+    def manifest(self, point_id: str) -> Manifest:
+        return decode_manifest(self._binary("GET", f"/replication/points/{point_id}/manifest"))
+
+    def records(self, ids: list[bytes]) -> bytes:
+        return self._binary("POST", "/replication/records", encode_ids(ids))
+
+    def missing(self, ids: list[bytes]) -> list[bytes]:
+        return decode_ids(self._binary("POST", "/replication/missing", encode_ids(ids)))
+
+    def store(self, records: bytes) -> int:
+        return int(json.loads(self._binary("POST", "/replication/chunks", records))["stored"])
+
+    def commit(self, manifest: Manifest) -> bool:
+        return bool(json.loads(self._binary("POST", "/replication/points", encode_manifest(manifest)))["committed"])
+

@@ -1,0 +1,141 @@
+"""One replication job: the points a target lacks, with only the chunks it lacks.
+
+Per VM, the points to send are those newer than the newest point the target holds, so
+the target's own retention (which may keep fewer points) is never undone by the next
+run. For each point, oldest first:
+
+1. its manifest is read from the source;
+2. the target is asked which of the point's chunks it lacks, in batches, skipping
+   chunks this job already knows the target holds (the job-wide seen set, seeded with
+   the chunks of the target's newest point of that VM);
+3. the lacking chunks travel as stored records, in batches, over parallel streams;
+4. the point is committed. If the target has meanwhile lost a chunk (its GC dropped
+   one that no point referenced yet), it refuses with ChunksMissing and the point is
+   sent again from step 2, at most `COMMIT_ATTEMPTS` times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from appliance.errors import ChunksMissing, RemoteRefused
+from appliance.replication.ends import SourceEnd, TargetEnd
+from appliance.replication.wire import MAX_IDS, Manifest
+from appliance.store.catalog import RestorePoint
+
+COMMIT_ATTEMPTS = 3
+BATCH_BYTES = 16 << 20
+
+
+@dataclass
+class ReplicationReport:
+    points_sent: list[str] = field(default_factory=list)
+    points_skipped: int = 0  # already at the target, or older than its newest point of that VM
+    chunks_sent: int = 0
+    chunk_bytes_sent: int = 0  # stored (compressed) record bytes of the chunks sent
+    logical_bytes: int = 0  # the disk bytes of the points sent
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {"points_sent": self.points_sent, "points_skipped": self.points_skipped,
+                "chunks_sent": self.chunks_sent, "chunk_bytes_sent": self.chunk_bytes_sent,
+                "logical_bytes": self.logical_bytes, "seconds": round(self.seconds, 3)}
+
+
+def check_compatible(source: SourceEnd, target: TargetEnd) -> None:
+    """Refuse stores whose chunks cannot be shared, with the reason."""
+    mine, theirs = source.identity(), target.identity()
+    if mine.store_id == theirs.store_id:
+        raise RemoteRefused(f"source and target are the same store ({mine.store_id})")
+    if mine.chunk_id != theirs.chunk_id:
+        raise RemoteRefused(f"the source names chunks by {mine.chunk_id}, the target by {theirs.chunk_id}: "
+                            "their chunks cannot be shared")
+    if mine.chunk_size != theirs.chunk_size:
+        raise RemoteRefused(f"the source's chunk size is {mine.chunk_size} bytes, the target's {theirs.chunk_size}: "
+                            "replication needs stores made with the same --chunk-size")
+
+
+def points_to_send(source_points: list[RestorePoint], target_points: list[RestorePoint]) -> list[RestorePoint]:
+    """The source's points newer than the target's newest of the same VM, oldest first."""
+    newest: dict[str, float] = {}
+    for point in target_points:
+        newest[point.vm] = max(newest.get(point.vm, point.created), point.created)
+    held = {point.id for point in target_points}
+    return [point for point in source_points
+            if point.id not in held and point.created > newest.get(point.vm, float("-inf"))]
+
+
+def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Replication:
+    """One job's state across its points: the ends, the seen set and the figures."""
+
+    def __init__(self, source: SourceEnd, target: TargetEnd, chunk_size: int, streams: int,
+                 on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None) -> None:
+        self._source, self._target = source, target
+        self._streams = streams
+        self._ids_per_batch = max(1, BATCH_BYTES // chunk_size)
+        self._on_point = on_point
+        self.seen: set[bytes] = set()
+        self.report = ReplicationReport()
+
+    def _lacking(self, wanted: set[bytes]) -> list[bytes]:
+        unknown = sorted(wanted - self.seen)
+        lacking: list[bytes] = []
+        for batch in _batches(unknown, MAX_IDS):
+            lacking += self._target.missing(batch)
+        self.seen.update(set(unknown) - set(lacking))
+        return lacking
+
+    def _carry(self, ids: list[bytes]) -> tuple[int, int]:
+        records = self._source.records(ids)
+        self._target.store(records)
+        return len(ids), len(records)
+
+    def _send_point(self, manifest: Manifest) -> None:
+        wanted = manifest.chunk_ids()
+        for attempt in range(COMMIT_ATTEMPTS):
+            lacking = self._lacking(wanted)
+            with ThreadPoolExecutor(max_workers=self._streams) as pool:
+                for chunks, size in pool.map(self._carry, _batches(lacking, self._ids_per_batch)):
+                    self.report.chunks_sent += chunks
+                    self.report.chunk_bytes_sent += size
+            self.seen.update(lacking)
+            try:
+                self._target.commit(manifest)
+                return
+            except ChunksMissing:
+                if attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+                self.seen -= wanted
+
+    def _seed(self, point: RestorePoint, source_ids: set[str]) -> None:
+        """Count the chunks of the target's newest point of this VM as held (when the source still has it)."""
+        if point.id in source_ids:
+            self.seen |= self._source.manifest(point.id).chunk_ids()
+
+    def run(self, vms: list[str] | None) -> ReplicationReport:
+        started = time.monotonic()
+        source_points = self._source.points(vms)
+        target_points = self._target.points(vms)
+        sending = points_to_send(source_points, target_points)
+        self.report.points_skipped = len(source_points) - len(sending)
+        source_ids = {point.id for point in source_points}
+        for vm in sorted({point.vm for point in sending}):
+            held = [point for point in target_points if point.vm == vm]
+            if held:
+                self._seed(max(held, key=lambda point: (point.created, point.id)), source_ids)
+        for point in sending:
+            self._send_point(self._source.manifest(point.id))
+            self.report.points_sent.append(point.id)
+            self.report.logical_bytes += sum(disk.size for disk in point.disks)
+            if self._on_point is not None:
+                self._on_point(point, self.report)
+        self.report.seconds = time.monotonic() - started
+        return self.report
