@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.cli_args import POINT_ARG, VM_ARG, Handler, OneLineParser, report_internal_error, store_path
 from appliance.cli_files import register as register_file_commands
 from appliance.cli_recovery import register as register_recovery_commands
+from appliance.cli_replicate import register as register_replicate_commands
 from appliance.cli_sessions import register as register_session_commands
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
@@ -185,6 +186,7 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("metrics_port", "--metrics-port", "metrics.port"),
     ("api", "--no-api", "api.enabled"),
     ("api_port", "--api-port", "api.port"),
+    ("api_tls", "--api-tls", "api.tls"),
     ("accel", "--accel", "qemu.accel"),
 )
 #: Flags that name paths: made absolute here, as the configuration only takes absolute ones.
@@ -333,10 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-api", dest="api", action="store_false", default=None,
                      help="do not serve the HTTP API (the CLI then cannot change sessions while this runs)")
     sub.add_argument("--api-port", type=int, help="port of the HTTP API on 127.0.0.1 (default 9751; 0: any free)")
+    sub.add_argument("--api-tls", action="store_true", default=None,
+                     help="serve the API over https (the store's self-signed certificate unless api.tls_cert is set)")
     sub.add_argument("--accel", choices=ACCELERATORS,
                      help="QEMU accelerator for instant boots on this host (default auto: KVM if it really runs guests)")
 
     register_recovery_commands(command)
+    register_replicate_commands(command)
 
     sub = command("config", cmd_config, "validate a configuration file without starting anything")
     config_commands = sub.add_subparsers(dest="config_command", required=True, metavar="ACTION")

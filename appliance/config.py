@@ -33,6 +33,7 @@ from appliance.config_checks import (
     absolute_path,
     boolean,
     connection_name,
+    fingerprint,
     datastore_name,
     env_name,
     host,
@@ -105,6 +106,52 @@ class ApiConfig:
     bind: str = option("127.0.0.1", ip_address)
     port: int = option(9751, tcp_port)
     token_file: Path | None = option(None, secret_file)
+    #: https, with `tls_cert`/`tls_key` or else a self-signed certificate made in the store on first start.
+    #: Another appliance replicating with this one pins the certificate's fingerprint.
+    tls: bool = option(False, boolean)
+    tls_cert: Path | None = option(None, absolute_path)
+    tls_key: Path | None = option(None, secret_file)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise Invalid("give tls_cert and tls_key together (or neither, for a self-signed certificate)", "tls_cert")
+        if self.tls_cert is not None and not self.tls:
+            raise Invalid("tls_cert is set but tls is false: set tls = true to serve https", "tls")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteConfig:
+    """Another appliance to replicate with: where its API is, its token, and its pinned certificate."""
+
+    name: str = required(connection_name)
+    url: str = required(https_url)
+    token_env: str | None = option(None, env_name)
+    token_file: Path | None = option(None, secret_file)
+    #: SHA-256 of the remote API's certificate, as `appliance api-certificate` prints it there.
+    fingerprint: str = required(fingerprint)
+    #: Bytes per second on the link (both directions together); absent: as fast as it goes.
+    rate_limit_mib: float | None = option(None, positive_number)
+    streams: int = option(4, integer(1, 32))
+
+    def __post_init__(self) -> None:
+        if bool(self.token_env) == bool(self.token_file):
+            raise Invalid("give exactly one of token_env (a variable name) or token_file", "token_env")
+
+    def read_token(self, environ: Mapping[str, str] = os.environ) -> Secret:
+        """The remote's API token, read now (the file is checked again: it may have changed)."""
+        if self.token_env is not None:
+            value = environ.get(self.token_env, "")
+            if not value:
+                raise Invalid(f"environment variable {self.token_env} is not set or empty", "token_env")
+            return Secret(value.strip())
+        assert self.token_file is not None  # __post_init__ demands one of the two
+        try:
+            value = secret_file(str(self.token_file)).read_text().strip()
+        except OSError as exc:
+            raise Invalid(f"cannot read {self.token_file}: {exc.strerror}", "token_file") from None
+        if not value:
+            raise Invalid(f"{self.token_file} is empty", "token_file")
+        return Secret(value)
 
 
 @dataclass(frozen=True)
@@ -214,6 +261,7 @@ class ApplianceConfig:
     vsphere: VsphereConfig = part(VsphereConfig)
     protection: ProtectionConfig = part(ProtectionConfig)
     qemu: QemuConfig = part(QemuConfig)
+    remotes: tuple[RemoteConfig, ...] = option((), table_array(RemoteConfig))
 
     def __post_init__(self) -> None:
         if not self.nfs.enabled and self.fuse.mountpoint is None:
@@ -233,6 +281,18 @@ class ApplianceConfig:
             if connection.nfs_server_address is None and wildcard:
                 raise Invalid(f"required while nfs.bind is {self.nfs.bind}: the address ESXi mounts from",
                               f"{where}.nfs_server_address")
+        names: set[str] = set()
+        for index, remote in enumerate(self.remotes):
+            if remote.name in names:
+                raise Invalid(f'another remote is already named "{remote.name}"', f"remotes[{index}].name")
+            names.add(remote.name)
+
+    def remote(self, name: str) -> RemoteConfig:
+        found = [remote for remote in self.remotes if remote.name == name]
+        if not found:
+            known = ", ".join(remote.name for remote in self.remotes) or "none is configured"
+            raise Invalid(f'no remote named "{name}" ({known})', "remotes")
+        return found[0]
 
     def _listeners(self) -> Iterator[tuple[str, str, int]]:
         if self.nfs.enabled:

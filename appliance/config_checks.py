@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.api.tls import normal_fingerprint
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Check = Callable[[Any], Any]
 
@@ -205,15 +207,23 @@ connection_name = matching(_CONNECTION_NAME, 'must be letters, digits, ".", "_" 
 
 
 def https_url(value: Any) -> str:
-    """https only: the connection carries the vSphere password."""
+    """https only: the connection carries a password or a token."""
     url = text(value)
     try:
         hostname = urlsplit(url).hostname
     except ValueError:
         hostname = None
     if not url.startswith("https://") or not hostname:
-        raise Invalid(f'"{url}" is not an https:// URL of a vCenter or ESXi host')
+        raise Invalid(f'"{url}" is not an https:// URL')
     return url
+
+
+def fingerprint(value: Any) -> str:
+    """A certificate's SHA-256 fingerprint, in any of the spellings tools print it."""
+    try:
+        return normal_fingerprint(text(value))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def section(cls: type) -> Check:

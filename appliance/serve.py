@@ -25,6 +25,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
+from appliance.api.tls import api_identity
 from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
@@ -69,6 +70,9 @@ class ServeOptions:
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9750)  # (bind, port) of /metrics; None: off
     api_address: tuple[str, int] | None = ("127.0.0.1", 9751)  # (bind, port) of the HTTP API; None: off
     token_file: Path | None = None  # the API token; None: STORE/api.token, made on first start
+    tls: bool = False  # the API serves https (with tls_cert/tls_key, or the store's self-signed certificate)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     limits: LimitsConfig = LimitsConfig()
     vsphere: tuple[VsphereConnection, ...] = ()  # where instant boots run (secrets checked at start)
     protection: ProtectionConfig = ProtectionConfig()
@@ -84,7 +88,8 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         cache_bytes=config.cache.chunk_cache_mib << 20, nfs_enabled=nfs.enabled,
                         metrics_address=(config.metrics.bind, config.metrics.port) if config.metrics.enabled else None,
                         api_address=(config.api.bind, config.api.port) if config.api.enabled else None,
-                        token_file=config.api.token_file,
+                        token_file=config.api.token_file, tls=config.api.tls, tls_cert=config.api.tls_cert,
+                        tls_key=config.api.tls_key,
                         limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection,
                         qemu=config.qemu)
 
@@ -128,7 +133,7 @@ async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[Non
 
 
 async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                     task_status: trio.TaskStatus[tuple[str, str | None]] = trio.TASK_STATUS_IGNORED) -> None:
     """The HTTP API on hypercorn; announces its URL in STORE/serve.json while it runs."""
     assert options.api_address is not None
     host, port = options.api_address
@@ -137,6 +142,9 @@ async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
     config.accesslog = None
     config.errorlog = logging.getLogger("appliance.api")
     store_path = recovery.control.store.path
+    identity = api_identity(store_path, options.tls_cert, options.tls_key) if options.tls else None
+    if identity is not None:
+        config.certfile, config.keyfile = str(identity.cert_file), str(identity.key_file)
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
         app = cast(Any, build_app(recovery.control, token, recovery))  # hypercorn types ASGI apps its own way
@@ -145,9 +153,9 @@ async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(run)
         url = urls[0]
-        write_runtime(store_path, RuntimeInfo(os.getpid(), url,
-                                              str(token_path(store_path, options.token_file))))
-        task_status.started(url)
+        write_runtime(store_path, RuntimeInfo(os.getpid(), url, str(token_path(store_path, options.token_file)),
+                                              None if identity is None else str(identity.cert_file)))
+        task_status.started((url, None if identity is None else identity.fingerprint))
         try:
             await trio.sleep_forever()
         finally:
@@ -208,8 +216,8 @@ async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, t
                                     vfs, options.mountpoint)
                 event("datastore.mounted", via="fuse", mountpoint=str(options.mountpoint))
             if options.api_address is not None:
-                url = await nursery.start(_serve_api, recovery, token, options)
-                event("api.serving", url=url)
+                url, fingerprint = await nursery.start(_serve_api, recovery, token, options)
+                event("api.serving", url=url, **({} if fingerprint is None else {"tls_fingerprint": fingerprint}))
             nursery.start_soon(_expire_periodically, control)
             nursery.start_soon(_index_new_points, control)
             async for signum in signals:

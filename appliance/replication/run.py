@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 
 from appliance.errors import ChunksMissing, RemoteRefused
 from appliance.replication.ends import SourceEnd, TargetEnd
+from appliance.replication.local import LocalSource, LocalTarget
+from appliance.replication.remote import Link, RemoteAppliance, RemoteSettings, TokenBucket
 from appliance.replication.wire import MAX_IDS, Manifest
 from appliance.store.catalog import RestorePoint
+from appliance.store.repository import Store
 
 COMMIT_ATTEMPTS = 3
 BATCH_BYTES = 16 << 20
@@ -139,3 +142,22 @@ class Replication:
                 self._on_point(point, self.report)
         self.report.seconds = time.monotonic() - started
         return self.report
+
+
+def replicate(store: Store, remote: RemoteSettings, direction: str, vms: list[str] | None,
+              on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None) -> tuple[ReplicationReport, Link]:
+    """Push this store's points to `remote`, or pull its points here; the report and what crossed the link."""
+    link = Link(None if remote.rate_limit is None else TokenBucket(remote.rate_limit))
+    other = RemoteAppliance(remote, link)
+    try:
+        with store.reader_lock():
+            if direction == "push":
+                source: SourceEnd = LocalSource(store)
+                target: TargetEnd = other
+            else:
+                source, target = other, LocalTarget(store)
+            check_compatible(source, target)
+            report = Replication(source, target, store.config.chunk_size, remote.streams, on_point).run(vms)
+    finally:
+        other.close()
+    return report, link

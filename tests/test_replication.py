@@ -1,0 +1,243 @@
+"""Replication between two real appliances on loopback: `serve --api-tls` at one site, the CLI at the other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.api.tls import trusting
+from appliance.store import formats
+from tests.conftest import run_cli
+from tests.test_nfs_serve import Serve
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 256 << 10
+DISK_CHUNKS = 192  # 48 MiB: random, so every chunk is stored as it is (incompressible)
+API = "/api/v1/replication"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_disk(path: Path, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    with path.open("wb") as disk:
+        for index in range(DISK_CHUNKS):
+            disk.write(bytes(CHUNK) if index % 8 == 0 else rng.randbytes(CHUNK))
+    return path
+
+
+def change_chunks(path: Path, indexes: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("r+b") as disk:
+        for index in indexes:
+            disk.seek(index * CHUNK)
+            disk.write(rng.randbytes(CHUNK))
+
+
+class Site:
+    """A store with `serve --api-tls` running on it, and the bits another site needs to trust it."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.store = root / name
+        run_cli("--store", str(self.store), "init", check=True)
+        self.server = Serve(self.store, "--api-tls")
+        self.server.start()
+        self.fingerprint = run_cli("--store", str(self.store), "api-certificate", check=True).stdout.strip()
+        self.url = f"https://127.0.0.1:{self.server.api_port}"
+        self.token_file = self.store / "api.token"
+        self.client = httpx.Client(base_url=self.url + API, timeout=60,
+                                   verify=trusting((self.store / "api-tls.crt").read_text()),
+                                   headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
+
+    def points(self, vm: str = "vm1") -> list[dict[str, object]]:
+        answer = self.client.get("/points", params={"vm": vm})
+        assert answer.status_code == 200, answer.text
+        return list(answer.json())
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.server.process is not None:
+            self.server.stop()
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Site]:
+    site = Site(tmp_path, "target")
+    yield site
+    site.stop()
+
+
+def remote_config(path: Path, store: Path, site: Site, *, fingerprint: str | None = None,
+                  token_file: Path | None = None, extra: str = "") -> Path:
+    path.write_text(f'[store]\npath = "{store}"\n\n[[remotes]]\nname = "dr"\nurl = "{site.url}"\n'
+                    f'token_file = "{token_file or site.token_file}"\n'
+                    f'fingerprint = "{fingerprint or site.fingerprint}"\n{extra}')
+    return path
+
+
+def replicate(config: Path, direction: str = "push", *extra: str) -> dict[str, object]:
+    result = run_cli("replicate", direction, "--config", str(config), "--remote", "dr", "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def backup(store: Path, disk: Path) -> str:
+    return run_cli("--store", str(store), "backup", "--vm", "vm1", str(disk), check=True).stdout.strip().splitlines()[-1]
+
+
+def restored(store: Path, point: str, output: Path) -> str:
+    run_cli("--store", str(store), "restore", "--vm", "vm1", "--point", point, "--output", str(output), check=True)
+    return sha256(output)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    store = tmp_path / "source"
+    run_cli("--store", str(store), "init", check=True)
+    return store
+
+
+def test_push_copies_points_exactly_and_a_second_run_sends_nothing(tmp_path: Path, source: Path, target: Site) -> None:
+    disk = make_disk(tmp_path / "disk.img")
+    first = backup(source, disk)
+    config = remote_config(tmp_path / "push.toml", source, target)
+    report = replicate(config)
+    assert report["points_sent"] == [first]
+    assert report["chunks_sent"] == DISK_CHUNKS - DISK_CHUNKS // 8
+    assert restored(target.store, first, tmp_path / "at-target.img") == sha256(disk)
+
+    again = replicate(config)
+    assert again["points_sent"] == [] and again["chunks_sent"] == 0
+    assert again["wire_bytes_sent"] == 0
+
+
+def test_an_incremental_sends_about_the_changed_bytes(tmp_path: Path, source: Path, target: Site) -> None:
+    disk = make_disk(tmp_path / "disk.img")
+    backup(source, disk)
+    config = remote_config(tmp_path / "push.toml", source, target)
+    replicate(config)
+    changed = [3, 50, 77, 140]  # 4 of 192 chunks: about 2 %
+    change_chunks(disk, changed, seed=9)
+    second = backup(source, disk)
+
+    report = replicate(config)
+    assert report["points_sent"] == [second]
+    assert report["chunks_sent"] == len(changed)
+    changed_bytes = len(changed) * CHUNK
+    manifest_bytes = DISK_CHUNKS * formats.CHUNK_ID_SIZE + 4096
+    assert int(report["wire_bytes_sent"]) <= 1.2 * changed_bytes + manifest_bytes, report
+    assert restored(target.store, second, tmp_path / "second.img") == sha256(disk)
+
+
+def test_pull_fetches_the_other_sites_points(tmp_path: Path, target: Site) -> None:
+    """Here `target` is the site pulled from: it backs up, another store pulls."""
+    disk = make_disk(tmp_path / "disk.img", seed=4)
+    point = backup(target.store, disk)
+    local = tmp_path / "pulling"
+    run_cli("--store", str(local), "init", check=True)
+    report = replicate(remote_config(tmp_path / "pull.toml", local, target), "pull")
+    assert report["points_sent"] == [point]
+    assert restored(local, point, tmp_path / "pulled.img") == sha256(disk)
+
+
+def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(tmp_path: Path, source: Path,
+                                                                     target: Site) -> None:
+    disk = make_disk(tmp_path / "disk.img")
+    point = backup(source, disk)
+    config = remote_config(tmp_path / "push.toml", source, target, extra="rate_limit_mib = 8\nstreams = 1\n")
+    child = subprocess.Popen([sys.executable, "-m", "appliance", "replicate", "push", "--config", str(config),
+                              "--remote", "dr"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2.5)  # about half of the 42 MiB at 8 MiB/s
+    assert child.poll() is None, "the rate-limited push ended too early to be killed mid-transfer"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert target.points() == []
+
+    report = replicate(config, "push", "--rate-limit-mib", "1000")
+    assert report["points_sent"] == [point]
+    assert 0 < int(report["chunks_sent"]) < DISK_CHUNKS - DISK_CHUNKS // 8, "the rerun sent chunks sent before"
+    assert restored(target.store, point, tmp_path / "at-target.img") == sha256(disk)
+
+
+def test_a_chunk_that_does_not_match_its_id_is_refused(target: Site) -> None:
+    data = random.Random(5).randbytes(4096)
+    honest = formats.chunk_id(data)
+    forged = formats.encode_record(honest, formats.COMPRESSION_NONE, data[:-1] + b"\x00", len(data))
+    answer = target.client.post("/chunks", content=forged)
+    assert answer.status_code == 422 and answer.json()["error"] == "ChunkRefused", answer.text
+    assert "do not hash to its ID" in answer.json()["message"]
+    missing = target.client.post("/missing", content=honest)
+    assert missing.content == honest, "a refused chunk was kept"
+
+    garbage = target.client.post("/chunks", content=b"\x01" * 100)
+    assert garbage.status_code == 422 and garbage.json()["error"] == "ChunkRefused"
+
+
+def test_a_point_whose_chunks_are_absent_is_not_committed(tmp_path: Path, source: Path, target: Site) -> None:
+    from appliance.replication.local import LocalSource
+    from appliance.replication.wire import encode_manifest
+    from appliance.store import open_store
+
+    point = backup(source, make_disk(tmp_path / "disk.img"))
+    with open_store(source) as store:
+        manifest = LocalSource(store).manifest(point)
+    answer = target.client.post("/points", content=encode_manifest(manifest))
+    assert answer.status_code == 409 and answer.json()["error"] == "ChunksMissing", answer.text
+    assert target.points() == []
+
+
+def test_a_wrong_fingerprint_or_token_is_refused(tmp_path: Path, source: Path, target: Site) -> None:
+    backup(source, make_disk(tmp_path / "disk.img"))
+    impostor = "sha256:" + ":".join(["ab"] * 32)
+    result = run_cli("replicate", "push", "--config",
+                     str(remote_config(tmp_path / "fp.toml", source, target, fingerprint=impostor)), "--remote", "dr")
+    assert result.returncode != 0
+    assert "not the pinned" in result.stderr and "refusing to send it the token" in result.stderr
+
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("x" * 40 + "\n")
+    wrong.chmod(0o600)
+    result = run_cli("replicate", "push", "--config",
+                     str(remote_config(tmp_path / "tok.toml", source, target, token_file=wrong)), "--remote", "dr")
+    assert result.returncode != 0 and "bearer token" in result.stderr, result.stderr
+    assert target.points() == []
+
+
+def test_stores_with_other_chunk_sizes_are_refused(tmp_path: Path, target: Site) -> None:
+    other = tmp_path / "other"
+    run_cli("--store", str(other), "init", "--chunk-size", str(1 << 20), check=True)
+    result = run_cli("replicate", "push", "--config", str(remote_config(tmp_path / "c.toml", other, target)),
+                     "--remote", "dr")
+    assert result.returncode != 0 and "same --chunk-size" in result.stderr, result.stderr
+
+
+def test_the_targets_own_retention_is_not_undone(tmp_path: Path, source: Path, target: Site) -> None:
+    disk = make_disk(tmp_path / "disk.img")
+    first = backup(source, disk)
+    config = remote_config(tmp_path / "push.toml", source, target)
+    replicate(config)
+    change_chunks(disk, [10], seed=2)
+    second = backup(source, disk)
+    replicate(config)
+    assert [point["id"] for point in target.points()] == [first, second]
+    target.server.stop()
+    run_cli("--store", str(target.store), "prune", "--vm", "vm1", "--keep-last", "1", check=True)
+    target.server.start()
+
+    report = replicate(config)
+    assert report["points_sent"] == [] and report["points_skipped"] == 2
+    assert [point["id"] for point in target.points()] == [second]
