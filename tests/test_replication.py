@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +19,14 @@ import httpx
 import pytest
 
 from appliance.api.tls import trusting
+from appliance.demo.guest_image import BOOTED_MARKER, GuestImage, build_guest
+from appliance.hypervisor import QemuGuest
+from appliance.hypervisor.netns import private_network
 from appliance.store import formats
 from tests.conftest import run_cli
+from tests.test_instant_boot_qemu import BOOT_ARGS, RUNS_UNTIL_STOPPED, VM
 from tests.test_nfs_serve import Serve
+from tests.test_qemu_boot import BOOT_TIMEOUT, backed_up
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +58,10 @@ def change_chunks(path: Path, indexes: list[int], seed: int) -> None:
 class Site:
     """A store with `serve --api-tls` running on it, and the bits another site needs to trust it."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, portmap: bool = False) -> None:
         self.store = root / name
         run_cli("--store", str(self.store), "init", check=True)
-        self.server = Serve(self.store, "--api-tls")
+        self.server = Serve(self.store, "--api-tls", portmap=portmap)
         self.server.start()
         self.fingerprint = run_cli("--store", str(self.store), "api-certificate", check=True).stdout.strip()
         self.url = f"https://127.0.0.1:{self.server.api_port}"
@@ -241,3 +248,32 @@ def test_the_targets_own_retention_is_not_undone(tmp_path: Path, source: Path, t
     report = replicate(config)
     assert report["points_sent"] == [] and report["points_skipped"] == 2
     assert [point["id"] for point in target.points()] == [second]
+
+
+@pytest.fixture(scope="module")
+def guest_image() -> GuestImage:
+    return build_guest()
+
+
+def test_the_target_boots_a_replicated_point_with_the_source_gone(tmp_path: Path, guest_image: GuestImage) -> None:
+    """Failover: the source store is deleted after the push; QEMU boots the guest from the target's copy."""
+    disk = guest_image.copy_disk(tmp_path / "guest.img", RUNS_UNTIL_STOPPED)
+    source = backed_up(tmp_path, disk, (VM,))
+    with private_network():
+        site = Site(tmp_path, "target", portmap=True)
+        try:
+            report = replicate(remote_config(tmp_path / "push.toml", source, site))
+            assert len(report["points_sent"]) == 1
+            shutil.rmtree(source)
+            booted = run_cli("--store", str(site.store), "instant-boot", "--vm", VM, "--session", "dr1", *BOOT_ARGS,
+                             "--verify", f"console:{BOOTED_MARKER}", "--timeout", "120", timeout=BOOT_TIMEOUT)
+            assert booted.returncode == 0, booted.stderr
+            job = json.loads(booted.stdout)
+            assert job["state"] == "succeeded", job
+            stopped = run_cli("--store", str(site.store), "stop", "dr1", "--json")
+            assert stopped.returncode == 0, stopped.stderr
+        finally:
+            for run_dir in (site.store / "guests").glob("*"):
+                with contextlib.suppress(Exception):
+                    QemuGuest.load(run_dir).power_off(timeout=1)
+            site.stop()
