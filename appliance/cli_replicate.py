@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.cli_args import VM_ARG, Command, store_path
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, UsageError
 from appliance.progress import human_bytes
 
 if TYPE_CHECKING:
@@ -25,38 +26,65 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
     return config_from_table(table, args.config)
 
 
+def _print_report(doc: dict[str, Any]) -> None:
+    print(f"{doc['direction']} {doc['remote']}: {len(doc['points_sent'])} points sent, {doc['points_skipped']} "
+          f"already there or older; {doc['chunks_sent']} chunks, {human_bytes(doc['wire_bytes_sent'])} sent and "
+          f"{human_bytes(doc['wire_bytes_received'])} received for {human_bytes(doc['logical_bytes'])} of disks "
+          f"in {doc['seconds']:.1f} s")
+
+
+def _through_server(args: argparse.Namespace) -> int:
+    """The running server's job (its configuration names the remotes), followed to its end."""
+    from appliance.api.client import ApiClient
+    from appliance.cli_recovery import follow
+
+    client = ApiClient.for_store(store_path(args))
+    if client is None:
+        raise UsageError(f"no `appliance serve` runs for {args.store}: give --config FILE to replicate from "
+                         "this process instead")
+    with client:
+        job = client.call("POST", "/replications", {"remote": args.remote, "direction": args.direction,
+                                                    "vms": args.vm or None})
+        return follow(client, job, args.json, render=lambda result: _print_report(
+            {**result, "direction": args.direction, "remote": args.remote}))
+
+
 def cmd_replicate(args: argparse.Namespace) -> int:
     from appliance.config_checks import Invalid
-    from appliance.replication.remote import RemoteSettings
+    from appliance.replication.remote import link_for
     from appliance.replication.run import ReplicationReport, replicate
+    from appliance.replication.service import settings_of
     from appliance.store import open_store
     from appliance.store.catalog import RestorePoint
 
+    if args.config is None:
+        if args.rate_limit_mib is not None or args.streams is not None:
+            raise UsageError("--rate-limit-mib and --streams go with --config; a server's job takes its remote's")
+        return _through_server(args)
     config = _config(args)
     try:
         remote = config.remote(args.remote)
-        token = remote.read_token().reveal()
     except Invalid as exc:
         raise ConfigError(args.config, exc.reason, exc.key) from None
-    rate = args.rate_limit_mib if args.rate_limit_mib is not None else remote.rate_limit_mib
-    settings = RemoteSettings(remote.name, remote.url, token, remote.fingerprint,
-                              None if rate is None else rate * (1 << 20), args.streams or remote.streams)
+    settings = settings_of(remote)
+    if args.rate_limit_mib is not None:
+        settings = replace(settings, rate_limit=args.rate_limit_mib * (1 << 20))
+    if args.streams is not None:
+        settings = replace(settings, streams=args.streams)
 
     def on_point(point: RestorePoint, report: ReplicationReport) -> None:
         print(f"{args.direction}: {point.vm} {point.id}: {report.chunks_sent} chunks "
               f"({human_bytes(report.chunk_bytes_sent)}) sent so far", file=sys.stderr)
 
     with open_store(config.store.path) as store:
-        report, link = replicate(store, settings, args.direction, args.vm or None, on_point)
+        link = link_for(settings)
+        report = replicate(store, settings, args.direction, args.vm or None, link, on_point)
     doc = {**report.to_json(), "direction": args.direction, "remote": remote.name,
            "wire_bytes_sent": link.sent, "wire_bytes_received": link.received}
     if args.json:
         print(json.dumps(doc))
     else:
-        print(f"{args.direction} {remote.name}: {len(report.points_sent)} points sent, {report.points_skipped} "
-              f"already there or older; {report.chunks_sent} chunks, {human_bytes(link.sent)} sent and "
-              f"{human_bytes(link.received)} received for {human_bytes(report.logical_bytes)} of disks "
-              f"in {report.seconds:.1f} s")
+        _print_report(doc)
     return 0
 
 
@@ -80,13 +108,14 @@ def register(command: Command) -> None:
                   "leaves nothing visible and the next run resumes. Per VM, only points newer than the "
                   "target's newest are sent: the target's own retention is never undone.")
     sub.add_argument("direction", choices=("push", "pull"), help="push: from this store; pull: into this store")
-    sub.add_argument("--config", metavar="FILE", required=True, help="TOML configuration naming the [[remotes]]")
+    sub.add_argument("--config", metavar="FILE", help="TOML configuration naming the [[remotes]]: replicate from "
+                     "this process (default: as a job of the `serve` running this store, with its configuration)")
     sub.add_argument("--remote", required=True, metavar="NAME", help="the [[remotes]] entry to replicate with")
     sub.add_argument("--vm", action="append", type=VM_ARG, metavar="VM", help="only this VM; repeatable (default: all)")
     sub.add_argument("--rate-limit-mib", type=float, metavar="MIB_PER_S",
-                     help="bytes on the link per second, in MiB (default: the remote's rate_limit_mib, or none)")
+                     help="with --config: bytes on the link per second, in MiB (default: the remote's rate_limit_mib)")
     sub.add_argument("--streams", type=int, choices=range(1, 33), metavar="N",
-                     help="parallel transfers (default: the remote's streams, 4)")
+                     help="with --config: parallel transfers (default: the remote's streams)")
     sub.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     sub = command("api-certificate", cmd_api_certificate,

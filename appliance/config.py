@@ -34,6 +34,8 @@ from appliance.config_checks import (
     boolean,
     connection_name,
     fingerprint,
+    vm_names,
+    window,
     datastore_name,
     env_name,
     host,
@@ -132,6 +134,12 @@ class RemoteConfig:
     #: Bytes per second on the link (both directions together); absent: as fast as it goes.
     rate_limit_mib: float | None = option(None, positive_number)
     streams: int = option(4, integer(1, 32))
+    #: A scheduled job every so many hours (absent: only on demand), in `direction`, of `vms` (empty: all),
+    #: starting only inside `window` ("22:00-06:00", local time) when one is given.
+    every_hours: float | None = option(None, positive_number)
+    direction: str = option("push", one_of("push", "pull"))
+    vms: tuple[str, ...] = option((), vm_names)
+    window: str | None = option(None, window)
 
     def __post_init__(self) -> None:
         if bool(self.token_env) == bool(self.token_file):

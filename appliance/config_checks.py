@@ -17,6 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from appliance.api.tls import normal_fingerprint
+from appliance.errors import InvalidName
+from appliance.names import VM_NAME
+from appliance.schedule import parse_window
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Check = Callable[[Any], Any]
@@ -223,6 +226,24 @@ def fingerprint(value: Any) -> str:
     try:
         return normal_fingerprint(text(value))
     except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def window(value: Any) -> str:
+    """Local hours like "22:00-06:00" (`appliance.schedule`)."""
+    try:
+        parse_window(text(value))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    return str(value)
+
+
+def vm_names(value: Any) -> tuple[str, ...]:
+    """VM names, each by the rule every VM name follows."""
+    _expect(value, list, "an array of VM names")
+    try:
+        return tuple(VM_NAME.check(text(item)) for item in value)
+    except InvalidName as exc:
         raise Invalid(str(exc)) from None
 
 

@@ -8,8 +8,9 @@ kinds of source, each reported exactly once:
   of them imports this module: NFS and MOUNT calls (`observe_call`, an
   `nfs_export.rpc.CallObserver`), FUSE operations (`observe_op`, the FUSE adapter's
   `OpObserver`), bytes moved in sessions (`session_read` / `session_written`, the
-  datastore's `SessionIo`) and bytes read by an ingest (`count_ingest`, ingest's
-  `ReadCounter`).
+  datastore's `SessionIo`), bytes read by an ingest (`count_ingest`, ingest's
+  `ReadCounter`) and each replication job's figures (`replicated`, the replication
+  service's `ReplicationObserver`).
 - Counters the store keeps anyway (chunk-cache hits and misses, chunk loads, loads
   refused by a failed checksum: `ReadPath.statistics()`), read at scrape time by a
   custom collector instead of being mirrored into second counters.
@@ -40,13 +41,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.layout import overlay_path
 from appliance.datastore.sessions import SessionInfo, list_sessions
 from appliance.jobs import JobRunner
+from appliance.replication.remote import Link
+from appliance.replication.run import ReplicationReport
 from appliance.store.repository import Store
 from appliance.store.stats import StoreStatistics, store_statistics
 from nfs_export.mount import MOUNT_PROGRAM
@@ -91,6 +94,15 @@ class ApplianceMetrics:
         self._session_written_children: dict[str, Counter] = {}
         self._ingest = Counter("appliance_ingest_bytes_total", "Bytes read from backup sources by ingests that "
                                "ran in this process.", registry=self.registry)
+        self._replicated = Counter("appliance_replication_bytes_total", "Bytes of replication jobs run by this "
+                                   "process, by remote, direction and kind: wire_sent/wire_received crossed the "
+                                   "network, chunks are the stored chunk records sent, logical the disk bytes of "
+                                   "the points sent.", ["remote", "direction", "kind"], registry=self.registry)
+        self._replicated_points = Counter("appliance_replication_points_total", "Restore points replicated by "
+                                          "this process.", ["remote", "direction"], registry=self.registry)
+        self._replication_success = Gauge("appliance_replication_last_success_timestamp_seconds", "When the last "
+                                          "replication job with a remote succeeded (alert on its age: the second "
+                                          "site's RPO).", ["remote", "direction"], registry=self.registry)
 
     def watch(self, datastore: Datastore) -> None:
         """Export the store's cache, integrity and space figures and the datastore's sessions.
@@ -126,6 +138,16 @@ class ApplianceMetrics:
     def count_ingest(self, size: int) -> None:
         """`appliance.ingest.backup.ReadCounter`: bytes an ingest read from its source."""
         self._ingest.inc(size)
+
+    def replicated(self, remote: str, direction: str, report: ReplicationReport, link: Link,
+                   succeeded: bool) -> None:
+        """`appliance.replication.service.ReplicationObserver`: one replication job ended."""
+        for kind, amount in (("wire_sent", link.sent), ("wire_received", link.received),
+                             ("chunks", report.chunk_bytes_sent), ("logical", report.logical_bytes)):
+            self._replicated.labels(remote=remote, direction=direction, kind=kind).inc(amount)
+        self._replicated_points.labels(remote=remote, direction=direction).inc(len(report.points_sent))
+        if succeeded:
+            self._replication_success.labels(remote=remote, direction=direction).set_to_current_time()
 
     def render(self) -> bytes:
         """The text exposition of every metric. Blocks (a store scan): call it off the loop."""

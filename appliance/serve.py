@@ -26,7 +26,8 @@ from hypercorn.trio import serve as hypercorn_serve
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
 from appliance.api.tls import api_identity
-from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, VsphereConnection
+from appliance.replication.service import SCHEDULE_CHECK_SECONDS, ReplicationService
+from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, RemoteConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.files_view import with_files
@@ -77,6 +78,7 @@ class ServeOptions:
     vsphere: tuple[VsphereConnection, ...] = ()  # where instant boots run (secrets checked at start)
     protection: ProtectionConfig = ProtectionConfig()
     qemu: QemuConfig = QemuConfig()  # how guests run on this host (instant-boot --qemu)
+    remotes: tuple[RemoteConfig, ...] = ()  # other appliances to replicate with, on demand or on schedule
 
 
 def serve_options(config: ApplianceConfig) -> ServeOptions:
@@ -91,7 +93,7 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         token_file=config.api.token_file, tls=config.api.tls, tls_cert=config.api.tls_cert,
                         tls_key=config.api.tls_key,
                         limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection,
-                        qemu=config.qemu)
+                        qemu=config.qemu, remotes=config.remotes)
 
 
 def _logging() -> None:
@@ -132,7 +134,7 @@ async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[Non
     scope.cancel()
 
 
-async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
+async def _serve_api(recovery: Recovery, replication: ReplicationService, token: str, options: ServeOptions, *,
                      task_status: trio.TaskStatus[tuple[str, str | None]] = trio.TASK_STATUS_IGNORED) -> None:
     """The HTTP API on hypercorn; announces its URL in STORE/serve.json while it runs."""
     assert options.api_address is not None
@@ -147,7 +149,7 @@ async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
         config.certfile, config.keyfile = str(identity.cert_file), str(identity.key_file)
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        app = cast(Any, build_app(recovery.control, token, recovery))  # hypercorn types ASGI apps its own way
+        app = cast(Any, build_app(recovery.control, token, recovery, replication))  # hypercorn types ASGI apps its own way
         await hypercorn_serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
@@ -160,6 +162,13 @@ async def _serve_api(recovery: Recovery, token: str, options: ServeOptions, *,
             await trio.sleep_forever()
         finally:
             remove_runtime(store_path)
+
+
+async def _replicate_on_schedule(replication: ReplicationService) -> None:
+    """Start each remote's scheduled job when it is due (a remote without a schedule never is)."""
+    while True:
+        replication.start_due()
+        await trio.sleep(SCHEDULE_CHECK_SECONDS)
 
 
 async def _index_new_points(control: Control) -> None:
@@ -190,8 +199,8 @@ async def _expire_periodically(control: Control) -> None:
         await trio.sleep(EXPIRY_CHECK_SECONDS)
 
 
-async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, token: str,
-                 options: ServeOptions) -> None:
+async def _serve(recovery: Recovery, replication: ReplicationService, metrics: ApplianceMetrics, secret: bytes,
+                 token: str, options: ServeOptions) -> None:
     control = recovery.control
     vfs = with_files(control.datastore)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -216,10 +225,11 @@ async def _serve(recovery: Recovery, metrics: ApplianceMetrics, secret: bytes, t
                                     vfs, options.mountpoint)
                 event("datastore.mounted", via="fuse", mountpoint=str(options.mountpoint))
             if options.api_address is not None:
-                url, fingerprint = await nursery.start(_serve_api, recovery, token, options)
+                url, fingerprint = await nursery.start(_serve_api, recovery, replication, token, options)
                 event("api.serving", url=url, **({} if fingerprint is None else {"tls_fingerprint": fingerprint}))
             nursery.start_soon(_expire_periodically, control)
             nursery.start_soon(_index_new_points, control)
+            nursery.start_soon(_replicate_on_schedule, replication)
             async for signum in signals:
                 event("appliance.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -260,8 +270,9 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere, options.qemu)
         recovery = Recovery(control, targets, options.protection)
         control.set_session_ender(recovery.end_expired)
+        replication = ReplicationService(store, control.jobs, options.remotes, metrics)
         try:
-            trio.run(_serve, recovery, metrics, secret, token, options)
+            trio.run(_serve, recovery, replication, metrics, secret, token, options)
         except BaseExceptionGroup as group:
             cause = _single_cause(group)
             if cause is None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -277,3 +278,33 @@ def test_the_target_boots_a_replicated_point_with_the_source_gone(tmp_path: Path
                 with contextlib.suppress(Exception):
                     QemuGuest.load(run_dir).power_off(timeout=1)
             site.stop()
+
+
+def test_serve_runs_scheduled_and_on_demand_jobs_with_metrics(tmp_path: Path, source: Path, target: Site) -> None:
+    """The source site serves too: its remote's schedule starts a push at once, `replicate` without --config asks it for another."""
+    disk = make_disk(tmp_path / "disk.img")
+    first = backup(source, disk)
+    config = remote_config(tmp_path / "serve.toml", source, target, extra='every_hours = 24\nvms = ["vm1"]\n')
+    server = Serve(source, "--config", str(config))
+    server.start()
+    try:
+        deadline = time.monotonic() + 60
+        while [point["id"] for point in target.points()] != [first]:
+            assert time.monotonic() < deadline, f"the scheduled push did not run: {server.log_text()}"
+            time.sleep(0.5)
+        change_chunks(disk, [20, 21], seed=3)
+        second = backup(source, disk)
+        result = run_cli("--store", str(source), "replicate", "push", "--remote", "dr", "--json")
+        assert result.returncode == 0, result.stderr
+        job = json.loads(result.stdout)
+        assert job["kind"] == "replicate" and job["state"] == "succeeded", job
+        assert job["result"]["points_sent"] == [second] and job["result"]["chunks_sent"] == 2
+        busy = run_cli("--store", str(source), "replicate", "push", "--remote", "nowhere")
+        assert busy.returncode != 0 and "no remote named 'nowhere'" in busy.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as answer:
+            exposition = answer.read().decode()
+        assert 'appliance_replication_points_total{direction="push",remote="dr"} 2.0' in exposition
+        assert 'appliance_replication_last_success_timestamp_seconds{direction="push",remote="dr"}' in exposition
+        assert 'appliance_jobs{kind="replicate",state="succeeded"} 2.0' in exposition
+    finally:
+        server.stop()

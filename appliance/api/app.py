@@ -45,6 +45,7 @@ from appliance.control import Control
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, Recovery
 from appliance.recovery.plan import plan_from_table
+from appliance.replication.service import ReplicationService
 from appliance.verification import parse_verification
 
 VERSION = "0.1.0"
@@ -74,7 +75,8 @@ def boot_request(body: InstantBootCreate) -> BootRequest:
                        keep=body.keep, expires_hours=body.expires_hours)
 
 
-def build_app(control: Control, token: str, recovery: Recovery | None = None, started: float | None = None) -> ASGIApp:
+def build_app(control: Control, token: str, recovery: Recovery | None = None,
+              replication: ReplicationService | None = None, started: float | None = None) -> ASGIApp:
     """The API of one serving appliance, behind the method check and token authentication."""
     app = FastAPI(title="Instant-recovery appliance", version=VERSION, openapi_url=f"{PREFIX}/openapi.json",
                   docs_url=None, redoc_url=None)
@@ -154,7 +156,7 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None, st
         return job.to_dict()
 
     file_routes(app, control)
-    replication_routes(app, control)
+    replication_routes(app, control, replication)
     if recovery is not None:
         _recovery_routes(app, recovery)
     return TokenAuth(MethodCheck(app), token)

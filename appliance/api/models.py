@@ -120,3 +120,10 @@ class RecoveryGroupRun(Body):
     plan: str = Field(description="the plan, TOML text")
     source: str = Field("plan", description="the plan's file name, for error messages")
     keep: StrictBool = Field(False, description="leave the VMs running after the report")
+
+
+class ReplicationCreate(Body):
+    remote: str = Field(min_length=1, max_length=100, description="a [[remotes]] entry of the configuration")
+    direction: Literal["push", "pull"] = Field("push", description="push: this store's points to the remote; "
+                                                                     "pull: the remote's points here")
+    vms: list[VmName] | None = Field(None, min_length=1, description="only these VMs (default: all)")

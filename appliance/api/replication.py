@@ -17,10 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from appliance import errors
 from appliance.api.access import PREFIX
-from appliance.api.models import PointRef, VmName
+from appliance.api.models import PointRef, ReplicationCreate, VmName
 from appliance.api.responses import documented
 from appliance.control import Control
 from appliance.replication.local import LocalSource, LocalTarget
+from appliance.replication.service import ReplicationService
 from appliance.replication.wire import decode_ids, decode_manifest, encode_ids, encode_manifest
 
 #: A record stream of one batch is at most `run.BATCH_BYTES` plus headers; this leaves room.
@@ -44,7 +45,9 @@ def _json(doc: Any) -> Response:
     return Response(json.dumps(doc), media_type="application/json")
 
 
-def replication_routes(app: FastAPI, control: Control) -> None:
+def replication_routes(app: FastAPI, control: Control, service: ReplicationService | None) -> None:
+    if service is not None:
+        _job_routes(app, service)
     source = LocalSource(control.store)
     target = LocalTarget(control.store)
     base = f"{PREFIX}/replication"
@@ -87,3 +90,17 @@ def replication_routes(app: FastAPI, control: Control) -> None:
         """Add a restore point from its manifest, once every chunk it names is here."""
         manifest = decode_manifest(await _body(request))
         return _json({"committed": await run_in_threadpool(target.commit, manifest)})
+
+
+def _job_routes(app: FastAPI, service: ReplicationService) -> None:
+    """The jobs this appliance runs against its configured remotes."""
+
+    @app.get(f"{PREFIX}/remotes", responses=documented(takes_input=False))
+    def remotes() -> list[dict[str, Any]]:
+        """The configured remotes and their schedules (never their tokens)."""
+        return service.remotes()
+
+    @app.post(f"{PREFIX}/replications", status_code=202, responses=documented(errors.NotFound, errors.TryAgain))
+    async def start(body: ReplicationCreate) -> dict[str, Any]:
+        """Push or pull now; poll the job for its figures (bytes on the wire, chunks and points sent)."""
+        return service.submit(body.remote, body.direction, body.vms).to_dict()

@@ -80,6 +80,11 @@ class RemoteSettings:
     streams: int = 4
 
 
+def link_for(settings: RemoteSettings) -> Link:
+    """A fresh meter for one job with `settings`' pace."""
+    return Link(None if settings.rate_limit is None else TokenBucket(settings.rate_limit))
+
+
 class RemoteAppliance:
     """A remote appliance's replication resources; speaks both `SourceEnd` and `TargetEnd`."""
 

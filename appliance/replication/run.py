@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from appliance.errors import ChunksMissing, RemoteRefused
 from appliance.replication.ends import SourceEnd, TargetEnd
 from appliance.replication.local import LocalSource, LocalTarget
-from appliance.replication.remote import Link, RemoteAppliance, RemoteSettings, TokenBucket
+from appliance.replication.remote import Link, RemoteAppliance, RemoteSettings
 from appliance.replication.wire import MAX_IDS, Manifest
 from appliance.store.catalog import RestorePoint
 from appliance.store.repository import Store
@@ -80,8 +80,10 @@ class Replication:
     """One job's state across its points: the ends, the seen set and the figures."""
 
     def __init__(self, source: SourceEnd, target: TargetEnd, chunk_size: int, streams: int,
-                 on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None) -> None:
+                 on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None,
+                 checkpoint: Callable[[], None] | None = None) -> None:
         self._source, self._target = source, target
+        self._checkpoint = checkpoint or (lambda: None)
         self._streams = streams
         self._ids_per_batch = max(1, BATCH_BYTES // chunk_size)
         self._on_point = on_point
@@ -97,6 +99,7 @@ class Replication:
         return lacking
 
     def _carry(self, ids: list[bytes]) -> tuple[int, int]:
+        self._checkpoint()
         records = self._source.records(ids)
         self._target.store(records)
         return len(ids), len(records)
@@ -135,6 +138,7 @@ class Replication:
             if held:
                 self._seed(max(held, key=lambda point: (point.created, point.id)), source_ids)
         for point in sending:
+            self._checkpoint()
             self._send_point(self._source.manifest(point.id))
             self.report.points_sent.append(point.id)
             self.report.logical_bytes += sum(disk.size for disk in point.disks)
@@ -144,10 +148,10 @@ class Replication:
         return self.report
 
 
-def replicate(store: Store, remote: RemoteSettings, direction: str, vms: list[str] | None,
-              on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None) -> tuple[ReplicationReport, Link]:
-    """Push this store's points to `remote`, or pull its points here; the report and what crossed the link."""
-    link = Link(None if remote.rate_limit is None else TokenBucket(remote.rate_limit))
+def replicate(store: Store, remote: RemoteSettings, direction: str, vms: list[str] | None, link: Link,
+              on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None,
+              checkpoint: Callable[[], None] | None = None) -> ReplicationReport:
+    """Push this store's points to `remote`, or pull its points here; `link` meters what crosses the network."""
     other = RemoteAppliance(remote, link)
     try:
         with store.reader_lock():
@@ -157,7 +161,6 @@ def replicate(store: Store, remote: RemoteSettings, direction: str, vms: list[st
             else:
                 source, target = other, LocalTarget(store)
             check_compatible(source, target)
-            report = Replication(source, target, store.config.chunk_size, remote.streams, on_point).run(vms)
+            return Replication(source, target, store.config.chunk_size, remote.streams, on_point, checkpoint).run(vms)
     finally:
         other.close()
-    return report, link
