@@ -114,9 +114,10 @@ class ExfatVolume:
         self._fat = boot.fat_sector * self.sector
         self._heap = boot.cluster_heap_sector * self.sector
         self._clusters = int(boot.cluster_heap_count)
-        if self._fat + (self._clusters + 2) * 4 > self._heap or self._heap + self._clusters * self.cluster > volume_bytes:
-            raise ValueError(f"the FAT and the cluster heap ({self._clusters} clusters of {self.cluster} bytes) "
-                             f"do not fit the {volume_bytes}-byte volume")
+        if self._fat + (self._clusters + 2) * 4 > self._heap or self._heap >= volume_bytes:
+            raise ValueError(f"the FAT ({self._clusters} clusters) does not fit before the cluster heap at byte "
+                             f"{self._heap}, or that is past the {volume_bytes}-byte volume's end")
+        self._volume_bytes = volume_bytes
         self._fat_block = functools.lru_cache(maxsize=CACHED_FAT_BLOCKS)(self._read_fat_block)
         self._listing = functools.lru_cache(maxsize=CACHED_DIRECTORIES)(self._read_directory)
         chain = list(self._follow(int(boot.root_dir_cluster), None))
@@ -166,6 +167,8 @@ class ExfatVolume:
                     clusters[-1] = (clusters[-1][0], clusters[-1][1] + 1)
                 else:
                     clusters.append((cluster, 1))
+        if max(self._heap + (first + length - 2) * self.cluster for first, length in clusters) > self._volume_bytes:
+            raise ValueError(f"its clusters run past the {self._volume_bytes}-byte volume's end")
         per_cluster = self.cluster // self.sector
         return [((self._heap // self.sector) + (first - 2) * per_cluster, length * per_cluster)
                 for first, length in clusters]
