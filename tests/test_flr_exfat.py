@@ -16,7 +16,6 @@ as zeros, not the bytes on disk), a directory of many clusters marked contiguous
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -37,12 +36,11 @@ import pytest
 from appliance.flr.exfat import ExfatVolume, set_checksum
 from tests.conftest import run_cli
 from tests.test_api import Api
-from tests.test_flr import disk_with, one_line_error, sh
+from tests.test_flr import MIB, disk_with, one_line_error, sh, sha256
 from tests.test_nfs_serve import Serve, serve_with_mount
 
 pytestmark = pytest.mark.slow
 
-MIB = 1 << 20
 CLUSTER = 4096
 LONG_NAME = "é日本" * 10 + "x" * 166 + ".txt"  # 200 characters, 250 bytes of UTF-8 (Linux allows 255)
 MTIME = 1_700_000_001  # an odd second: exFAT keeps it in the 10 ms increment field
@@ -73,10 +71,6 @@ int mount(const char *source, const char *target, const char *type, unsigned lon
     return real(source, target, type, flags, data);
 }
 """
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @contextmanager
@@ -124,7 +118,7 @@ def write_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-def fat_offset(image: bytes) -> int:
+def fat_offset(image: bytes | bytearray) -> int:
     """Where the FAT starts: the boot sector's FatOffset, in 512-byte sectors (mkfs.exfat's default)."""
     return int(struct.unpack_from("<I", image, 0x50)[0]) * 512
 
