@@ -30,6 +30,7 @@ FILE_ENTRY, STREAM_ENTRY, NAME_ENTRY, UPCASE_ENTRY, END_OF_DIRECTORY = 0x85, 0xC
 NAME_UNITS_PER_ENTRY = 15
 READ_ONLY, DIRECTORY = 0x01, 0x10
 NO_FAT_CHAIN = 0x02
+END_OF_CHAIN = 0xFFFFFFFF
 FAT_ENTRIES_PER_BLOCK = 16384  # the FAT is read 64 KiB at a time
 CACHED_FAT_BLOCKS, CACHED_DIRECTORIES = 64, 256
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -138,6 +139,8 @@ class ExfatVolume:
         seen: set[int] = set()
         cluster = first
         while count is None or len(seen) < count:
+            if cluster == END_OF_CHAIN:
+                raise ValueError(f"its cluster chain ends after {len(seen)} of its {count} clusters")
             if not self._in_heap(cluster):
                 raise ValueError(f"its cluster chain leaves the cluster heap at {cluster:#x} after {len(seen)} "
                                  f"clusters{'' if count is None else f' of {count}'}")
@@ -148,7 +151,7 @@ class ExfatVolume:
             block, index = divmod(cluster, FAT_ENTRIES_PER_BLOCK)
             entries = self._fat_block(block)
             cluster = entries[index] if index < len(entries) else 0
-            if count is None and cluster == 0xFFFFFFFF:
+            if count is None and cluster == END_OF_CHAIN:
                 return
 
     def _runs(self, entry: Entry) -> list[tuple[int, int]]:
@@ -231,14 +234,18 @@ class ExfatVolume:
                      first_cluster, bool(flags & NO_FAT_CHAIN), timestamp_ns(modified, centiseconds, offset))
 
     def _read_upcase_table(self) -> dict[int, int] | None:
-        """The root's up-case table, or None (names then compare case-folded) when the root has none."""
+        """The root's up-case table; None (names then compare case-folded) when it has none or it does not read:
+        it decides only which spellings of a name find a file, not worth refusing the volume over."""
         data = self._contents(self.root)
         for position in range(0, len(data), ENTRY_BYTES):
             if data[position] == UPCASE_ENTRY:
                 first_cluster, length = struct.unpack_from("<IQ", data, position + 20)
                 table = Entry("", False, False, length, length, first_cluster, False, None)
-                with self.open(table) as stream:
-                    return upcase_table(stream.read())
+                try:
+                    with self.open(table) as stream:
+                        return upcase_table(stream.read())
+                except ValueError:
+                    return None
         return None
 
     def upper(self, name: str) -> str:
