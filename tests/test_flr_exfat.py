@@ -22,7 +22,6 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import tarfile
 import time
 import zipfile
@@ -36,7 +35,7 @@ import pytest
 from appliance.flr.exfat import ExfatVolume, set_checksum
 from tests.conftest import run_cli
 from tests.test_api import Api
-from tests.test_flr import MIB, disk_with, one_line_error, sh, sha256
+from tests.test_flr import MIB, Backed, disk_with, one_line_error, run_cli_prefix, sh, sha256
 from tests.test_nfs_serve import Serve, serve_with_mount
 
 pytestmark = pytest.mark.slow
@@ -145,17 +144,15 @@ def patch_entry(image: Path, name: str, attributes: int = 0, no_fat_chain: bool 
 
 
 @dataclass
-class Backed:
-    store: Path
+class ExfatBacked(Backed):
+    """test_flr's backed-up disk, with the exFAT image and its files by path (their bytes as they must read)."""
+
     files: dict[str, bytes]
     image: Path
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli("--store", str(self.store), *args)
-
 
 @pytest.fixture(scope="module")
-def backed(tmp_path_factory: pytest.TempPathFactory) -> Backed:
+def backed(tmp_path_factory: pytest.TempPathFactory) -> ExfatBacked:
     work = tmp_path_factory.mktemp("exfat")
     (work / "shim.c").write_text(SHIM)
     sh("cc", "-shared", "-fPIC", "-o", str(work / "shim.so"), str(work / "shim.c"), "-ldl")
@@ -174,11 +171,11 @@ def backed(tmp_path_factory: pytest.TempPathFactory) -> Backed:
     store = work / "store"
     disk = disk_with([image], "gpt", work / "disk.img")
     run_cli("--store", str(store), "init", check=True)
-    run_cli("--store", str(store), "backup", "--vm", "exfat", str(disk), check=True)
-    return Backed(store, files, image)
+    point = run_cli("--store", str(store), "backup", "--vm", "exfat", str(disk), check=True).stdout.strip()
+    return ExfatBacked(store, work, [disk], point, files, image)
 
 
-def test_the_image_has_what_the_reader_must_handle(backed: Backed) -> None:
+def test_the_image_has_what_the_reader_must_handle(backed: ExfatBacked) -> None:
     """A contiguous file, a fragmented one, a contiguous directory of several clusters: exfat-fuse made them."""
     raw = backed.image.read_bytes()
     with open(backed.image, "rb") as image:
@@ -192,7 +189,7 @@ def test_the_image_has_what_the_reader_must_handle(backed: Backed) -> None:
     assert many is not None and many.contiguous and many.length > CLUSTER
 
 
-def test_the_volume_is_listed_and_lookups_ignore_case(backed: Backed, tmp_path: Path) -> None:
+def test_the_volume_is_listed_and_lookups_ignore_case(backed: ExfatBacked, tmp_path: Path) -> None:
     listing = json.loads(backed.cli("files", "ls", "--vm", "exfat", "--json").stdout)
     assert [(v["partition"], v["scheme"], v["format"]) for v in listing["0"]] == [(1, "gpt", "exfat")]
     root = json.loads(backed.cli("files", "ls", "--vm", "exfat", "/", "--json").stdout)
@@ -210,7 +207,7 @@ def test_the_volume_is_listed_and_lookups_ignore_case(backed: Backed, tmp_path: 
         assert output.read_bytes() == backed.files[source]
 
 
-def test_every_file_reads_back_exactly_through_the_cli(backed: Backed, tmp_path: Path) -> None:
+def test_every_file_reads_back_exactly_through_the_cli(backed: ExfatBacked, tmp_path: Path) -> None:
     """Each file but the 120 small ones by `files get`; every file in a tar of the whole volume."""
     for number, (path, data) in enumerate(backed.files.items()):
         if path.startswith("/Docs/Many/"):
@@ -220,8 +217,8 @@ def test_every_file_reads_back_exactly_through_the_cli(backed: Backed, tmp_path:
         assert result.returncode == 0, result.stderr
         assert sha256(output.read_bytes()) == sha256(data), path
         assert output.stat().st_mtime_ns == MTIME * 1_000_000_000
-    dumped = subprocess.run([sys.executable, "-m", "appliance", "--store", str(backed.store), "files", "dump", "--vm",
-                             "exfat", "/"], capture_output=True, check=True)
+    dumped = subprocess.run([*run_cli_prefix(backed), "files", "dump", "--vm", "exfat", "/"], capture_output=True,
+                            check=True)
     with tarfile.open(fileobj=io.BytesIO(dumped.stdout)) as tar:
         members = {member.name: member for member in tar.getmembers()}
         for path, data in backed.files.items():
@@ -231,7 +228,7 @@ def test_every_file_reads_back_exactly_through_the_cli(backed: Backed, tmp_path:
         assert members["root/Docs"].mode == 0o755
 
 
-def test_a_folder_archive_and_a_search(backed: Backed, tmp_path: Path) -> None:
+def test_a_folder_archive_and_a_search(backed: ExfatBacked, tmp_path: Path) -> None:
     archive = tmp_path / "docs.zip"
     result = backed.cli("files", "dump", "--vm", "exfat", "/Docs", "--format", "zip", "--output", str(archive))
     assert result.returncode == 0, result.stderr
@@ -245,7 +242,7 @@ def test_a_folder_archive_and_a_search(backed: Backed, tmp_path: Path) -> None:
     assert backed.cli("files", "find", "--vm", "exfat", "*.bin", "--json").stdout == walked.stdout
 
 
-def test_every_file_reads_back_exactly_through_the_api(backed: Backed) -> None:
+def test_every_file_reads_back_exactly_through_the_api(backed: ExfatBacked) -> None:
     server = Serve(backed.store)
     server.start()
     api = Api(server)
@@ -261,7 +258,7 @@ def test_every_file_reads_back_exactly_through_the_api(backed: Backed) -> None:
         assert server.stop() == 0
 
 
-def test_every_file_reads_back_exactly_through_the_files_view(backed: Backed, tmp_path: Path) -> None:
+def test_every_file_reads_back_exactly_through_the_files_view(backed: ExfatBacked, tmp_path: Path) -> None:
     server = serve_with_mount(backed.store, tmp_path / "mnt")
     try:
         point = next((tmp_path / "mnt" / "files" / "exfat").iterdir())
@@ -276,7 +273,7 @@ def test_every_file_reads_back_exactly_through_the_files_view(backed: Backed, tm
         assert server.stop() == 0
 
 
-def damaged_copy(backed: Backed, tmp_path: Path, vm: str, at: int, value: bytes) -> None:
+def damaged_copy(backed: ExfatBacked, tmp_path: Path, vm: str, at: int, value: bytes) -> None:
     image = tmp_path / f"{vm}.img"
     data = bytearray(backed.image.read_bytes())
     data[at : at + len(value)] = value
@@ -284,12 +281,12 @@ def damaged_copy(backed: Backed, tmp_path: Path, vm: str, at: int, value: bytes)
     assert backed.cli("backup", "--vm", vm, str(image)).returncode == 0
 
 
-def test_a_damaged_boot_sector_is_a_one_line_error(backed: Backed, tmp_path: Path) -> None:
+def test_a_damaged_boot_sector_is_a_one_line_error(backed: ExfatBacked, tmp_path: Path) -> None:
     damaged_copy(backed, tmp_path, "exfat-boot", 0x5C, struct.pack("<I", 0x7FFFFFFF))  # a cluster count past the end
     one_line_error(backed.cli("files", "ls", "--vm", "exfat-boot", "/"), 3, "exfat file system")
 
 
-def test_a_looping_cluster_chain_is_an_error_never_wrong_bytes(backed: Backed, tmp_path: Path) -> None:
+def test_a_looping_cluster_chain_is_an_error_never_wrong_bytes(backed: ExfatBacked, tmp_path: Path) -> None:
     with open(backed.image, "rb") as image:
         volume = ExfatVolume(image)
         frag = volume.child(volume.root, "frag.bin")
