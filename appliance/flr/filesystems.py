@@ -1,4 +1,4 @@
-"""One view of ext2/3/4, XFS, NTFS and FAT: nodes with a name, kind, size, mode and mtime.
+"""One view of ext2/3/4, XFS, NTFS, FAT and exFAT: nodes with a name, kind, size, mode and mtime.
 
 Each file system's parser has its own names for the same things; an adapter per file
 system turns them into `FileNode`s, so listing, extraction and archives are written once.
@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, BinaryIO, Protocol
 
 from appliance.errors import NotFound
+from appliance.flr.exfat import Entry, ExfatVolume
 from appliance.flr.parsers import dissect, parse
 
 
@@ -215,6 +216,45 @@ class _FatFileSystem:
         return stream
 
 
+class _ExfatFileSystem:
+    """exFAT keeps no modes: a read-only attribute takes the write bits off the defaults. Names are found
+    through the volume's up-case table, as exFAT finds them."""
+
+    kind = "exfat"
+
+    def __init__(self, volume: BinaryIO) -> None:
+        self._volume = ExfatVolume(volume)
+
+    def _lookup(self, path: str) -> Entry:
+        entry = self._volume.root
+        for part in [part for part in path.split("/") if part]:
+            found = parse(f"exfat {path}", self._volume.child, entry, part) if entry.directory else None
+            if found is None:
+                raise NotFound(f"no {path!r} in this exfat file system")
+            entry = found
+        return entry
+
+    @staticmethod
+    def _node(path: str, entry: Entry) -> FileNode:
+        kind = "dir" if entry.directory else "file"
+        mode = None
+        if entry.read_only:
+            mode = (DEFAULT_DIR_MODE if entry.directory else DEFAULT_FILE_MODE) & ~0o222
+        return FileNode(path, kind, 0 if entry.directory else entry.length, entry.mtime_ns, mode, None, None)
+
+    def node(self, path: str) -> FileNode:
+        return self._node(path, self._lookup(path))
+
+    def children(self, directory: FileNode) -> list[FileNode]:
+        entries = parse(f"exfat {directory.path}", self._volume.children, self._lookup(directory.path))
+        return sorted((self._node(_join(directory.path, entry.name), entry) for entry in entries),
+                      key=lambda node: node.path)
+
+    def open(self, node: FileNode) -> BinaryIO:
+        stream: BinaryIO = parse(f"exfat {node.path}", self._volume.open, self._lookup(node.path))
+        return stream
+
+
 def _opener(kind: str) -> Callable[[BinaryIO], FileSystem]:
     if kind == "ext":
         return lambda fh: _InodeFileSystem("ext", dissect("extfs").ExtFS(fh))
@@ -222,6 +262,8 @@ def _opener(kind: str) -> Callable[[BinaryIO], FileSystem]:
         return lambda fh: _InodeFileSystem("xfs", dissect("xfs").XFS(fh))
     if kind == "ntfs":
         return lambda fh: _NtfsFileSystem(dissect("ntfs").NTFS(fh))
+    if kind == "exfat":
+        return _ExfatFileSystem
     return lambda fh: _FatFileSystem(dissect("fat.fat").FATFS(fh))
 
 

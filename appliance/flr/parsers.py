@@ -56,7 +56,10 @@ def partition_table(disk: Source) -> tuple[str, list[tuple[int, int, int, str]]]
         if scheme == "mbr" and partition.type in EXTENDED_TYPES:
             continue
         type_name = partition.type_str if isinstance(partition.type_str, str) else str(partition.type)
-        found.append((int(partition.number), int(partition.offset), int(partition.size), type_name))
+        size = int(partition.size)
+        if scheme == "gpt":  # dissect counts last LBA - first LBA sectors; the last LBA is the partition's too
+            size += int(parsed.scheme.sector_size)
+        found.append((int(partition.number), int(partition.offset), size, type_name))
     return scheme, found
 
 

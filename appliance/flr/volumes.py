@@ -15,7 +15,7 @@ from appliance.errors import NotFound, UnreadableVolume
 from appliance.flr.parsers import Source, partition_table, volume_stream
 
 #: Formats a volume can hold, as `format_of` names them.
-FILE_SYSTEMS = ("ext", "xfs", "ntfs", "fat")
+FILE_SYSTEMS = ("ext", "xfs", "ntfs", "fat", "exfat")
 ENCRYPTED = {"luks": "LUKS (dm-crypt)", "bitlocker": "BitLocker"}
 
 
