@@ -399,7 +399,7 @@ def test_a_serving_appliance_indexes_new_points_by_itself(backed: Backed) -> Non
     finally:
         assert server.stop() == 0
     with open_store(backed.store) as store, store.env.begin() as txn:
-        assert set(store.catalog.file_index(txn, point) or {}) == {(0, 1), (0, 2)}
+        assert set(store.catalog.file_index(txn, point) or {}) == {(0, 1, ""), (0, 2, "")}
 
 
 def test_the_restore_point_stays_byte_identical(backed: Backed, tmp_path: Path) -> None:

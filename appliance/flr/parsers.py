@@ -15,6 +15,8 @@ from appliance.errors import ApplianceError, DamagedFileSystem
 
 #: MBR partition types that only contain other partitions.
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
+#: dissect reads a GPT in 512-byte sectors.
+GPT_SECTOR = 512
 
 
 class Source(Protocol):
@@ -56,7 +58,10 @@ def partition_table(disk: Source) -> tuple[str, list[tuple[int, int, int, str]]]
         if scheme == "mbr" and partition.type in EXTENDED_TYPES:
             continue
         type_name = partition.type_str if isinstance(partition.type_str, str) else str(partition.type)
-        found.append((int(partition.number), int(partition.offset), int(partition.size), type_name))
+        size = int(partition.size)
+        if scheme == "gpt":  # GPT's last LBA is inclusive; dissect leaves it out, where a PV's last extent may end
+            size = (int(partition.raw.last_lba) - int(partition.raw.first_lba) + 1) * GPT_SECTOR
+        found.append((int(partition.number), int(partition.offset), size, type_name))
     return scheme, found
 
 
