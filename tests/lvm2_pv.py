@@ -1,8 +1,8 @@
 """An LVM2 physical volume written byte by byte, laid out as pvcreate, vgcreate and lvcreate lay it out.
 
 `pvcreate` wants a block device and there are none here, so the tests write LVM2's
-on-disk format themselves, from its published description (lvm2's lib/label/label.h and
-lib/format_text/layout.h, format-text.c, export.c): sector 1 holds the label header
+on-disk format themselves, as LVM2's published sources describe it (the label, the text
+format's layout, and how it writes and exports metadata): sector 1 holds the label header
 ("LABELONE", its sector, a CRC of the rest of the sector, "LVM2 001") and the PV header
 (the PV's UUID, the device size, the data area list, the metadata area list, the header
 extension); the metadata area at 4 KiB starts with its header (a CRC, the magic, where the
@@ -87,9 +87,15 @@ class Vg:
     lvs: list[Lv]
     #: other PVs of the VG, not on this disk: name -> extent count
     elsewhere: dict[str, int] = field(default_factory=dict)
+    #: 2 puts a second copy of the metadata in the PV's last MiB, as `pvcreate --pvmetadatacopies 2` does
+    metadata_areas: int = 1
+
+    @property
+    def areas(self) -> list[int]:
+        return [MDA_OFFSET, self.pv_size - MIB][: self.metadata_areas]
 
     def text(self) -> str:
-        pe_count = (self.pv_size - PE_START) // EXTENT
+        pe_count = (self.pv_size - PE_START - (MIB if self.metadata_areas == 2 else 0)) // EXTENT
         pvs = [("pv0", uuid("pv0"), pe_count, self.pv_size)]
         pvs += [(name, uuid(name), count, PE_START + count * EXTENT) for name, count in self.elsewhere.items()]
         physical = "".join(f'{name} {{\nid = "{hyphenated(id32)}"\ndevice = "/dev/vd{name}"\n\n'
@@ -105,31 +111,36 @@ class Vg:
                 'description = ""\n\ncreation_host = "flr-test"\ncreation_time = 1700000000\n')
 
 
+def _area_size(offset: int) -> int:
+    """The first area fills the space before the extents; a second one is the PV's last MiB."""
+    return PE_START - MDA_OFFSET if offset == MDA_OFFSET else MIB
+
+
 def write_pv(path: Path, vg: Vg, extents: dict[int, tuple[Path, int, int]]) -> Path:
-    """A PV image of `vg.pv_size` bytes holding `vg`'s metadata and, from each extent number, the
+    """A PV image of `vg.pv_size` bytes holding `vg`'s metadata (in each area) and, from each extent number, the
     (file, offset, length) given for it; zeros are left as holes, so a 300 MiB XFS costs little."""
     text = vg.text().encode() + b"\0"
-    mda_size = PE_START - MDA_OFFSET
     label = bytearray(SECTOR)
     pv_header = uuid("pv0").encode() + struct.pack("<Q", vg.pv_size)
     pv_header += struct.pack("<QQ", PE_START, 0) + bytes(16)  # data areas: one, to the end of the device
-    pv_header += struct.pack("<QQ", MDA_OFFSET, mda_size) + bytes(16)  # metadata areas: one
+    pv_header += b"".join(struct.pack("<QQ", area, _area_size(area)) for area in vg.areas) + bytes(16)
     pv_header += struct.pack("<II", 2, 1) + bytes(16)  # extension: version 2, PV_EXT_USED; no bootloader area
     label[32 : 32 + len(pv_header)] = pv_header
     label[20:32] = struct.pack("<I", 32) + b"LVM2 001"
     label[0:16] = b"LABELONE" + struct.pack("<Q", 1)
     label[16:20] = struct.pack("<I", lvm_crc(bytes(label[20:])))
-    header = bytearray(SECTOR)
-    header[4:40] = FMTT_MAGIC + struct.pack("<IQQ", 1, MDA_OFFSET, mda_size)
-    header[40:64] = struct.pack("<QQII", SECTOR, len(text), lvm_crc(text), 0)
-    header[0:4] = struct.pack("<I", lvm_crc(bytes(header[4:])))
     with open(path, "wb") as out:
         out.truncate(vg.pv_size)
         out.seek(SECTOR)
         out.write(label)
-        out.seek(MDA_OFFSET)
-        out.write(header)
-        out.write(text)
+        for area in vg.areas:
+            header = bytearray(SECTOR)
+            header[4:40] = FMTT_MAGIC + struct.pack("<IQQ", 1, area, _area_size(area))
+            header[40:64] = struct.pack("<QQII", SECTOR, len(text), lvm_crc(text), 0)
+            header[0:4] = struct.pack("<I", lvm_crc(bytes(header[4:])))
+            out.seek(area)
+            out.write(header)
+            out.write(text)
         for extent, (source, offset, length) in extents.items():
             with open(source, "rb") as data:
                 data.seek(offset)

@@ -2,10 +2,10 @@
 
 ext4 (`mkfs.ext4 -d`), XFS (`mkfs.xfs -p protofile`), NTFS (`mkntfs` + `ntfscp`) and
 FAT (`mkfs.fat` + `mcopy`) images are laid into an MBR disk and a GPT disk (`sfdisk`),
-backed up, and read back through `appliance files`. LVM2 needs a block device to be
-made (`pvcreate`), so it is not built here; an LVM2 physical volume is detected and
-refused by name, like LUKS (`cryptsetup luksFormat` works on a plain file). BitLocker
-volumes cannot be made on Linux; their signature is the same kind of check as LUKS's.
+backed up, and read back through `appliance files`. LUKS volumes (`cryptsetup luksFormat`
+works on a plain file) are refused by name. BitLocker volumes cannot be made on Linux;
+their signature is the same kind of check as LUKS's. LVM2 logical volumes are tested in
+`test_flr_lvm.py`, on PVs written by hand (`pvcreate` needs a block device).
 """
 
 from __future__ import annotations

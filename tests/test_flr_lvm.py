@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from appliance.store import open_store
-from tests.lvm2_pv import EXTENT, MIB, PE_START, Lv, Segment, Vg, write_pv
+from tests.lvm2_pv import EXTENT, MDA_OFFSET, MIB, PE_START, Lv, Segment, Vg, write_pv
 from tests.test_api import Api
-from tests.test_flr import LONG_NAME, NON_ASCII, ext4_image, disk_with, fat_image, make_tree, one_line_error, sha256, \
-    xfs_image
+from tests.test_flr import Backed as FlrBacked
+from tests.test_flr import LONG_NAME, NON_ASCII, disk_with, ext4_image, fat_image, make_tree, one_line_error, sh, \
+    sha256, xfs_image
 from tests.conftest import run_cli
 from tests.test_nfs_serve import Serve, serve_with_mount
 
@@ -45,18 +46,14 @@ def vg0() -> Vg:
 
 
 def vg_data() -> Vg:
-    return Vg("vg-data", PE_START + 76 * EXTENT, [Lv("my-files", [Segment(0, 75, pv_extent=1)])])
+    return Vg("vg-data", PE_START + 77 * EXTENT, [Lv("my-files", [Segment(0, 75, pv_extent=1)])], metadata_areas=2)
 
 
 @dataclass
-class Backed:
-    store: Path
-    tree: Path
-    pvs: list[Path]
-    point: str
+class Backed(FlrBacked):
+    """The disks backed up, and the PV images on their own for LVM's tools."""
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli("--store", str(self.store), *args)
+    pvs: list[Path]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +72,7 @@ def backed(tmp_path_factory: pytest.TempPathFactory) -> Backed:
     store = work / "store"
     run_cli("--store", str(store), "init", check=True)
     point = run_cli("--store", str(store), "backup", "--vm", "lvm", str(disk0), str(pv1), check=True).stdout.strip()
-    return Backed(store, tree, [pv0, pv1], point)
+    return Backed(store, tree, [disk0, pv1], point, [pv0, pv1])
 
 
 @pytest.mark.parametrize("pv, vg", [(0, "vg0"), (1, "vg-data")])
@@ -154,14 +151,24 @@ def test_refused_logical_volumes_say_why_in_one_line(backed: Backed) -> None:
     one_line_error(ls("vg0/root"), 2, "invalid partition 'vg0/root'")
 
 
+def damage_metadata(pv_image: Path, area: int) -> None:
+    """One byte of the metadata text in the area at `area`: the LV would start at extent 2 of the PV, not 1."""
+    with open(pv_image, "r+b") as pv:
+        pv.seek(area)
+        text = pv.read(MIB)
+        pv.seek(area + text.index(b'"pv0", 1'))
+        pv.write(b'"pv0", 2')
+
+
 def test_a_damaged_metadata_area_is_a_clear_error_never_wrong_bytes(backed: Backed, tmp_path: Path) -> None:
     damaged = tmp_path / "pv.img"
-    damaged.write_bytes(backed.pvs[1].read_bytes()[: PE_START + 2 * EXTENT])
-    with open(damaged, "r+b") as pv:  # one byte of the text: its LV now starts at extent 2 of the PV, not 1
-        text = pv.read(PE_START)
-        pv.seek(text.index(b'"pv0", 1'))
-        pv.write(b'"pv0", 2')
-        pv.truncate(vg_data().pv_size)
+    sh("cp", "--sparse=always", str(backed.pvs[1]), str(damaged))
+    damage_metadata(damaged, MDA_OFFSET)
+    backed.cli("backup", "--vm", "lvm-first-copy-damaged", str(damaged))
+    output = tmp_path / "big.bin"  # LVM's second copy of the metadata is read instead
+    backed.cli("files", "get", "--vm", "lvm-first-copy-damaged", "/dir/big.bin", "--output", str(output))
+    assert sha256(output.read_bytes()) == sha256((backed.tree / "dir" / "big.bin").read_bytes())
+    damage_metadata(damaged, vg_data().areas[1])
     backed.cli("backup", "--vm", "lvm-damaged", str(damaged))
     one_line_error(backed.cli("files", "ls", "--vm", "lvm-damaged", "--partition", "0/vg-data/my-files", "/"), 3,
                    "partition 0: LVM2 metadata area at byte 4096: its metadata text fails its CRC")
@@ -176,7 +183,7 @@ def test_the_api_lists_logical_volumes_and_serves_their_files(backed: Backed) ->
     server.start()
     api = Api(server)
     try:
-        base = f"/vms/lvm/points/{backed.point}"
+        base = f"/vms/lvm/points/{backed.first_point}"
         volumes = api.client.get(f"{base}/volumes").json()
         assert [volume["partition"] for volume in volumes["0"]][2:4] == ["2/vg0/root", "2/vg0/docs"]
         big = sha256((backed.tree / "dir" / "big.bin").read_bytes())
@@ -203,7 +210,7 @@ def test_the_api_lists_logical_volumes_and_serves_their_files(backed: Backed) ->
 def test_the_files_view_shows_each_logical_volume_as_a_folder(backed: Backed, tmp_path: Path) -> None:
     server = serve_with_mount(backed.store, tmp_path / "mnt")
     try:
-        point = tmp_path / "mnt" / "files" / "lvm" / backed.point
+        point = tmp_path / "mnt" / "files" / "lvm" / backed.first_point
         assert sorted(os.listdir(point)) == ["0-p1", "0-p2-vg0-docs", "0-p2-vg0-root", "1-p0-vg--data-my--files"]
         folders = {"2/vg0/root": "0-p2-vg0-root", "2/vg0/docs": "0-p2-vg0-docs",
                    "0/vg-data/my-files": "1-p0-vg--data-my--files"}
@@ -213,7 +220,7 @@ def test_the_files_view_shows_each_logical_volume_as_a_folder(backed: Backed, tm
                 assert sha256((point / folder / path.lstrip("/")).read_bytes()) == \
                     sha256((backed.tree / source).read_bytes()), (folder, path)
         assert os.readlink(point / "0-p2-vg0-root" / "dir" / "link") == "../hello.txt"
-        over_nfs = server.url(f"/files/lvm/{backed.point}/1-p0-vg--data-my--files/dir/big.bin")
+        over_nfs = server.url(f"/files/lvm/{backed.first_point}/1-p0-vg--data-my--files/dir/big.bin")
         fetched = subprocess.run(["nfs-cat", over_nfs], capture_output=True, check=True)
         assert sha256(fetched.stdout) == sha256((backed.tree / "dir" / "big.bin").read_bytes())
         damaged_point = next((tmp_path / "mnt" / "files" / "lvm-damaged").iterdir())
@@ -231,5 +238,5 @@ def test_the_index_keeps_logical_volumes_apart_and_answers_as_a_walk_does(backed
     assert backed.cli("files", "index", "--vm", "lvm", "--all").returncode == 0
     assert backed.cli("files", "find", "--vm", "lvm", "*.txt", "--json").stdout == walked.stdout
     with open_store(backed.store) as store, store.env.begin() as txn:
-        keys = set(store.catalog.file_index(txn, backed.point) or {})
+        keys = set(store.catalog.file_index(txn, backed.first_point) or {})
     assert keys == {(0, 1, ""), (0, 2, "vg0/root"), (0, 2, "vg0/docs"), (1, 0, "vg-data/my-files")}

@@ -1,7 +1,9 @@
 """LVM2: the logical volumes of a physical volume, each readable as a volume of its own.
 
-dissect.volume parses the VG's metadata text and maps an LV's linear segments onto the PV.
-What it leaves out is done here, so damage is an error and never a wrong map: LVM's own
+dissect.volume parses the VG's metadata text into its VGs, PVs, LVs and segments, and
+dissect.util's MappingStream reads an LV's linear segments from the PV, lazily, through the
+store's read path like any partition. The rest is done here, so damage is an error and
+never a wrong map: LVM's own
 integrity checks (the label's CRC, the metadata area header's CRC and magic, the metadata
 text's CRC), the second metadata area when the first is damaged (as LVM falls back),
 VG and LV names checked against LVM's rule (they become path parts), and every LV whose
@@ -27,7 +29,7 @@ LABEL_SECTORS = 4
 FMTT_MAGIC = b" LVM2 x[5A%r0N*>"
 INITIAL_CRC = 0xF597A6CF
 RAW_LOCN_IGNORED = 1
-#: LVM's rule for VG and LV names (lib/misc/lvm-string.c): no '/', nothing a shell or path would mangle.
+#: LVM's rule for VG and LV names: no '/', nothing a shell or a path would mangle, at most 127 characters.
 LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 LINEAR = ("striped", "linear")
 
@@ -113,7 +115,7 @@ def _metadata_text(pv: Source, size: int, areas: list[tuple[int, int]]) -> str |
         except DamagedFileSystem as exc:
             faults.append(f"LVM2 metadata area at byte {offset}: {exc}")
             continue
-        if text is not None or not faults:
+        if text is not None:
             return text
     if faults:
         raise DamagedFileSystem("; ".join(faults))
