@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from appliance.errors import ApplianceError, InvalidName
-from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME, NameRule
+from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME, VOLUME_REF, NameRule
 
 
 def name_argument(rule: NameRule) -> Callable[[str], str]:
@@ -47,6 +47,7 @@ VM_ARG = name_argument(VM_NAME)
 SESSION_ARG = name_argument(SESSION_NAME)
 POINT_ARG = name_argument(POINT_REF)
 JOB_ARG = name_argument(JOB_ID)
+VOLUME_ARG = name_argument(VOLUME_REF)
 
 
 def report_internal_error(exc: Exception, debug: bool) -> None:

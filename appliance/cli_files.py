@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.cli_args import POINT_ARG, VM_ARG, Command, store_path
+from appliance.cli_args import POINT_ARG, VM_ARG, VOLUME_ARG, Command, store_path
 from appliance.errors import UsageError
 from appliance.progress import Progress, human_bytes
 from appliance.store import Store, open_store
@@ -77,8 +77,9 @@ def cmd_files_ls(args: argparse.Namespace) -> int:
             for disk, volumes in listing.items():
                 print(f"disk {disk} ({human_bytes(files.disk(disk).size)})")
                 for volume in volumes:
+                    problem = volume.get("refused") or volume.get("error")
                     print(f"  partition {volume['partition']}  {volume['scheme']:<4} {human_bytes(int(str(volume['size']))):>10}"
-                          f"  {volume['format']:<9} {volume['type']}")
+                          f"  {volume['format']:<9} {volume['type']}" + (f"  ({problem})" if problem else ""))
             return 0
         filesystem, node = files.locate(args.disk or 0, args.partition, args.path)
         found = filesystem.children(node) if node.kind == "dir" else [node]
@@ -167,8 +168,9 @@ def register(command: Command) -> None:
     def where(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--point", default="latest", type=POINT_ARG, help="point id, unique prefix, or latest (default)")
         parser.add_argument("--disk", type=int, metavar="N", help="disk number, 0 first (default 0)")
-        parser.add_argument("--partition", type=int, metavar="K",
-                            help="partition number (default: the disk's only file system)")
+        parser.add_argument("--partition", type=VOLUME_ARG, metavar="K",
+                            help="partition number, or an LVM2 logical volume as K/VG/LV "
+                                 "(default: the disk's only file system)")
 
     parser = action("ls", cmd_files_ls, "list a folder, or without PATH the disks' partitions and file systems")
     where(parser)

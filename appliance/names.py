@@ -1,4 +1,4 @@
-"""The rules for the names users give and look up: VMs, sessions, restore-point refs, job ids.
+"""The rules for the names users give and look up: VMs, sessions, restore-point refs, job ids, volumes.
 
 One `NameRule` per kind, applied wherever a name enters: the CLI's arguments, the API's
 request models and path parameters, and every lookup in the store and the datastore, so
@@ -78,6 +78,10 @@ SESSION_NAME = NameRule("session name", 80, _PATH_SAFE_FIRST, _PATH_SAFE, _PATH_
 POINT_REF = NameRule("restore point", 64, _ID_CHARACTERS, _ID_CHARACTERS,
                      f"'latest', a point id or a unique prefix of one: {_ID_RULE}")
 JOB_ID = NameRule("job id", 64, _ID_CHARACTERS, _ID_CHARACTERS, _ID_RULE)
+#: A volume of a disk: a partition number, or an LVM2 logical volume as PARTITION/VG/LV (LVM's names are
+#: up to 127 of [A-Za-z0-9+_.-]); what `appliance.flr.volumes.Volume.name` spells.
+VOLUME_REF = NameRule("partition", 266, "0-9", r"0-9A-Za-z+_.\-/",
+                      "a partition number, or a logical volume as PARTITION/VG/LV (e.g. 2/vg0/root)")
 
 
 def check_component(name: str) -> str:

@@ -11,7 +11,8 @@ debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse
       syslinux syslinux-common mtools dosfstools fdisk     # ... from its own bootloader (no loop mounts)
       nfs-ganesha nfs-ganesha-vfs                         # tests/bench/nfs.py: the peer NFS server
       xfsprogs ntfs-3g cryptsetup-bin                     # tests/test_flr.py builds XFS, NTFS and LUKS volumes
-      exfatprogs exfat-fuse gcc libc6-dev)                # ... and exFAT ones (mkfs.exfat, exfat-fuse + a compiled shim)
+      exfatprogs exfat-fuse gcc libc6-dev                 # ... and exFAT ones (mkfs.exfat, exfat-fuse + a compiled shim)
+      lvm2)                                               # tests/test_flr_lvm.py checks its PVs with pvck, vgcfgrestore
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from appliance import errors
 from appliance.api.access import PREFIX
-from appliance.api.models import PointRef, VmName
+from appliance.api.models import PointRef, VmName, VolumeRef
 from appliance.api.responses import documented, error_response
 from appliance.control import Control
 from appliance.flr.browse import PointFiles, newest_points
@@ -30,7 +30,8 @@ from appliance.flr.index import search
 from appliance.flr.filesystems import FileNode, FileSystem
 
 Disk = Annotated[int, Query(ge=0, description="disk number, 0 first")]
-Partition = Annotated[int | None, Query(ge=0, description="partition number (default: the disk's only file system)")]
+Partition = Annotated[VolumeRef | None, Query(description="partition number, or an LVM2 logical volume as "
+                                                         "PARTITION/VG/LV (default: the disk's only file system)")]
 VolumePath = Annotated[str, Query(description="a path inside the volume ('..' never climbs above its root)")]
 ARCHIVE_TYPES = {"tar": "application/x-tar", "zip": "application/zip"}
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -136,7 +137,7 @@ def file_routes(app: FastAPI, control: Control) -> None:
 
     @app.get(f"{point_path}/volumes", responses=documented(errors.NotFound))
     def volumes(vm: VmName, point: PointRef) -> dict[str, list[dict[str, object]]]:
-        """Each disk's partitions (or the whole disk) and the file system found on each."""
+        """Each disk's partitions (or the whole disk) and the file system found on each, an LVM2 PV's LVs after it."""
         files = point_files(control, vm, point)
         return {str(disk): [volume.to_json() for volume in files.volumes(disk)] for disk in range(len(files.point.disks))}
 

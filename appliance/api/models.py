@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, W
 from pydantic_core import PydanticCustomError
 
 from appliance.errors import ApplianceError, UsageError
-from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME
+from appliance.names import JOB_ID, POINT_REF, SESSION_NAME, VM_NAME, VOLUME_REF
 from appliance.verification import check_offered, offered_pattern, parse_verification, verification_pattern
 
 
@@ -47,6 +47,7 @@ VmName = Annotated[str, validated(VM_NAME.check), WithJsonSchema(VM_NAME.json_sc
 SessionName = Annotated[str, validated(SESSION_NAME.check), WithJsonSchema(SESSION_NAME.json_schema())]
 PointRef = Annotated[str, validated(POINT_REF.check), WithJsonSchema(POINT_REF.json_schema())]
 JobId = Annotated[str, validated(JOB_ID.check), WithJsonSchema(JOB_ID.json_schema())]
+VolumeRef = Annotated[str, validated(VOLUME_REF.check), WithJsonSchema(VOLUME_REF.json_schema())]
 Verification = Annotated[str, validated(parse_verification),
                          WithJsonSchema({"type": "string", "pattern": verification_pattern()})]
 HostPath = Annotated[str, validated(host_path), WithJsonSchema({"type": "string", "pattern": "^/[^\\x00]*$"})]

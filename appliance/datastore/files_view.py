@@ -2,12 +2,16 @@
 
 ``/files/<vm>/<point>/<disk>-p<k>/...`` shows partition k of disk `disk` (p0: a disk
 without a partition table) as its file system shows it, so an operator copies a file out
-of a backup with any NFS or FUSE client. It stays lazy: a VM's folder lists the catalog;
-a point's folder reads the point's partition tables when it is first listed and shows
-every volume that holds a file system read here; a volume's file system is parsed when
-its folder is first listed (a damaged one fails there, with the parser's fault, and not
-the point's listing), and then only the directories walked and the files read are
-fetched from the store.
+of a backup with any NFS or FUSE client; an LVM2 logical volume LV of VG in partition k
+is ``<disk>-p<k>-<VG>-<LV>``, named as device-mapper names it (a '-' inside a VG or LV
+name doubled, so the name reads back one way only), and is what the CLI and the API call
+partition "k/VG/LV". It stays lazy: a VM's folder lists the catalog; a point's folder
+reads the point's partition tables (and an LVM2 PV's metadata) when it is first listed
+and shows every volume that holds a file system read here; a volume's file system is
+parsed when its folder is first listed (a damaged one fails there, with the parser's
+fault, and not the point's listing; so does a PV whose metadata is damaged, shown as
+``<disk>-p<k>``), and then only the directories walked and the files read are fetched
+from the store.
 
 The nodes are not kept in the namespace (a backup's files would flood it): they get inode
 numbers from a range of their own, given out as they are first seen and kept in memory,
@@ -28,7 +32,7 @@ from appliance.datastore.vfs import Attributes, AttributeChanges, DirEntry, Dura
 from appliance.errors import NotADirectory, NotFound, ReadOnly, StaleHandle
 from appliance.flr.browse import PointFiles
 from appliance.flr.filesystems import DEFAULT_DIR_MODE, FileNode, FileSystem
-from appliance.flr.volumes import FILE_SYSTEMS
+from appliance.flr.volumes import Volume
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 
@@ -49,7 +53,7 @@ class _Entry:
     vm: str = ""
     point: str = ""
     disk: int = -1
-    partition: int = -1
+    volume: str = ""  # `Volume.name`: "2", or "2/vg0/root" for an LV
     path: str = ""
     node: FileNode | None = None
 
@@ -57,6 +61,11 @@ class _Entry:
     def depth(self) -> int:
         """0 /files, 1 a VM, 2 a point, 3 a volume's root or anything inside a volume."""
         return 0 if not self.vm else 1 if not self.point else 2 if self.disk < 0 else 3
+
+
+def folder_name(disk: int, volume: Volume) -> str:
+    """`<disk>-p<k>`, or `<disk>-p<k>-<VG>-<LV>` for an LV, each '-' in its names doubled as device-mapper does."""
+    return "-".join([f"{disk}-p{volume.number}", *(part.replace("-", "--") for part in volume.lv.split("/") if part)])
 
 
 class FilesView:
@@ -84,7 +93,7 @@ class FilesView:
         return entry
 
     def _inode_of(self, entry: _Entry) -> int:
-        key = (entry.vm, entry.point, entry.disk, entry.partition, entry.path)
+        key = (entry.vm, entry.point, entry.disk, entry.volume, entry.path)
         inode = self._inodes.get(key)
         if inode is None:
             inode = self._inodes[key] = FIRST_INODE + len(self._entries)
@@ -104,7 +113,7 @@ class FilesView:
         return files
 
     def _filesystem(self, entry: _Entry) -> FileSystem:
-        return self._files(entry.vm, entry.point).filesystem(entry.disk, entry.partition)[1]
+        return self._files(entry.vm, entry.point).filesystem(entry.disk, entry.volume)[1]
 
     def _attributes(self, inode: int, entry: _Entry) -> Attributes:
         node = entry.node
@@ -131,12 +140,11 @@ class FilesView:
             return [(point.id, _Entry(inode, entry.vm, point.id)) for point in self._points() if point.vm == entry.vm]
         if entry.depth == 2:
             files = self._files(entry.vm, entry.point)
-            return [(f"{disk}-p{volume.number}", _Entry(inode, entry.vm, entry.point, disk, volume.number, "/"))
-                    for disk in range(len(files.point.disks)) for volume in files.volumes(disk)
-                    if volume.format in FILE_SYSTEMS]
+            return [(folder_name(disk, volume), _Entry(inode, entry.vm, entry.point, disk, volume.name, "/"))
+                    for disk in range(len(files.point.disks)) for volume in files.volumes(disk) if volume.browsable]
         filesystem = self._filesystem(entry)
         directory = entry.node if entry.node is not None else filesystem.node("/")
-        return [(child.name, _Entry(inode, entry.vm, entry.point, entry.disk, entry.partition, child.path, child))
+        return [(child.name, _Entry(inode, entry.vm, entry.point, entry.disk, entry.volume, child.path, child))
                 for child in filesystem.children(directory) if child.kind in _KINDS]
 
     def lookup(self, parent: int, name: str) -> Attributes:

@@ -25,7 +25,7 @@ class Found:
 
     point: str
     disk: int
-    partition: int
+    partition: int | str  # as `Volume.ref` spells it
     node: FileNode
 
     def to_json(self) -> dict[str, object]:
@@ -40,7 +40,7 @@ class PointFiles:
         self._read_path = read_path
         self._disks: dict[int, DiskFile] = {}
         self._volumes: dict[int, list[Volume]] = {}
-        self._filesystems: dict[tuple[int, int], FileSystem] = {}
+        self._filesystems: dict[tuple[int, str], FileSystem] = {}
 
     @property
     def chunks_read(self) -> int:
@@ -59,16 +59,16 @@ class PointFiles:
             self._volumes[disk] = find_volumes(self.disk(disk), self.disk(disk).size)
         return self._volumes[disk]
 
-    def filesystem(self, disk: int, partition: int | None) -> tuple[Volume, FileSystem]:
-        """The file system of a volume; `partition` None picks the disk's only one."""
+    def filesystem(self, disk: int, partition: str | None) -> tuple[Volume, FileSystem]:
+        """The file system of a volume ("2", or "2/vg0/root" for an LV); `partition` None picks the disk's only one."""
         volume = pick_volume(self.volumes(disk), partition)
-        key = (disk, volume.number)
+        key = (disk, volume.name)
         if key not in self._filesystems:
-            where = f"VM {self.point.vm!r} point {self.point.id} disk {disk} partition {volume.number}"
+            where = f"VM {self.point.vm!r} point {self.point.id} disk {disk} partition {volume.name}"
             self._filesystems[key] = open_filesystem(volume.format, open_volume(self.disk(disk), volume), where)
         return volume, self._filesystems[key]
 
-    def locate(self, disk: int, partition: int | None, path: str) -> tuple[FileSystem, FileNode]:
+    def locate(self, disk: int, partition: str | None, path: str) -> tuple[FileSystem, FileNode]:
         """The file system of a volume and the node at `path` in it (never above its root)."""
         _, filesystem = self.filesystem(disk, partition)
         return filesystem, filesystem.node(normal_path(path))
@@ -78,14 +78,14 @@ class PointFiles:
         for disk in range(len(self.point.disks)):
             for volume in self.volumes(disk):
                 try:
-                    _, filesystem = self.filesystem(disk, volume.number)
-                except UnreadableVolume:  # encrypted, LVM or foreign volumes have no files to search
+                    _, filesystem = self.filesystem(disk, volume.name)
+                except UnreadableVolume:  # encrypted volumes, LVM PVs, refused LVs and foreign ones have no files
                     continue
                 if on_volume is not None:
                     on_volume(disk, volume)
                 for node in walk(filesystem, filesystem.node("/")):
                     if fnmatch.fnmatchcase(node.name, pattern):
-                        yield Found(self.point.id, disk, volume.number, node)
+                        yield Found(self.point.id, disk, volume.ref, node)
 
 
 def newest_points(points: list[RestorePoint], which: str) -> list[RestorePoint]:

@@ -25,6 +25,7 @@ from appliance.errors import UnreadableVolume
 from appliance.events import event
 from appliance.flr.browse import Found, PointFiles, walk
 from appliance.flr.filesystems import FileNode
+from appliance.flr.volumes import partition_ref
 from appliance.store.catalog import RestorePoint
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
@@ -57,21 +58,21 @@ def _matches(blob: bytes, matches: Callable[[str], object]) -> Iterator[FileNode
 def build_index(store: Store, read_path: ReadPath, point: RestorePoint) -> int:
     """Walk every readable volume of `point` and store its index; returns the files indexed.
 
-    Unreadable volumes (encrypted, LVM, unknown) are left out, as a search would skip them.
+    Unreadable volumes (encrypted, LVM PVs and refused LVs, unknown) are left out, as a search would skip them.
     Nothing is stored if the point was removed meanwhile.
     """
     started = time.monotonic()
     files = PointFiles(read_path, point)
-    volumes: dict[tuple[int, int], bytes] = {}
+    volumes: dict[tuple[int, int, str], bytes] = {}
     count = 0
     for disk in range(len(point.disks)):
         for volume in files.volumes(disk):
             try:
-                _, filesystem = files.filesystem(disk, volume.number)
+                _, filesystem = files.filesystem(disk, volume.name)
             except UnreadableVolume:
                 continue
             nodes = list(walk(filesystem, filesystem.node("/")))
-            volumes[(disk, volume.number)] = _encode(nodes)
+            volumes[(disk, volume.number, volume.lv)] = _encode(nodes)
             count += len(nodes)
     with store.env.begin(write=True) as txn:
         kept = store.catalog.put_file_index(txn, point.id, volumes)
@@ -97,6 +98,6 @@ def search(store: Store, read_path: ReadPath, points: list[RestorePoint], patter
         if index is None:
             yield from PointFiles(read_path, point).find(pattern)
             continue
-        for (disk, partition), blob in sorted(index.items()):
+        for (disk, partition, lv), blob in sorted(index.items()):
             for node in _matches(blob, matcher):
-                yield Found(point.id, disk, partition, node)
+                yield Found(point.id, disk, partition_ref(partition, lv), node)

@@ -42,7 +42,7 @@ points        point id -> the restore point: disks, sizes, parent (`catalog`)
 maps          point id + disk -> the disk's chunk map (`catalog`)
 files         point id + name -> a small file backed up with it: .vmx, .nvram (`catalog`)
 holds         point id + holder -> why prune must keep the point (a session runs from it)
-file-index    point id "/" [+ disk + partition] -> the names, sizes and mtimes of a volume's
+file-index    point id "/" [+ disk + partition [+ VG/LV]] -> the names, sizes and mtimes of a volume's
               files (opaque to the store: `appliance.flr.index`); the bare key marks the
               point indexed. Dropped with the point (`catalog`)
 ns_nodes      inode -> the datastore node: kind, role, mode, owner, times, generation,

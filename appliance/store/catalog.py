@@ -22,7 +22,7 @@ from appliance.names import POINT_REF, VM_NAME
 from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
 
 _DISK_KEY = struct.Struct(">H")
-_VOLUME_KEY = struct.Struct(">II")  # file-index key: point id "/" disk, partition
+_VOLUME_KEY = struct.Struct(">II")  # file-index key: point id "/" disk, partition [+ "VG/LV" of an LV]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +123,9 @@ class Catalog:
                         return
                     yield bytes(key)
 
-    def put_file_index(self, txn: lmdb.Transaction, point_id: str, volumes: dict[tuple[int, int], bytes]) -> bool:
-        """Store a point's file index (opaque bytes per (disk, partition)); False if the point is gone.
+    def put_file_index(self, txn: lmdb.Transaction, point_id: str,
+                       volumes: dict[tuple[int, int, str], bytes]) -> bool:
+        """Store a point's file index (opaque bytes per (disk, partition, LV or "")); False if the point is gone.
 
         A marker key says the point is indexed even when it has no readable volume.
         """
@@ -132,15 +133,18 @@ class Catalog:
             return False
         prefix = point_id.encode() + b"/"
         txn.put(prefix, b"", db=self._file_index)
-        for (disk, partition), blob in volumes.items():
-            txn.put(prefix + _VOLUME_KEY.pack(disk, partition), blob, db=self._file_index)
+        for (disk, partition, lv), blob in volumes.items():
+            txn.put(prefix + _VOLUME_KEY.pack(disk, partition) + lv.encode(), blob, db=self._file_index)
         return True
 
     def has_file_index(self, txn: lmdb.Transaction, point_id: str) -> bool:
         return txn.get(point_id.encode() + b"/", db=self._file_index) is not None
 
-    def file_index(self, txn: lmdb.Transaction, point_id: str) -> dict[tuple[int, int], bytes] | None:
-        """A point's file index by (disk, partition), or None when it has none yet."""
+    def file_index(self, txn: lmdb.Transaction, point_id: str) -> dict[tuple[int, int, str], bytes] | None:
+        """A point's file index by (disk, partition, LV or ""), or None when it has none yet.
+
+        A partition's key is as it always was, so indexes stored before LVs were browsed still read.
+        """
         prefix = point_id.encode() + b"/"
         if not self.has_file_index(txn, point_id):
             return None
@@ -148,7 +152,8 @@ class Catalog:
         with txn.cursor(db=self._file_index) as cursor:
             for key in self._file_index_keys(txn, point_id):
                 if key != prefix and cursor.set_key(key):
-                    found[_VOLUME_KEY.unpack(key[len(prefix):])] = bytes(cursor.value())
+                    disk, partition = _VOLUME_KEY.unpack_from(key, len(prefix))
+                    found[(disk, partition, key[len(prefix) + _VOLUME_KEY.size :].decode())] = bytes(cursor.value())
         return found
 
     def add_hold(self, txn: lmdb.Transaction, point_id: str, holder: str) -> None:
