@@ -10,7 +10,8 @@ debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse
       qemu-system-x86 busybox-static kmod cpio iproute2   # the QEMU boot tests build and boot a guest
       syslinux syslinux-common mtools dosfstools fdisk     # ... from its own bootloader (no loop mounts)
       nfs-ganesha nfs-ganesha-vfs                         # tests/bench/nfs.py: the peer NFS server
-      xfsprogs ntfs-3g cryptsetup-bin)                    # tests/test_flr.py builds XFS, NTFS and LUKS volumes
+      xfsprogs ntfs-3g cryptsetup-bin                     # tests/test_flr.py builds XFS, NTFS and LUKS volumes
+      openssh-server)                                     # tests/bench/replicate.py runs its own sshd: restic's sftp peer
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -177,9 +177,9 @@ def sftp_server(link: ShapedLink, work: Path, logs: Path) -> Iterator[str]:
     shutil.copy(keys / "client.pub", keys / "authorized_keys")
     config = keys / "sshd_config"
     config.write_text(f"Port {SSH_PORT}\nListenAddress {TARGET_IP}\nHostKey {keys / 'host'}\n"
-                      f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile none\nPermitRootLogin prohibit-password\n"
-                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-                      "Subsystem sftp internal-sftp\n")
+                      f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile none\n"
+                      "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                      "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\n")
     privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation directory
     made_privsep = not privsep.exists()
     privsep.mkdir(mode=0o755, exist_ok=True)
