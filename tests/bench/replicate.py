@@ -45,7 +45,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -302,11 +301,6 @@ def measure(link: ShapedLink, run_dir: Path, sources: Sources, images: list[Path
     return fig
 
 
-def raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like an error, so the namespaces, children and work directory are cleaned up."""
-    raise SystemExit(f"bench: stopped by signal {signum}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0, help="image size (a few hundred MiB to 1 GiB)")
@@ -316,7 +310,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: it makes network namespaces and shapes a veth pair")
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks remove namespaces, children, files
     size = image_bytes(args.size_gib)
     work = work_directory(parser, args.work, "replicate-bench-")
     try:
