@@ -12,7 +12,8 @@ debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse
       nfs-ganesha nfs-ganesha-vfs                         # tests/bench/nfs.py: the peer NFS server
       xfsprogs ntfs-3g cryptsetup-bin                     # tests/test_flr.py builds XFS, NTFS and LUKS volumes
       exfatprogs exfat-fuse gcc libc6-dev                 # ... and exFAT ones (mkfs.exfat, exfat-fuse + a compiled shim)
-      lvm2)                                               # tests/test_flr_lvm.py checks its PVs with pvck, vgcfgrestore
+      lvm2                                                # tests/test_flr_lvm.py checks its PVs with pvck, vgcfgrestore
+      openssh-server)                                     # tests/bench/replicate.py runs its own sshd: restic's sftp peer
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -15,7 +15,6 @@ from appliance.errors import ApplianceError, DamagedFileSystem
 
 #: MBR partition types that only contain other partitions.
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
-#: dissect reads a GPT in 512-byte sectors.
 
 
 class Source(Protocol):
