@@ -28,7 +28,7 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
 
 def _print_report(doc: dict[str, Any]) -> None:
     print(f"{doc['direction']} {doc['remote']}: {len(doc['points_sent'])} points sent, {doc['points_skipped']} "
-          f"already there or older; {doc['chunks_sent']} chunks, {human_bytes(doc['wire_bytes_sent'])} sent and "
+          f"already there or older, {len(doc['points_removed'])} removed; {doc['chunks_sent']} chunks, {human_bytes(doc['wire_bytes_sent'])} sent and "
           f"{human_bytes(doc['wire_bytes_received'])} received for {human_bytes(doc['logical_bytes'])} of disks "
           f"in {doc['seconds']:.1f} s")
 
@@ -44,7 +44,7 @@ def _through_server(args: argparse.Namespace) -> int:
                          "this process instead")
     with client:
         job = client.call("POST", "/replications", {"remote": args.remote, "direction": args.direction,
-                                                    "vms": args.vm or None})
+                                                    "vms": args.vm or None, "remove_vanished": args.remove_vanished})
         return follow(client, job, args.json, render=lambda result: _print_report(
             {**result, "direction": args.direction, "remote": args.remote}))
 
@@ -78,7 +78,8 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
     with open_store(config.store.path) as store:
         link = link_for(settings)
-        report = replicate(store, settings, args.direction, args.vm or None, link, on_point)
+        report = replicate(store, settings, args.direction, args.vm or None, link, on_point,
+                           remove_vanished=args.remove_vanished)
     doc = {**report.to_json(), "direction": args.direction, "remote": remote.name,
            "wire_bytes_sent": link.sent, "wire_bytes_received": link.received}
     if args.json:
@@ -116,6 +117,9 @@ def register(command: Command) -> None:
                      help="with --config: bytes on the link per second, in MiB (default: the remote's rate_limit_mib)")
     sub.add_argument("--streams", type=int, choices=range(1, 33), metavar="N",
                      help="with --config: parallel transfers (default: the remote's streams)")
+    sub.add_argument("--remove-vanished", action="store_true",
+                     help="then delete the target's points (of VMs the source has) that the source no longer has; "
+                     "points a session holds at the target stay")
     sub.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     sub = command("api-certificate", cmd_api_certificate,

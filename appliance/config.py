@@ -140,6 +140,8 @@ class RemoteConfig:
     direction: str = option("push", one_of("push", "pull"))
     vms: tuple[str, ...] = option((), vm_names)
     window: str | None = option(None, window)
+    #: Scheduled jobs also delete the target's points the source no longer has (never points a session holds).
+    remove_vanished: bool = option(False, boolean)
 
     def __post_init__(self) -> None:
         if bool(self.token_env) == bool(self.token_file):

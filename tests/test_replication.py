@@ -308,3 +308,24 @@ def test_serve_runs_scheduled_and_on_demand_jobs_with_metrics(tmp_path: Path, so
         assert 'appliance_jobs{kind="replicate",state="succeeded"} 2.0' in exposition
     finally:
         server.stop()
+
+
+def test_remove_vanished_deletes_what_the_source_pruned_but_not_what_a_session_holds(
+        tmp_path: Path, source: Path, target: Site) -> None:
+    disk = make_disk(tmp_path / "disk.img")
+    first = backup(source, disk)
+    change_chunks(disk, [10], seed=2)
+    second = backup(source, disk)
+    change_chunks(disk, [11], seed=3)
+    third = backup(source, disk)
+    config = remote_config(tmp_path / "push.toml", source, target)
+    replicate(config)
+    run_cli("--store", str(target.store), "session", "create", "--vm", "vm1", "--point", first, "--name", "held",
+            check=True)
+    run_cli("--store", str(source), "prune", "--vm", "vm1", "--keep-last", "1", check=True)
+
+    kept = replicate(config)
+    assert kept["points_removed"] == [] and len(target.points()) == 3, "removed without --remove-vanished"
+    report = replicate(config, "push", "--remove-vanished")
+    assert report["points_removed"] == [second]
+    assert [point["id"] for point in target.points()] == [first, third]

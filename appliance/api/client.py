@@ -85,10 +85,9 @@ class ApiClient:
             return None
 
     def exchange(self, method: str, path: str, content: bytes | None = None,
-                 params: list[tuple[str, str]] | None = None) -> bytes:
-        """A binary request and its binary answer (replication's chunk lists, records and manifests)."""
-        return self._send(method, path, content=content, params=params,
-                          headers={"Content-Type": "application/octet-stream"}).content
+                 params: list[tuple[str, str]] | None = None, content_type: str = "application/octet-stream") -> bytes:
+        """A request and its answer as bytes (replication's chunk lists, records and manifests)."""
+        return self._send(method, path, content=content, params=params, headers={"Content-Type": content_type}).content
 
     def wait_job(self, job_id: str, poll_seconds: float = 0.5, on_change: Any = None) -> dict[str, Any]:
         """Poll a job until it finishes; `on_change(job)` sees each new state of it."""

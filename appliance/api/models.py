@@ -123,8 +123,14 @@ class RecoveryGroupRun(Body):
     keep: StrictBool = Field(False, description="leave the VMs running after the report")
 
 
+class PointRemoval(Body):
+    points: list[PointRef] = Field(max_length=10_000, description="restore point ids (exact) to delete")
+
+
 class ReplicationCreate(Body):
     remote: str = Field(min_length=1, max_length=100, description="a [[remotes]] entry of the configuration")
     direction: Literal["push", "pull"] = Field("push", description="push: this store's points to the remote; "
                                                                      "pull: the remote's points here")
     vms: list[VmName] | None = Field(None, min_length=1, description="only these VMs (default: all)")
+    remove_vanished: StrictBool = Field(False, description="delete the target's points of these VMs that the "
+                                        "source no longer has (points a session holds stay)")

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from appliance import errors
 from appliance.api.access import PREFIX
-from appliance.api.models import PointRef, ReplicationCreate, VmName
+from appliance.api.models import PointRef, PointRemoval, ReplicationCreate, VmName
 from appliance.api.responses import documented
 from appliance.control import Control
 from appliance.replication.local import LocalSource, LocalTarget
@@ -91,6 +91,11 @@ def replication_routes(app: FastAPI, control: Control, service: ReplicationServi
         manifest = decode_manifest(await _body(request))
         return _json({"committed": await run_in_threadpool(target.commit, manifest)})
 
+    @app.post(f"{base}/removals", responses=documented(errors.StoreBusy))
+    async def removals(body: PointRemoval) -> dict[str, list[str]]:
+        """Delete restore points the replicating source no longer has (points a session holds stay)."""
+        return {"removed": await run_in_threadpool(target.remove, body.points)}
+
 
 def _job_routes(app: FastAPI, service: ReplicationService) -> None:
     """The jobs this appliance runs against its configured remotes."""
@@ -103,4 +108,4 @@ def _job_routes(app: FastAPI, service: ReplicationService) -> None:
     @app.post(f"{PREFIX}/replications", status_code=202, responses=documented(errors.NotFound, errors.TryAgain))
     async def start(body: ReplicationCreate) -> dict[str, Any]:
         """Push or pull now; poll the job for its figures (bytes on the wire, chunks and points sent)."""
-        return service.submit(body.remote, body.direction, body.vms).to_dict()
+        return service.submit(body.remote, body.direction, body.vms, body.remove_vanished).to_dict()

@@ -81,7 +81,7 @@ def _read(pv: Source, offset: int, size: int) -> bytes:
 
 def _locations(data: bytes, start: int) -> tuple[list[tuple[int, int]], int]:
     """A zero-terminated list of (offset, size) from `start` of the label sector, and where it ends."""
-    found = []
+    found: list[tuple[int, int]] = []
     while start + _LOCN.size <= len(data):
         offset, size = _LOCN.unpack_from(data, start)
         start += _LOCN.size

@@ -151,9 +151,9 @@ def pick_volume(volumes: list[Volume], name: str | None) -> Volume:
         found = [volume for volume in volumes if volume.name == name]
         if found:
             return found[0]
-        damaged_pv = [volume for volume in volumes if volume.fault is not None and volume.name == name.split("/")[0]]
-        if damaged_pv and "/" in name:
-            raise type(damaged_pv[0].fault)(str(damaged_pv[0].fault))
+        faults = [volume.fault for volume in volumes if volume.fault is not None and volume.name == name.split("/")[0]]
+        if faults and "/" in name:
+            raise faults[0]
         listed = ", ".join(volume.name for volume in volumes) or "none"
         raise NotFound(f"no partition {name} (partitions: {listed})")
     readable = [volume for volume in volumes if volume.format in FILE_SYSTEMS and volume.fault is None]

@@ -46,3 +46,7 @@ class TargetEnd(Protocol):
     def commit(self, manifest: Manifest) -> bool:
         """Add the restore point (False: it was there already); ChunksMissing if a chunk is not held."""
         ...
+
+    def remove(self, point_ids: list[str]) -> list[str]:
+        """Delete these points, except those a session holds; the ids deleted (their space returns at the next gc)."""
+        ...

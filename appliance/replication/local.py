@@ -163,3 +163,13 @@ class LocalTarget:
             kept = RestorePoint(point.id, point.vm, point.created, parent, point.disks, point.files, point.stats)
             self._store.catalog.add_point(txn, kept, list(manifest.maps), manifest.files)
         return True
+
+    def remove(self, point_ids: list[str]) -> list[str]:
+        removed = []
+        with self._commit_turn, self._store.writer_lock(), self._store.env.begin(write=True) as txn:
+            for point_id in point_ids:
+                if not self._store.catalog.has_point(txn, point_id) or self._store.catalog.holders(txn, point_id):
+                    continue
+                self._store.catalog.delete_point(txn, self._store.catalog.get_point(txn, point_id))
+                removed.append(point_id)
+        return removed

@@ -98,11 +98,11 @@ class RemoteAppliance:
         self._client.close()
 
     def _binary(self, method: str, path: str, content: bytes | None = None,
-                params: list[tuple[str, str]] | None = None) -> bytes:
+                params: list[tuple[str, str]] | None = None, content_type: str = "application/octet-stream") -> bytes:
         """One binary exchange, metered, and tried again while the remote store is busy."""
         for attempt in range(BUSY_RETRIES):
             try:
-                answer = self._client.exchange(method, path, content, params)
+                answer = self._client.exchange(method, path, content, params, content_type)
             except StoreBusy:
                 if attempt == BUSY_RETRIES - 1:
                     raise
@@ -139,3 +139,8 @@ class RemoteAppliance:
     def commit(self, manifest: Manifest) -> bool:
         return bool(json.loads(self._binary("POST", "/replication/points", encode_manifest(manifest)))["committed"])
 
+
+    def remove(self, point_ids: list[str]) -> list[str]:
+        body = json.dumps({"points": point_ids}).encode()
+        return [str(point_id) for point_id in json.loads(self._binary("POST", "/replication/removals", body,
+                                                                    content_type="application/json"))["removed"]]

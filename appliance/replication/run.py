@@ -12,6 +12,9 @@ run. For each point, oldest first:
 4. the point is committed. If the target has meanwhile lost a chunk (its GC dropped
    one that no point referenced yet), it refuses with ChunksMissing and the point is
    sent again from step 2, at most `COMMIT_ATTEMPTS` times.
+
+With `remove_vanished`, the target then deletes its points the source no longer has
+(`vanished`); points a session holds there stay.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ BATCH_BYTES = 16 << 20
 class ReplicationReport:
     points_sent: list[str] = field(default_factory=list)
     points_skipped: int = 0  # already at the target, or older than its newest point of that VM
+    points_removed: list[str] = field(default_factory=list)  # vanished at the source, deleted at the target
     chunks_sent: int = 0
     chunk_bytes_sent: int = 0  # stored (compressed) record bytes of the chunks sent
     logical_bytes: int = 0  # the disk bytes of the points sent
@@ -44,6 +48,7 @@ class ReplicationReport:
 
     def to_json(self) -> dict[str, object]:
         return {"points_sent": self.points_sent, "points_skipped": self.points_skipped,
+                "points_removed": self.points_removed,
                 "chunks_sent": self.chunks_sent, "chunk_bytes_sent": self.chunk_bytes_sent,
                 "logical_bytes": self.logical_bytes, "seconds": round(self.seconds, 3)}
 
@@ -69,6 +74,17 @@ def points_to_send(source_points: list[RestorePoint], target_points: list[Restor
     held = {point.id for point in target_points}
     return [point for point in source_points
             if point.id not in held and point.created > newest.get(point.vm, float("-inf"))]
+
+
+def vanished(source_points: list[RestorePoint], target_points: list[RestorePoint]) -> list[str]:
+    """The target's points of VMs the source still has points of, that the source no longer has.
+
+    A VM the source has no point of at all is left alone: an empty selection or a source
+    that lost a VM whole is more likely a mistake than a retention decision.
+    """
+    kept = {point.id for point in source_points}
+    vms = {point.vm for point in source_points}
+    return [point.id for point in target_points if point.vm in vms and point.id not in kept]
 
 
 def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:
@@ -126,7 +142,7 @@ class Replication:
         if point.id in source_ids:
             self.seen |= self._source.manifest(point.id).chunk_ids()
 
-    def run(self, vms: list[str] | None) -> ReplicationReport:
+    def run(self, vms: list[str] | None, remove_vanished: bool = False) -> ReplicationReport:
         started = time.monotonic()
         source_points = self._source.points(vms)
         target_points = self._target.points(vms)
@@ -144,13 +160,15 @@ class Replication:
             self.report.logical_bytes += sum(disk.size for disk in point.disks)
             if self._on_point is not None:
                 self._on_point(point, self.report)
+        if remove_vanished:
+            self.report.points_removed = self._target.remove(vanished(source_points, target_points))
         self.report.seconds = time.monotonic() - started
         return self.report
 
 
 def replicate(store: Store, remote: RemoteSettings, direction: str, vms: list[str] | None, link: Link,
               on_point: Callable[[RestorePoint, ReplicationReport], None] | None = None,
-              checkpoint: Callable[[], None] | None = None) -> ReplicationReport:
+              checkpoint: Callable[[], None] | None = None, remove_vanished: bool = False) -> ReplicationReport:
     """Push this store's points to `remote`, or pull its points here; `link` meters what crosses the network."""
     other = RemoteAppliance(remote, link)
     try:
@@ -161,6 +179,7 @@ def replicate(store: Store, remote: RemoteSettings, direction: str, vms: list[st
             else:
                 source, target = other, LocalTarget(store)
             check_compatible(source, target)
-            return Replication(source, target, store.config.chunk_size, remote.streams, on_point, checkpoint).run(vms)
+            replication = Replication(source, target, store.config.chunk_size, remote.streams, on_point, checkpoint)
+            return replication.run(vms, remove_vanished)
     finally:
         other.close()

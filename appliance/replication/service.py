@@ -61,10 +61,10 @@ class ReplicationService:
                  "rate_limit_mib": remote.rate_limit_mib, "streams": remote.streams,
                  "schedule": None if remote.every_hours is None else {
                      "direction": remote.direction, "every_hours": remote.every_hours, "window": remote.window,
-                     "vms": list(remote.vms) if remote.vms else None}}
+                     "vms": list(remote.vms) if remote.vms else None, "remove_vanished": remote.remove_vanished}}
                 for remote in self._remotes.values()]
 
-    def submit(self, remote_name: str, direction: str, vms: list[str] | None) -> Job:
+    def submit(self, remote_name: str, direction: str, vms: list[str] | None, remove_vanished: bool = False) -> Job:
         """Start a job (from the trio loop); TryAgain while the same remote and direction is running."""
         remote = self._remotes.get(remote_name)
         if remote is None:
@@ -77,14 +77,16 @@ class ReplicationService:
             self._running.add(key)
         self._last_start[remote_name] = time.time()
         try:
-            return self._jobs.submit("replicate", {"remote": remote_name, "direction": direction, "vms": vms},
-                                     lambda job: self._run(job, remote, direction, vms))
+            params = {"remote": remote_name, "direction": direction, "vms": vms, "remove_vanished": remove_vanished}
+            return self._jobs.submit("replicate", params,
+                                     lambda job: self._run(job, remote, direction, vms, remove_vanished))
         except BaseException:
             with self._lock:
                 self._running.discard(key)
             raise
 
-    def _run(self, job: Job, remote: RemoteConfig, direction: str, vms: list[str] | None) -> dict[str, Any]:
+    def _run(self, job: Job, remote: RemoteConfig, direction: str, vms: list[str] | None,
+             remove_vanished: bool) -> dict[str, Any]:
         settings = settings_of(remote)
         link = link_for(settings)
         progress = ReplicationReport()
@@ -97,7 +99,8 @@ class ReplicationService:
 
         try:
             with job.step("replicate", remote=remote.name, direction=direction):
-                progress = replicate(self._store, settings, direction, vms, link, on_point, job.check_cancelled)
+                progress = replicate(self._store, settings, direction, vms, link, on_point, job.check_cancelled,
+                                     remove_vanished)
             succeeded = True
             return {**progress.to_json(), "wire_bytes_sent": link.sent, "wire_bytes_received": link.received}
         finally:
@@ -125,7 +128,8 @@ class ReplicationService:
         started = []
         for remote in self.due(now, datetime.datetime.fromtimestamp(now).time()):
             try:
-                started.append(self.submit(remote.name, remote.direction, list(remote.vms) or None))
+                started.append(self.submit(remote.name, remote.direction, list(remote.vms) or None,
+                                           remote.remove_vanished))
             except TryAgain:
                 continue
         return started
