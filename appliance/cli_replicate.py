@@ -28,7 +28,8 @@ def _config(args: argparse.Namespace) -> ApplianceConfig:
 
 def _print_report(doc: dict[str, Any]) -> None:
     print(f"{doc['direction']} {doc['remote']}: {len(doc['points_sent'])} points sent, {doc['points_skipped']} "
-          f"already there or older, {len(doc['points_removed'])} removed; {doc['chunks_sent']} chunks, {human_bytes(doc['wire_bytes_sent'])} sent and "
+          f"already there or older, {len(doc['points_removed'])} removed; {doc['chunks_sent']} chunks, "
+          f"{human_bytes(doc['wire_bytes_sent'])} sent and "
           f"{human_bytes(doc['wire_bytes_received'])} received for {human_bytes(doc['logical_bytes'])} of disks "
           f"in {doc['seconds']:.1f} s")
 

@@ -48,6 +48,7 @@ from appliance.config_checks import (
     option,
     part,
     positive_number,
+    read_secret,
     required,
     secret_file,
     build_section,
@@ -148,20 +149,8 @@ class RemoteConfig:
             raise Invalid("give exactly one of token_env (a variable name) or token_file", "token_env")
 
     def read_token(self, environ: Mapping[str, str] = os.environ) -> Secret:
-        """The remote's API token, read now (the file is checked again: it may have changed)."""
-        if self.token_env is not None:
-            value = environ.get(self.token_env, "")
-            if not value:
-                raise Invalid(f"environment variable {self.token_env} is not set or empty", "token_env")
-            return Secret(value.strip())
-        assert self.token_file is not None  # __post_init__ demands one of the two
-        try:
-            value = secret_file(str(self.token_file)).read_text().strip()
-        except OSError as exc:
-            raise Invalid(f"cannot read {self.token_file}: {exc.strerror}", "token_file") from None
-        if not value:
-            raise Invalid(f"{self.token_file} is empty", "token_file")
-        return Secret(value)
+        """The remote's API token, read now; refusals keyed `token_env`/`token_file`."""
+        return read_secret(self.token_env, self.token_file, ("token_env", "token_file"), environ)
 
 
 @dataclass(frozen=True)
@@ -225,26 +214,8 @@ class VsphereLogin:
             raise Invalid("missing: give password_env (a variable name) or password_file", "password_env")
 
     def read_password(self, environ: Mapping[str, str] = os.environ) -> Secret:
-        """The password from the variable or the file, read now; refusals keyed `password_env`/`password_file`.
-
-        The file is checked again (owner, mode): it may have changed since the
-        configuration was read.
-        """
-        if self.password_env is not None:
-            value = environ.get(self.password_env, "")
-            if not value:
-                raise Invalid(f"environment variable {self.password_env} is not set or empty", "password_env")
-            return Secret(value)
-        assert self.password_file is not None  # __post_init__ demands one of the two
-        try:
-            value = secret_file(str(self.password_file)).read_text().rstrip("\r\n")
-        except Invalid as exc:
-            raise Invalid(exc.reason, "password_file") from None
-        except OSError as exc:
-            raise Invalid(f"cannot read {self.password_file}: {exc.strerror}", "password_file") from None
-        if not value:
-            raise Invalid(f"{self.password_file} is empty", "password_file")
-        return Secret(value)
+        """The password from the variable or the file, read now; refusals keyed `password_env`/`password_file`."""
+        return read_secret(self.password_env, self.password_file, ("password_env", "password_file"), environ)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, field, fields
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,31 @@ def secret_file(value: Any) -> Path:
         raise Invalid(f"{path} has mode {stat.S_IMODE(info.st_mode):04o}: group or others may use it "
                       "(chmod 600)")
     return path
+
+
+def read_secret(env: str | None, file: Path | None, keys: tuple[str, str],
+                environ: Mapping[str, str]) -> Secret:
+    """A secret from the environment variable `env` or the root-only `file` (one is set), read now.
+
+    Refusals are keyed by `keys` (the variable's key, the file's key). The file is checked
+    again (owner, mode): it may have changed since the configuration was read.
+    """
+    env_key, file_key = keys
+    if env is not None:
+        value = environ.get(env, "")
+        if not value:
+            raise Invalid(f"environment variable {env} is not set or empty", env_key)
+        return Secret(value)
+    assert file is not None  # the section's __post_init__ demands one of the two
+    try:
+        value = secret_file(str(file)).read_text().rstrip("\r\n")
+    except Invalid as exc:
+        raise Invalid(exc.reason, file_key) from None
+    except OSError as exc:
+        raise Invalid(f"cannot read {file}: {exc.strerror}", file_key) from None
+    if not value:
+        raise Invalid(f"{file} is empty", file_key)
+    return Secret(value)
 
 
 def nfs_path(value: Any) -> str:

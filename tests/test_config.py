@@ -22,6 +22,7 @@ from tests.conftest import run_cli
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "appliance.toml"
 BASE = '[store]\npath = "/srv/appliance/store"\n'
+REMOTE = ('[[remotes]]\nname = "dr"\nurl = "https://192.0.2.7:9751"\nfingerprint = "sha256:' + "ab:" * 31 + 'ab"\n')
 CONNECTION = '[[vsphere.connections]]\nname = "vc1"\nurl = "https://vc1.example.com/sdk"\nuser = "backup"\n'
 
 
@@ -158,6 +159,15 @@ def test_secret_files_are_accepted_when_only_root_may_read_them(tmp_path: Path) 
      "vsphere.connections[0].nfs_server_address", "neither an IP address nor a host name"),
     (BASE + CONNECTION + 'password_env = "P"\nverify_tls = "no"\n', "vsphere.connections[0].verify_tls",
      "expected a boolean"),
+    (BASE + '[api]\ntls_cert = "/etc/a.crt"\n', "api.tls_cert", "together"),
+    (BASE + REMOTE, "remotes[0].token_env", "exactly one of token_env"),
+    (BASE + REMOTE.replace("https://", "http://") + 'token_env = "T"\n', "remotes[0].url", "not an https:// URL"),
+    (BASE + REMOTE.replace('"sha256:' + "ab:" * 31 + 'ab"', '"sha256:ab"') + 'token_env = "T"\n',
+     "remotes[0].fingerprint", "not a SHA-256 certificate fingerprint"),
+    (BASE + REMOTE + 'token_env = "T"\nwindow = "22-6"\n', "remotes[0].window", "not a window of local hours"),
+    (BASE + REMOTE + 'token_env = "T"\nvms = ["a/b"]\n', "remotes[0].vms", "/"),
+    (BASE + REMOTE + 'token_env = "T"\ndirection = "both"\n', "remotes[0].direction", "not one of: push, pull"),
+    (BASE + REMOTE + 'token_env = "T"\n' + REMOTE + 'token_env = "U"\n', "remotes[1].name", 'already named "dr"'),
 ])
 def test_bad_values_name_file_and_key(tmp_path: Path, body: str, key: str, fragment: str) -> None:
     path = write(tmp_path, body.replace("{secret}", str(secret(tmp_path))))

@@ -104,7 +104,8 @@ def replicate(config: Path, direction: str = "push", *extra: str) -> dict[str, o
 
 
 def backup(store: Path, disk: Path) -> str:
-    return run_cli("--store", str(store), "backup", "--vm", "vm1", str(disk), check=True).stdout.strip().splitlines()[-1]
+    result = run_cli("--store", str(store), "backup", "--vm", "vm1", str(disk), check=True)
+    return result.stdout.strip().splitlines()[-1]
 
 
 def restored(store: Path, point: str, output: Path) -> str:
@@ -151,6 +152,45 @@ def test_an_incremental_sends_about_the_changed_bytes(tmp_path: Path, source: Pa
     assert restored(target.store, second, tmp_path / "second.img") == sha256(disk)
 
 
+def test_small_changes_travel_as_deltas_against_the_targets_chunks(tmp_path: Path, source: Path,
+                                                                   target: Site) -> None:
+    disk = make_disk(tmp_path / "disk.img")
+    backup(source, disk)
+    config = remote_config(tmp_path / "push.toml", source, target)
+    replicate(config)
+    rng = random.Random(11)
+    with disk.open("r+b") as image:
+        for index in (1, 9, 30, 100, 150):  # one 4 KiB block in each of five chunks
+            image.seek(index * CHUNK + 8192)
+            image.write(rng.randbytes(4096))
+    second = backup(source, disk)
+
+    report = replicate(config)
+    assert report["chunks_sent"] == 5
+    assert int(report["wire_bytes_sent"]) < 5 * 4096 * 2 + DISK_CHUNKS * formats.CHUNK_ID_SIZE + 8192, report
+    assert restored(target.store, second, tmp_path / "second.img") == sha256(disk)
+
+
+def test_a_delta_that_does_not_decode_to_its_chunk_is_refused(tmp_path: Path, source: Path, target: Site) -> None:
+    from appliance.replication.delta import encode_delta
+
+    disk = make_disk(tmp_path / "disk.img")
+    backup(source, disk)
+    replicate(remote_config(tmp_path / "push.toml", source, target))
+    base = disk.read_bytes()[CHUNK : 2 * CHUNK]
+    changed = base[:100] + b"x" + base[101:]
+    claimed = formats.chunk_id(changed[:-1] + b"y")
+    delta = encode_delta(base, changed)
+    forged = formats.chunk_id(base) + formats.encode_record(claimed, formats.COMPRESSION_ZSTD, delta, CHUNK)
+    answer = target.client.post("/chunks", content=forged)
+    assert answer.status_code == 422 and "do not hash to its ID" in answer.json()["message"], answer.text
+
+    unknown_base = bytes(range(32)) + formats.encode_record(formats.chunk_id(changed), formats.COMPRESSION_ZSTD,
+                                                            delta, CHUNK)
+    answer = target.client.post("/chunks", content=unknown_base)
+    assert answer.status_code == 409 and answer.json()["error"] == "ChunksMissing", answer.text
+
+
 def test_pull_fetches_the_other_sites_points(tmp_path: Path, target: Site) -> None:
     """Here `target` is the site pulled from: it backs up, another store pulls."""
     disk = make_disk(tmp_path / "disk.img", seed=4)
@@ -184,7 +224,8 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(tmp_path: P
 def test_a_chunk_that_does_not_match_its_id_is_refused(target: Site) -> None:
     data = random.Random(5).randbytes(4096)
     honest = formats.chunk_id(data)
-    forged = formats.encode_record(honest, formats.COMPRESSION_NONE, data[:-1] + b"\x00", len(data))
+    forged = formats.ZERO_CHUNK_ID + formats.encode_record(honest, formats.COMPRESSION_NONE, data[:-1] + b"\x00",
+                                                           len(data))
     answer = target.client.post("/chunks", content=forged)
     assert answer.status_code == 422 and answer.json()["error"] == "ChunkRefused", answer.text
     assert "do not hash to its ID" in answer.json()["message"]
@@ -281,7 +322,10 @@ def test_the_target_boots_a_replicated_point_with_the_source_gone(tmp_path: Path
 
 
 def test_serve_runs_scheduled_and_on_demand_jobs_with_metrics(tmp_path: Path, source: Path, target: Site) -> None:
-    """The source site serves too: its remote's schedule starts a push at once, `replicate` without --config asks it for another."""
+    """The source site serves too: its remote's schedule starts a push at once.
+
+    `replicate` without --config then asks that server for another push, as a job.
+    """
     disk = make_disk(tmp_path / "disk.img")
     first = backup(source, disk)
     config = remote_config(tmp_path / "serve.toml", source, target, extra='every_hours = 24\nvms = ["vm1"]\n')

@@ -22,13 +22,20 @@ from appliance.api.responses import documented
 from appliance.control import Control
 from appliance.replication.local import LocalSource, LocalTarget
 from appliance.replication.service import ReplicationService
-from appliance.replication.wire import decode_ids, decode_manifest, encode_ids, encode_manifest
+from appliance.replication.wire import decode_ids, decode_manifest, decode_pairs, encode_ids, encode_manifest
 
 #: A record stream of one batch is at most `run.BATCH_BYTES` plus headers; this leaves room.
 MAX_BODY_BYTES = 256 << 20
 BINARY = "application/octet-stream"
 #: The OpenAPI document's word for a binary body (FastAPI cannot infer it from `Request`).
-BINARY_BODY = {"requestBody": {"required": True, "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}}
+BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+BINARY_BODY = {"requestBody": {"required": True, "content": {BINARY: BINARY_SCHEMA}}}
+
+
+def binary_answer(*kinds: type[errors.ApplianceError]) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of an operation answering binary (200), with its errors."""
+    return {200: {"description": "binary (see the README)",
+                  "content": {BINARY: BINARY_SCHEMA}}, **documented(*kinds)}
 
 
 async def _body(request: Request) -> bytes:
@@ -36,6 +43,8 @@ async def _body(request: Request) -> bytes:
     if declared > MAX_BODY_BYTES:
         raise errors.InvalidRequest(f"a body of {declared} bytes is over the limit of {MAX_BODY_BYTES}")
     body = await request.body()
+    if not body:
+        raise errors.InvalidRequest("the body is empty: this operation takes a binary body (see the README)")
     if len(body) > MAX_BODY_BYTES:
         raise errors.InvalidRequest(f"a body of {len(body)} bytes is over the limit of {MAX_BODY_BYTES}")
     return body
@@ -58,30 +67,32 @@ def replication_routes(app: FastAPI, control: Control, service: ReplicationServi
         return target.identity().to_json()
 
     @app.get(f"{base}/points", responses=documented())
-    def points(vm: Annotated[list[VmName] | None, Query()] = None) -> list[dict[str, object]]:
-        """Restore points, oldest first, of the VMs named (all when none is)."""
-        return [point.to_json() for point in source.points(vm)]
+    def points(vm: Annotated[VmName | None, Query()] = None) -> list[dict[str, object]]:
+        """Restore points, oldest first, of one VM (of all when none is named)."""
+        return [point.to_json() for point in source.points(None if vm is None else [vm])]
 
-    @app.get(f"{base}/points/{{point}}/manifest", responses=documented(errors.NotFound))
+    @app.get(f"{base}/points/{{point}}/manifest", responses=binary_answer(errors.NotFound))
     def manifest(point: PointRef) -> Response:
         """A point's manifest: the point, its chunk maps and its config files (binary)."""
         return Response(encode_manifest(source.manifest(point)), media_type=BINARY)
 
-    @app.post(f"{base}/records", responses=documented(errors.NotFound, errors.IntegrityError), openapi_extra=BINARY_BODY)
+    @app.post(f"{base}/records", responses=binary_answer(errors.NotFound, errors.IntegrityError),
+              openapi_extra=BINARY_BODY)
     async def records(request: Request) -> Response:
-        """The stored records of the chunk IDs in the body, each checked here before it leaves."""
-        ids = decode_ids(await _body(request))
-        return Response(await run_in_threadpool(source.records, ids), media_type=BINARY)
+        """A chunk stream of the (chunk ID, base ID) pairs in the body: stored records, or deltas against the bases."""
+        pairs = decode_pairs(await _body(request))
+        return Response(await run_in_threadpool(source.records, pairs), media_type=BINARY)
 
-    @app.post(f"{base}/missing", responses=documented(), openapi_extra=BINARY_BODY)
+    @app.post(f"{base}/missing", responses=binary_answer(), openapi_extra=BINARY_BODY)
     async def missing(request: Request) -> Response:
         """Which of the chunk IDs in the body this store lacks."""
         ids = decode_ids(await _body(request))
         return Response(encode_ids(await run_in_threadpool(target.missing, ids)), media_type=BINARY)
 
-    @app.post(f"{base}/chunks", responses=documented(errors.ChunkRefused, errors.StoreBusy), openapi_extra=BINARY_BODY)
+    @app.post(f"{base}/chunks", responses=documented(errors.ChunkRefused, errors.ChunksMissing, errors.StoreBusy),
+              openapi_extra=BINARY_BODY)
     async def chunks(request: Request) -> Response:
-        """Keep a record stream; each chunk must hash to its ID, or the whole batch is refused."""
+        """Keep a chunk stream; each chunk must hash to its ID, or the whole batch is refused."""
         body = await _body(request)
         return _json({"stored": await run_in_threadpool(target.store, body)})
 

@@ -90,10 +90,7 @@ class _ChunkProcessor:
         cid = formats.chunk_id(data)
         if self._known(cid):
             return _Processed(index, cid, None)
-        compressed = self._compressor().compress(data)
-        if len(compressed) < len(data):
-            return _Processed(index, cid, formats.encode_record(cid, formats.COMPRESSION_ZSTD, compressed, len(data)))
-        return _Processed(index, cid, formats.encode_record(cid, formats.COMPRESSION_NONE, data, len(data)))
+        return _Processed(index, cid, formats.record_of(cid, data, self._compressor().compress))
 
 
 def _ingest_disk(

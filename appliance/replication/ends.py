@@ -23,8 +23,11 @@ class SourceEnd(Protocol):
 
     def manifest(self, point_id: str) -> Manifest: ...
 
-    def records(self, ids: list[bytes]) -> bytes:
-        """The stored records of `ids` back to back, each verified where it is stored."""
+    def records(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
+        """A chunk stream (`wire`) of each (chunk, base): a delta against the base where that is smaller.
+
+        Each record is verified where it is stored before it leaves.
+        """
         ...
 
 
@@ -39,8 +42,8 @@ class TargetEnd(Protocol):
         """Which of `ids` the target does not hold."""
         ...
 
-    def store(self, records: bytes) -> int:
-        """Verify and keep a record stream; the number of chunks newly stored."""
+    def store(self, frames: bytes) -> int:
+        """Verify and keep a chunk stream; the number of chunks newly stored."""
         ...
 
     def commit(self, manifest: Manifest) -> bool:

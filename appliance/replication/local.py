@@ -3,6 +3,8 @@
 The target side is where trust is enforced, because the sender may be damaged or
 hostile: every record's checksum is checked, every chunk is decompressed and hashed and
 must equal its ID, and a restore point commits only when every chunk it names is held.
+A chunk may come as a delta against one this store holds (`appliance.replication.delta`):
+it is decoded and hashed like any other and stored in this store's own compression.
 Chunks commit batch by batch (so a rerun after a kill resends nothing already here);
 the point commits last, in one transaction, so a partial run is never visible.
 """
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 import threading
 
+import zstandard
+
 from appliance.errors import ChunkRefused, ChunksMissing, IntegrityError, InvalidRequest, NotFound
 from appliance.names import POINT_REF, VM_NAME
-from appliance.replication.wire import Manifest, StoreIdentity, split_records
+from appliance.replication.delta import WORTH_IT, decode_delta, encode_delta
+from appliance.replication.wire import Manifest, StoreIdentity, split_frames
 from appliance.store import formats
+from appliance.store.formats import ZERO_CHUNK_ID
 from appliance.store.catalog import RestorePoint, disk_name
 from appliance.store.chunks import ChunkLoader
 from appliance.store.repository import Store
@@ -56,15 +62,27 @@ class LocalSource:
             files = {name: self._store.catalog.file(txn, point, name) for name in point.files}
         return Manifest(point, maps, files)
 
-    def records(self, ids: list[bytes]) -> bytes:
+    def records(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
         with self._store.env.begin() as txn:
-            locations = [(cid, self._store.index.lookup(txn, cid)) for cid in ids]
-        parts = []
-        for cid, location in locations:
+            located = [(cid, base, self._store.index.lookup(txn, cid),
+                        None if base == ZERO_CHUNK_ID else self._store.index.lookup(txn, base))
+                       for cid, base in pairs]
+        frames = []
+        for cid, base, location, base_location in located:
             if location is None:
                 raise NotFound(f"chunk {cid.hex()[:16]} is not in this store")
-            parts.append(self._loader.load_record(cid, location)[1])
-        return b"".join(parts)
+            header, record = self._loader.load_record(cid, location)
+            delta = None if base_location is None else self._delta(cid, base, header, record)
+            frames.append(ZERO_CHUNK_ID + record if delta is None else delta)
+        return b"".join(frames)
+
+    def _delta(self, cid: bytes, base: bytes, header: formats.RecordHeader, record: bytes) -> bytes | None:
+        """The frame of `cid` as a delta against `base`, or None when the stored record is about as small."""
+        where = f"chunk {cid.hex()[:16]}"
+        delta = encode_delta(self._loader.load(base), self._loader.decode(header, record, where))
+        if formats.RECORD_HEADER_SIZE + len(delta) > WORTH_IT * len(record):
+            return None
+        return base + formats.encode_record(cid, formats.COMPRESSION_ZSTD, delta, header.raw_length)
 
 
 class LocalTarget:
@@ -75,6 +93,7 @@ class LocalTarget:
         self._loader = ChunkLoader(store)
         #: Batches from parallel streams take turns at the store's writer lock instead of failing on it.
         self._commit_turn = threading.Lock()
+        self._local = threading.local()
 
     def identity(self) -> StoreIdentity:
         return identity_of(self._store)
@@ -86,29 +105,45 @@ class LocalTarget:
         with self._store.env.begin() as txn:
             return [cid for cid in ids if self._store.index.lookup(txn, cid) is None]
 
-    def _verified(self, records: bytes) -> list[tuple[bytes, bytes, int]]:
-        """(chunk id, record, raw length) of each record; one bad record refuses the whole stream."""
+    def _verified(self, frames: bytes) -> list[tuple[bytes, bytes, int]]:
+        """(chunk id, record to keep, raw length) of each frame; one bad frame refuses the whole stream."""
         verified = []
         try:
-            for number, view in enumerate(split_records(records)):
-                verified.append(self._verified_record(view, f"received record {number}"))
+            for number, (base, view) in enumerate(split_frames(frames)):
+                verified.append(self._verified_frame(base, view, f"received chunk {number}"))
         except IntegrityError as exc:
             raise ChunkRefused(f"{exc}: the batch is refused, nothing of it is kept") from None
         return verified
 
-    def _verified_record(self, view: memoryview, where: str) -> tuple[bytes, bytes, int]:
+    def _verified_frame(self, base: bytes, view: memoryview, where: str) -> tuple[bytes, bytes, int]:
         header = formats.check_record(view, where)
-        data = self._loader.decode(header, bytes(view), where)
         if header.raw_length > self._store.config.chunk_size:
             raise IntegrityError(f"{where}: a chunk of {header.raw_length} bytes is larger than this store's "
                                  f"chunk size {self._store.config.chunk_size}")
+        if base == ZERO_CHUNK_ID:
+            data = self._loader.decode(header, bytes(view), where)
+        else:
+            if header.compression != formats.COMPRESSION_ZSTD:
+                raise IntegrityError(f"{where}: a delta must be zstd-compressed")
+            if self.missing([base]):
+                raise ChunksMissing(f"{where}: its delta base {base.hex()[:16]} is not held here")
+            data = decode_delta(self._loader.load(base), view[formats.RECORD_HEADER_SIZE :], header.raw_length, where)
         if formats.chunk_id(data) != header.chunk_id:
             raise IntegrityError(f"{where}: its bytes do not hash to its ID {header.chunk_id.hex()[:16]} "
                                  "(damaged in transit or by the sender)")
-        return header.chunk_id, bytes(view), header.raw_length
+        record = bytes(view) if base == ZERO_CHUNK_ID else formats.record_of(header.chunk_id, data, self._compress)
+        return header.chunk_id, record, header.raw_length
 
-    def store(self, records: bytes) -> int:
-        verified = self._verified(records)
+    def _compress(self, data: bytes) -> bytes:
+        """This store's own compression (per thread: the API runs transfers in several)."""
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(
+                level=self._store.config.compression_level, write_content_size=True)
+        return bytes(compressor.compress(data))
+
+    def store(self, frames: bytes) -> int:
+        verified = self._verified(frames)
         with self._commit_turn, self._store.writer_lock():
             absent = set(self.missing([cid for cid, _, _ in verified]))
             new = [entry for entry in verified if entry[0] in absent]

@@ -23,6 +23,7 @@ from appliance.replication.wire import (
     decode_manifest,
     encode_ids,
     encode_manifest,
+    encode_pairs,
 )
 from appliance.store.catalog import RestorePoint
 
@@ -120,21 +121,22 @@ class RemoteAppliance:
         return StoreIdentity(str(doc["store_id"]), int(doc["chunk_size"]), str(doc["chunk_id"]))
 
     def points(self, vms: list[str] | None) -> list[RestorePoint]:
-        params = [("vm", vm) for vm in vms] if vms is not None else None
-        docs = json.loads(self._binary("GET", "/replication/points", params=params))
-        return [RestorePoint.from_json(doc) for doc in docs]
+        queries: list[list[tuple[str, str]] | None] = [None] if vms is None else [[("vm", vm)] for vm in vms]
+        docs = [doc for query in queries
+                for doc in json.loads(self._binary("GET", "/replication/points", params=query))]
+        return sorted((RestorePoint.from_json(doc) for doc in docs), key=lambda point: (point.created, point.id))
 
     def manifest(self, point_id: str) -> Manifest:
         return decode_manifest(self._binary("GET", f"/replication/points/{point_id}/manifest"))
 
-    def records(self, ids: list[bytes]) -> bytes:
-        return self._binary("POST", "/replication/records", encode_ids(ids))
+    def records(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
+        return self._binary("POST", "/replication/records", encode_pairs(pairs))
 
     def missing(self, ids: list[bytes]) -> list[bytes]:
         return decode_ids(self._binary("POST", "/replication/missing", encode_ids(ids)))
 
-    def store(self, records: bytes) -> int:
-        return int(json.loads(self._binary("POST", "/replication/chunks", records))["stored"])
+    def store(self, frames: bytes) -> int:
+        return int(json.loads(self._binary("POST", "/replication/chunks", frames))["stored"])
 
     def commit(self, manifest: Manifest) -> bool:
         return bool(json.loads(self._binary("POST", "/replication/points", encode_manifest(manifest)))["committed"])

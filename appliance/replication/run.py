@@ -8,10 +8,12 @@ run. For each point, oldest first:
 2. the target is asked which of the point's chunks it lacks, in batches, skipping
    chunks this job already knows the target holds (the job-wide seen set, seeded with
    the chunks of the target's newest point of that VM);
-3. the lacking chunks travel as stored records, in batches, over parallel streams;
+3. the lacking chunks travel in batches over parallel streams: each as a delta against
+   the chunk the target holds for the same slot (in its newest point, or the point this
+   job sent before) when that is smaller, else as its stored record;
 4. the point is committed. If the target has meanwhile lost a chunk (its GC dropped
    one that no point referenced yet), it refuses with ChunksMissing and the point is
-   sent again from step 2, at most `COMMIT_ATTEMPTS` times.
+   sent again from step 2, without deltas, at most `COMMIT_ATTEMPTS` times.
 
 With `remove_vanished`, the target then deletes its points the source no longer has
 (`vanished`); points a session holds there stay.
@@ -23,16 +25,19 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from appliance.errors import ChunksMissing, RemoteRefused
 from appliance.replication.ends import SourceEnd, TargetEnd
 from appliance.replication.local import LocalSource, LocalTarget
 from appliance.replication.remote import Link, RemoteAppliance, RemoteSettings
 from appliance.replication.wire import MAX_IDS, Manifest
-from appliance.store.catalog import RestorePoint
+from appliance.store.catalog import RestorePoint, map_entries
+from appliance.store.formats import ZERO_CHUNK_ID
 from appliance.store.repository import Store
 
 COMMIT_ATTEMPTS = 3
+T = TypeVar("T")
 BATCH_BYTES = 16 << 20
 
 
@@ -42,7 +47,7 @@ class ReplicationReport:
     points_skipped: int = 0  # already at the target, or older than its newest point of that VM
     points_removed: list[str] = field(default_factory=list)  # vanished at the source, deleted at the target
     chunks_sent: int = 0
-    chunk_bytes_sent: int = 0  # stored (compressed) record bytes of the chunks sent
+    chunk_bytes_sent: int = 0  # bytes of the chunk streams sent (stored records and deltas)
     logical_bytes: int = 0  # the disk bytes of the points sent
     seconds: float = 0.0
 
@@ -87,7 +92,17 @@ def vanished(source_points: list[RestorePoint], target_points: list[RestorePoint
     return [point.id for point in target_points if point.vm in vms and point.id not in kept]
 
 
-def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:
+def delta_bases(maps: tuple[bytes, ...], base_maps: tuple[bytes, ...]) -> dict[bytes, bytes]:
+    """For each chunk of `maps`, the chunk the base point had in the same slot (where it had a different one)."""
+    bases: dict[bytes, bytes] = {}
+    for chunk_map, base_map in zip(maps, base_maps):
+        for new, old in zip(map_entries(chunk_map), map_entries(base_map)):
+            if new != old and ZERO_CHUNK_ID not in (new, old):
+                bases.setdefault(new, old)
+    return bases
+
+
+def _batches(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -104,6 +119,8 @@ class Replication:
         self._ids_per_batch = max(1, BATCH_BYTES // chunk_size)
         self._on_point = on_point
         self.seen: set[bytes] = set()
+        #: Per VM, the chunk maps of the newest point the target holds: each slot's chunk is its delta base.
+        self._base_maps: dict[str, tuple[bytes, ...]] = {}
         self.report = ReplicationReport()
 
     def _lacking(self, wanted: set[bytes]) -> list[bytes]:
@@ -114,33 +131,42 @@ class Replication:
         self.seen.update(set(unknown) - set(lacking))
         return lacking
 
-    def _carry(self, ids: list[bytes]) -> tuple[int, int]:
+    def _carry(self, pairs: list[tuple[bytes, bytes]]) -> tuple[int, int]:
         self._checkpoint()
-        records = self._source.records(ids)
-        self._target.store(records)
-        return len(ids), len(records)
+        frames = self._source.records(pairs)
+        self._target.store(frames)
+        return len(pairs), len(frames)
 
     def _send_point(self, manifest: Manifest) -> None:
         wanted = manifest.chunk_ids()
+        bases = delta_bases(manifest.maps, self._base_maps.get(manifest.point.vm, ()))
         for attempt in range(COMMIT_ATTEMPTS):
             lacking = self._lacking(wanted)
-            with ThreadPoolExecutor(max_workers=self._streams) as pool:
-                for chunks, size in pool.map(self._carry, _batches(lacking, self._ids_per_batch)):
-                    self.report.chunks_sent += chunks
-                    self.report.chunk_bytes_sent += size
-            self.seen.update(lacking)
+            pairs = [(cid, bases.get(cid, ZERO_CHUNK_ID)) for cid in lacking]
             try:
+                with ThreadPoolExecutor(max_workers=self._streams) as pool:
+                    for chunks, size in pool.map(self._carry, _batches(pairs, self._ids_per_batch)):
+                        self.report.chunks_sent += chunks
+                        self.report.chunk_bytes_sent += size
+                self.seen.update(lacking)
                 self._target.commit(manifest)
-                return
-            except ChunksMissing:
+                break
+            except ChunksMissing:  # a chunk or delta base the target had is gone (its GC or prune)
                 if attempt == COMMIT_ATTEMPTS - 1:
                     raise
                 self.seen -= wanted
+                bases = {}
+        self._base_maps[manifest.point.vm] = manifest.maps
 
     def _seed(self, point: RestorePoint, source_ids: set[str]) -> None:
-        """Count the chunks of the target's newest point of this VM as held (when the source still has it)."""
+        """Count the chunks of the target's newest point of this VM as held, and its maps as delta bases.
+
+        Only when the source still has that point: the target's maps never travel back.
+        """
         if point.id in source_ids:
-            self.seen |= self._source.manifest(point.id).chunk_ids()
+            manifest = self._source.manifest(point.id)
+            self.seen |= manifest.chunk_ids()
+            self._base_maps[point.vm] = manifest.maps
 
     def run(self, vms: list[str] | None, remove_vanished: bool = False) -> ReplicationReport:
         started = time.monotonic()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Callable, Final
 
 import blake3
 import xxhash
@@ -102,6 +102,14 @@ def encode_record(chunk: bytes, compression: int, payload: bytes, raw_length: in
     hasher = xxhash.xxh3_64(fields)
     hasher.update(payload)
     return b"".join((fields, hasher.digest(), payload))
+
+
+def record_of(chunk: bytes, data: bytes, compress: Callable[[bytes], bytes]) -> bytes:
+    """The record a store keeps for `data`: compressed when that is smaller, else raw."""
+    compressed = compress(data)
+    if len(compressed) < len(data):
+        return encode_record(chunk, COMPRESSION_ZSTD, compressed, len(data))
+    return encode_record(chunk, COMPRESSION_NONE, data, len(data))
 
 
 def decode_record_header(data: bytes | memoryview, where: str) -> RecordHeader:
