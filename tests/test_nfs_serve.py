@@ -51,9 +51,16 @@ class Serve:
         self._pick_ports()
 
     def _pick_ports(self) -> None:
-        self.ports = NfsService(free_port(), free_port(), ())
-        self.metrics_port = free_port()
-        self.api_port = free_port()
+        """Four distinct free ports (the kernel may hand the same free port to two probes in a row)."""
+        picked: list[int] = []
+        while len(picked) < 4:
+            port = free_port()
+            if port not in picked:
+                picked.append(port)
+        nfs, mount, metrics, api = picked
+        self.ports = NfsService(nfs, mount, ())
+        self.metrics_port = metrics
+        self.api_port = api
         self.log_path = self.store.parent / f"serve-{self.api_port}.log"
 
     def log_text(self) -> str:
