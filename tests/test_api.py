@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -50,6 +51,17 @@ def start_api(store: Path, *extra: str, portmap: bool = False) -> Api:
     server = Serve(store, *extra, portmap=portmap)
     server.start()
     return Api(server)
+
+
+@contextlib.contextmanager
+def serving_api(store: Path) -> Iterator[Api]:
+    """`serve` with its API up for the block; it must stop cleanly after it."""
+    running = start_api(store)
+    try:
+        yield running
+    finally:
+        running.close()
+        assert running.server.stop() == 0
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 from appliance.store import open_store
 from appliance.store.formats import CHUNK_ID_SIZE
 from tests.conftest import run_cli
-from tests.test_api import Api
+from tests.test_api import serving_api
 from tests.test_nfs_serve import Serve, serve_with_mount
 
 pytestmark = pytest.mark.slow
@@ -294,10 +294,7 @@ def test_a_corrupt_chunk_is_an_error_never_wrong_bytes(backed: Backed, tmp_path:
 
 
 def test_the_api_lists_downloads_ranges_archives_and_finds(backed: Backed) -> None:
-    server = Serve(backed.store)
-    server.start()
-    api = Api(server)
-    try:
+    with serving_api(backed.store) as api:
         base = f"/vms/flr/points/{backed.first_point}"
         volumes = api.client.get(f"{base}/volumes").json()
         assert [volume["format"] for volume in volumes["1"]] == ["ext", "xfs"]
@@ -328,9 +325,6 @@ def test_the_api_lists_downloads_ranges_archives_and_finds(backed: Backed) -> No
             (0, 1, "/docs/big.bin"), (0, 2, "/big.bin"), (1, 1, "/dir/big.bin"), (1, 2, "/dir/big.bin")}
         encrypted = api.client.get("/vms/locked/points/latest/files", params={"partition": 1})
         assert encrypted.status_code == 409 and "encrypted (LUKS" in encrypted.json()["message"]
-    finally:
-        api.close()
-        assert server.stop() == 0
 
 
 def test_the_files_view_serves_every_volume_over_fuse_and_nfs(backed: Backed, tmp_path: Path) -> None:

@@ -34,9 +34,9 @@ import pytest
 
 from appliance.flr.exfat import ExfatVolume, set_checksum
 from tests.conftest import run_cli
-from tests.test_api import Api
+from tests.test_api import serving_api
 from tests.test_flr import MIB, Backed, disk_with, one_line_error, run_cli_prefix, sh, sha256
-from tests.test_nfs_serve import Serve, serve_with_mount
+from tests.test_nfs_serve import serve_with_mount
 
 pytestmark = pytest.mark.slow
 
@@ -243,19 +243,13 @@ def test_a_folder_archive_and_a_search(backed: ExfatBacked, tmp_path: Path) -> N
 
 
 def test_every_file_reads_back_exactly_through_the_api(backed: ExfatBacked) -> None:
-    server = Serve(backed.store)
-    server.start()
-    api = Api(server)
-    try:
+    with serving_api(backed.store) as api:
         for path, data in backed.files.items():
             content = api.client.get("/vms/exfat/points/latest/files/content", params={"path": path})
             assert content.status_code == 200 and sha256(content.content) == sha256(data), path
         ranged = api.client.get("/vms/exfat/points/latest/files/content", params={"path": "/valid.bin"},
                                 headers={"Range": f"bytes={2 * CLUSTER}-{2 * CLUSTER + 9}"})
         assert ranged.status_code == 206 and ranged.content == backed.files["/valid.bin"][2 * CLUSTER : 2 * CLUSTER + 10]
-    finally:
-        api.close()
-        assert server.stop() == 0
 
 
 def test_every_file_reads_back_exactly_through_the_files_view(backed: ExfatBacked, tmp_path: Path) -> None:

@@ -22,12 +22,12 @@ import pytest
 
 from appliance.store import open_store
 from tests.lvm2_pv import EXTENT, MDA_OFFSET, MIB, PE_START, Lv, Segment, Vg, write_pv
-from tests.test_api import Api
+from tests.test_api import serving_api
 from tests.test_flr import Backed as FlrBacked
 from tests.test_flr import LONG_NAME, NON_ASCII, disk_with, ext4_image, fat_image, make_tree, one_line_error, sh, \
     sha256, xfs_image
 from tests.conftest import run_cli
-from tests.test_nfs_serve import Serve, serve_with_mount
+from tests.test_nfs_serve import serve_with_mount
 
 pytestmark = pytest.mark.slow
 
@@ -179,10 +179,7 @@ def test_a_damaged_metadata_area_is_a_clear_error_never_wrong_bytes(backed: Back
 
 
 def test_the_api_lists_logical_volumes_and_serves_their_files(backed: Backed) -> None:
-    server = Serve(backed.store)
-    server.start()
-    api = Api(server)
-    try:
+    with serving_api(backed.store) as api:
         base = f"/vms/lvm/points/{backed.first_point}"
         volumes = api.client.get(f"{base}/volumes").json()
         assert [volume["partition"] for volume in volumes["0"]][2:4] == ["2/vg0/root", "2/vg0/docs"]
@@ -202,9 +199,6 @@ def test_the_api_lists_logical_volumes_and_serves_their_files(backed: Backed) ->
         assert {(hit["disk"], hit["partition"], hit["path"]) for hit in found} == {
             (0, 1, "/dir/big.bin"), (0, "2/vg0/root", "/dir/big.bin"), (0, "2/vg0/docs", "/docs/big.bin"),
             (1, "0/vg-data/my-files", "/dir/big.bin")}
-    finally:
-        api.close()
-        assert server.stop() == 0
 
 
 def test_the_files_view_shows_each_logical_volume_as_a_folder(backed: Backed, tmp_path: Path) -> None:
