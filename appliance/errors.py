@@ -164,6 +164,23 @@ class VsphereTimeout(VsphereError):
     """A vSphere task did not finish in time; it may still be running in vCenter."""
 
 
+class TaskFailed(VsphereError):
+    """A vSphere task ended in a fault; `fault` is its type's name (e.g. "FileLocked"), for callers that retry
+    or fall back on one kind of fault only."""
+
+    def __init__(self, message: str, fault: str) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+class TransferError(VsphereError):
+    """Reading a disk file from an ESXi datastore failed or gave an answer that cannot be trusted as data."""
+
+
+class BackupRefused(VsphereError):
+    """A VM (or one of its disks) that this appliance cannot back up; the message says why and what to change."""
+
+
 class DatastoreConflict(VsphereError):
     """The appliance's datastore name is taken by a datastore of another NFS server or path."""
 

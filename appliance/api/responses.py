@@ -44,6 +44,7 @@ STATUSES: tuple[tuple[type[errors.ApplianceError], int], ...] = (
     (errors.UsageError, 400),
     (errors.ConfigError, 400),
     (errors.ReadOnly, 403),
+    (errors.BackupRefused, 409),
     (errors.VsphereError, 502),
 )
 

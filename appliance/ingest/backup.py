@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import zstandard
 
@@ -192,6 +192,7 @@ def ingest(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
     count_read: ReadCounter | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> RestorePoint:
     """Ingest open disk sources as a new restore point of `vm`.
 
@@ -199,6 +200,7 @@ def ingest(
     ranges touch are read; the rest is inherited from the parent point. `count_read`
     hears every slot read from a source as it is read, so a serving process's metrics
     show ingest throughput while it runs (the point's `read_bytes` is the total).
+    `origin` is kept with the point (see `RestorePoint.origin`), committed with it or not at all.
     """
     VM_NAME.check(vm)
     if not sources:
@@ -264,6 +266,7 @@ def ingest(
                     "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
                     "seconds": round(time.monotonic() - started, 3),
                 },
+                origin=dict(origin or {}),
             )
             with store.env.begin(write=True) as txn:
                 for info in sink.sealed:

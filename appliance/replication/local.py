@@ -11,6 +11,7 @@ the point commits last, in one transaction, so a partial run is never visible.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import zstandard
@@ -195,7 +196,7 @@ class LocalTarget:
             parent = point.parent
             if parent is not None and not self._store.catalog.has_point(txn, parent):
                 parent = None
-            kept = RestorePoint(point.id, point.vm, point.created, parent, point.disks, point.files, point.stats)
+            kept = dataclasses.replace(point, parent=parent)
             self._store.catalog.add_point(txn, kept, list(manifest.maps), manifest.files)
         return True
 

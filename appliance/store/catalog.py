@@ -44,6 +44,9 @@ class RestorePoint:
     disks: tuple[DiskInfo, ...]
     files: tuple[str, ...] = ()  # names of stored VM config files (.vmx, .nvram)
     stats: dict[str, float] = field(default_factory=dict)
+    #: Where the point came from, kept so the next backup can build on it: for a vSphere backup its
+    #: consistency ("application" or "crash"), each disk's CBT changeId and the snapshot it was read from.
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         doc = asdict(self)
@@ -60,6 +63,7 @@ class RestorePoint:
             disks=tuple(DiskInfo(**d) for d in doc["disks"]),
             files=tuple(doc.get("files", ())),
             stats=dict(doc.get("stats", {})),
+            origin=dict(doc.get("origin", {})),
         )
 
 

@@ -16,9 +16,11 @@ import contextlib
 import http.client
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,12 +28,14 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
 from appliance.config_checks import Secret
-from appliance.errors import NotFound, VsphereError, VsphereTimeout, VsphereUnreachable
+from appliance.errors import NotFound, TaskFailed, VsphereError, VsphereTimeout, VsphereUnreachable
 from appliance.vsphere.settings import VsphereSettings
 
 #: Task polling starts fast (vCenter finishes most tasks in well under a second) and backs off.
 _FIRST_POLL = 0.05
 _LAST_POLL = 1.0
+#: The cookie vSphere's SOAP endpoint sets at login; the /folder file service takes it too.
+SESSION_COOKIE = "vmware_soap_session"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def connect(settings: VsphereSettings, password: Secret) -> Connection:
     parts = urlsplit(settings.url)
     host, port = parts.hostname or "", parts.port or 443
     path = parts.path.rstrip("/") or "/sdk"  # "https://vcenter/" means its SDK, as in every vSphere client
-    context = _tls_context(settings)
+    context = tls_context(settings)
     try:
         # A plain TCP connect first: pyvmomi's version probe has no timeout, so an address
         # that drops packets would hang the worker thread for minutes.
@@ -80,6 +84,56 @@ def disconnect(connection: Connection) -> None:
         Disconnect(connection.service)
 
 
+class Session:
+    """A connection that logs in again when vSphere ends its session (ESXi does after about 30 idle
+    minutes, and a backup of a large VM outlives one). The new login goes over the same SOAP stub,
+    which takes the new cookie, so every managed object already looked up stays usable. Thread-safe:
+    the disk readers renew it from their own threads."""
+
+    def __init__(self, settings: VsphereSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self.connection = connect(settings, settings.password())
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Counts logins, so a failure seen by many threads at once renews the session once."""
+        return self._generation
+
+    def cookie(self) -> str:
+        """`name=value` of the SOAP session cookie, which the datastore file service accepts as the login."""
+        morsel = SimpleCookie(self.connection.service._stub.cookie).get(SESSION_COOKIE)
+        if morsel is None:
+            raise VsphereUnreachable(f"{self.settings.url}: the session has no {SESSION_COOKIE} cookie")
+        return f"{SESSION_COOKIE}={morsel.coded_value}"
+
+    def renew(self, seen_generation: int) -> None:
+        """Log in again, unless another thread already did since it saw `seen_generation`."""
+        with self._lock:
+            if self._generation != seen_generation:
+                return
+            with faults(f"log in to {self.settings.url} again"):
+                self.connection.content.sessionManager.Login(userName=self.settings.user,
+                                                             password=self.settings.password().reveal())
+            self._generation += 1
+
+    def ensure(self) -> None:
+        """Log in again if the session has ended: called before each step that follows a long wait."""
+        seen = self._generation
+        try:
+            alive = self.connection.content.sessionManager.currentSession is not None
+        except vim.fault.NotAuthenticated:
+            alive = False
+        except (vmodl.MethodFault, OSError, http.client.HTTPException) as exc:
+            raise VsphereUnreachable(f"{self.settings.url}: cannot check the session: {exc}") from None
+        if not alive:
+            self.renew(seen)
+
+    def close(self) -> None:
+        disconnect(self.connection)
+
+
 @contextlib.contextmanager
 def open_connection(settings: VsphereSettings, password: Secret) -> Iterator[Connection]:
     connection = connect(settings, password)
@@ -89,7 +143,7 @@ def open_connection(settings: VsphereSettings, password: Secret) -> Iterator[Con
         disconnect(connection)
 
 
-def _tls_context(settings: VsphereSettings) -> ssl.SSLContext:
+def tls_context(settings: VsphereSettings) -> ssl.SSLContext:
     # Always an explicit context: given none, pyvmomi skips verification for localhost.
     if not settings.verify_tls:
         return ssl._create_unverified_context()
@@ -110,9 +164,14 @@ def faults(what: str) -> Iterator[None]:
         raise VsphereUnreachable(f"{what}: connection to vSphere failed: {exc}") from None
 
 
+def fault_name(fault: vmodl.MethodFault) -> str:
+    """The fault's type without its namespace: "FileLocked" for vim.fault.FileLocked."""
+    return type(fault).__name__.rsplit(".", 1)[-1]
+
+
 def fault_text(fault: vmodl.MethodFault) -> str:
     """The fault's message, or its type when vSphere sent none (vcsim often does not)."""
-    return fault.msg or type(fault).__name__.rsplit(".", 1)[-1]
+    return fault.msg or fault_name(fault)
 
 
 def collect(connection: Connection, kind: type, paths: Sequence[str]) -> list[tuple[Any, dict[str, Any]]]:
@@ -207,7 +266,7 @@ def wait_for_task(task: vim.Task, what: str, timeout: float) -> Any:
             if info.state == vim.TaskInfo.State.success:
                 return info.result
             if info.state == vim.TaskInfo.State.error:
-                raise VsphereError(f"{what}: {fault_text(info.error)}")
+                raise TaskFailed(f"{what}: {fault_text(info.error)}", fault_name(info.error))
             if time.monotonic() >= deadline:
                 raise VsphereTimeout(f"{what}: not done after {timeout:g} s (task {task._moId} may still finish)")
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))

@@ -1,0 +1,1 @@
+"""Protecting vSphere VMs: backups taken by the appliance itself, their policies and their schedule."""
