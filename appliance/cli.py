@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.cli_args import POINT_ARG, VM_ARG, Handler, OneLineParser, report_internal_error, store_path
 from appliance.cli_files import register as register_file_commands
+from appliance.cli_protection import add_vsphere_arguments, backup_from_vsphere
+from appliance.cli_protection import register as register_protection_commands
 from appliance.cli_recovery import register as register_recovery_commands
 from appliance.cli_replicate import register as register_replicate_commands
 from appliance.cli_sessions import register as register_session_commands
@@ -43,6 +45,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from appliance.ingest.backup import backup
+
+    if args.from_vsphere:
+        return backup_from_vsphere(args)
+    if not args.vm or not args.disks:
+        raise UsageError("give --vm and the disk image files (or --from-vsphere VM)")
 
     config_files = {suffix: Path(path) for suffix, path in ((".vmx", args.vmx), (".nvram", args.nvram)) if path}
     with open_store(store_path(args)) as store, Progress(f"backup {args.vm}") as progress:
@@ -262,13 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes, power of two")
     sub.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, help="zstd level")
 
-    sub = command("backup", cmd_backup, "ingest disk images as a new restore point")
-    sub.add_argument("--vm", required=True, type=VM_ARG)
+    sub = command("backup", cmd_backup, "ingest disk images, or a vSphere VM's disks, as a new restore point")
+    sub.add_argument("--vm", type=VM_ARG)
     sub.add_argument("--vmx", help="the VM's .vmx file to keep with the point")
     sub.add_argument("--nvram", help="the VM's .nvram file to keep with the point")
     sub.add_argument("--parent", type=POINT_ARG, help="parent point (id, prefix or latest) for an incremental backup")
     sub.add_argument("--changed-areas", action="append", help="changed-areas JSON, one per disk, in disk order")
-    sub.add_argument("disks", nargs="+", metavar="DISK", help="raw image, VMDK descriptor or sparse VMDK")
+    sub.add_argument("disks", nargs="*", metavar="DISK", help="raw image, VMDK descriptor or sparse VMDK")
+    add_vsphere_arguments(sub)
 
     sub = command("points", cmd_points, "list restore points")
     sub.add_argument("--vm", type=VM_ARG)
@@ -342,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_recovery_commands(command)
     register_replicate_commands(command)
+    register_protection_commands(command)
 
     sub = command("config", cmd_config, "validate a configuration file without starting anything")
     config_commands = sub.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
+def server_client(args: argparse.Namespace) -> ApiClient:
     from appliance.api.client import ApiClient  # httpx: imported by the commands that talk to a server
 
     if not args.store:
@@ -90,7 +90,7 @@ def cmd_instant_boot(args: argparse.Namespace) -> int:
             "session": args.session, "host": args.host, "network": args.network, "connection": args.connection,
             "power_on": not args.no_power_on, "verify": args.verify, "timeout": args.timeout,
             "memory_mib": args.memory, "accel": args.accel, "keep": args.keep, "expires_hours": args.expires_hours}
-    with _client(args) as client:
+    with server_client(args) as client:
         return follow(client, client.call("POST", "/instant-boots", body), args.json, args.detach)
 
 
@@ -98,13 +98,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if bool(args.datastore) == bool(args.to_path):
         raise UsageError("give --datastore PRODUCTION_DS (vSphere) or --to-path DIR (QEMU)")
     destination = args.datastore or os.path.abspath(args.to_path)
-    with _client(args) as client:
+    with server_client(args) as client:
         job = client.call("POST", "/migrations", {"session": args.session, "destination": destination})
         return follow(client, job, args.json, args.detach)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with server_client(args) as client:
         job = client.call("POST", f"/sessions/{args.session}/stop", {"commit": args.commit})
         return follow(client, job, args.json, args.detach)
 
@@ -115,14 +115,14 @@ def cmd_recovery_group(args: argparse.Namespace) -> int:
         text = plan.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read plan {plan}: {exc.strerror}") from None
-    with _client(args) as client:
+    with server_client(args) as client:
         job = client.call("POST", "/recovery-groups", {"plan": text, "source": str(plan), "keep": args.keep})
         return follow(client, job, args.json, args.detach, render=_print_group_report)
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
     query = f"?connection={args.connection}" if args.connection else ""
-    with _client(args) as client:
+    with server_client(args) as client:
         found = client.call("GET", f"/discover{query}")
     if args.json:
         print(json.dumps(found, indent=2))
@@ -136,7 +136,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with server_client(args) as client:
         if args.jobs_command == "show":
             job = client.call("GET", f"/jobs/{args.id}")
             if args.json:

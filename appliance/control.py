@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.activities import VmActivities
 from appliance.config import LimitsConfig
 from appliance import session_commit
 from appliance.datastore import sessions
@@ -50,6 +51,7 @@ class Control:
         self.datastore = datastore
         self.limits = limits
         self.jobs = jobs
+        self.activities = VmActivities()  # backups and migrations back to production, one at a time per VM
         self._sessions_lock = threading.Lock()  # the limit check and the creation are one step
         self._end_session: SessionEnder = self.delete_session
         self._ending: set[tuple[str, float]] = set()  # (name, created) of sessions already being ended

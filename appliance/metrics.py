@@ -48,6 +48,7 @@ from appliance.datastore.datastore import Datastore
 from appliance.datastore.layout import overlay_path
 from appliance.datastore.sessions import SessionInfo, list_sessions
 from appliance.jobs import JobRunner
+from appliance.protection.job import BackupResult
 from appliance.replication.remote import Link
 from appliance.replication.run import ReplicationReport
 from appliance.store.repository import Store
@@ -104,6 +105,15 @@ class ApplianceMetrics:
                                           "replication job with a remote succeeded (alert on its age: the second "
                                           "site's RPO).", ["remote", "direction"], registry=self.registry)
 
+        self._backup_bytes = Counter("appliance_backup_bytes_total", "Bytes of vSphere backups run by this "
+                                     "process, by kind: read crossed the network from ESXi, changed is what CBT "
+                                     "reported (or the whole disk of a full backup), stored the new pack bytes.",
+                                     ["kind"], registry=self.registry)
+        self._backups = Counter("appliance_backups_total", "vSphere backup jobs ended, by result.", ["result"],
+                                registry=self.registry)
+        self._backup_seconds = Gauge("appliance_backup_last_duration_seconds", "How long the last backup of a VM "
+                                     "took, snapshot to snapshot removal.", ["vm"], registry=self.registry)
+
     def watch(self, datastore: Datastore) -> None:
         """Export the store's cache, integrity and space figures and the datastore's sessions.
 
@@ -148,6 +158,15 @@ class ApplianceMetrics:
         self._replicated_points.labels(remote=remote, direction=direction).inc(len(report.points_sent))
         if succeeded:
             self._replication_success.labels(remote=remote, direction=direction).set_to_current_time()
+
+    def backed_up(self, vm: str, result: BackupResult | None, seconds: float, bytes_read: int) -> None:
+        """`appliance.protection.service.BackupObserver`: one backup job ended (`result` None: it failed)."""
+        self._backup_bytes.labels(kind="read").inc(bytes_read)
+        self._backups.labels(result="failed" if result is None else "succeeded").inc()
+        self._backup_seconds.labels(vm=vm).set(seconds)
+        if result is not None:
+            self._backup_bytes.labels(kind="changed").inc(sum(plan.changed_bytes for plan in result.disks))
+            self._backup_bytes.labels(kind="stored").inc(result.point.stats.get("new_stored_bytes", 0))
 
     def render(self) -> bytes:
         """The text exposition of every metric. Blocks (a store scan): call it off the loop."""
@@ -247,6 +266,7 @@ class _DatastoreCollector:
                                   value=reads.loads.integrity_failures)
         yield from _space_metrics(self._store_space())
         yield from _session_metrics(self._datastore.store, list_sessions(self._datastore.namespace))
+        yield _newest_point_ages(self._datastore.store)
 
 
 def _space_metrics(space: StoreStatistics) -> Iterator[Metric]:
@@ -273,6 +293,20 @@ def _session_metrics(store: Store, sessions: list[SessionInfo]) -> Iterator[Metr
         overlay.add_metric([info.name], sum(_allocated_bytes(overlay_path(store, info.inode, disk))
                                             for disk in range(len(info.disks))))
     yield overlay
+
+
+def _newest_point_ages(store: Store) -> Metric:
+    """Per VM, the age of its newest point: alert when it passes the RPO a policy promises."""
+    ages = GaugeMetricFamily("appliance_vm_newest_point_age_seconds", "Seconds since the newest restore point "
+                             "of each VM in the catalog was taken.", labels=["vm"])
+    with store.env.begin() as txn:
+        newest: dict[str, float] = {}
+        for point in store.catalog.points(txn):
+            newest[point.vm] = max(newest.get(point.vm, 0.0), point.created)
+    now = time.time()
+    for vm, created in sorted(newest.items()):
+        ages.add_metric([vm], max(0.0, now - created))
+    return ages
 
 
 def _allocated_bytes(directory: Path) -> int:

@@ -26,6 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
 from appliance.api.tls import api_identity
+from appliance.protection.service import BackupService
 from appliance.replication.service import SCHEDULE_CHECK_SECONDS, ReplicationService
 from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, RemoteConfig, VsphereConnection
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
@@ -134,7 +135,8 @@ async def _then_stop(scope: trio.CancelScope, serve: Callable[..., Awaitable[Non
     scope.cancel()
 
 
-async def _serve_api(recovery: Recovery, replication: ReplicationService, token: str, options: ServeOptions, *,
+async def _serve_api(recovery: Recovery, replication: ReplicationService, backups: BackupService, token: str,
+                     options: ServeOptions, *,
                      task_status: trio.TaskStatus[tuple[str, str | None]] = trio.TASK_STATUS_IGNORED) -> None:
     """The HTTP API on hypercorn; announces its URL in STORE/serve.json while it runs."""
     assert options.api_address is not None
@@ -149,7 +151,8 @@ async def _serve_api(recovery: Recovery, replication: ReplicationService, token:
         config.certfile, config.keyfile = str(identity.cert_file), str(identity.key_file)
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        app = cast(Any, build_app(recovery.control, token, recovery, replication))  # hypercorn types ASGI apps its own way
+        app = cast(Any, build_app(recovery.control, token, recovery, replication,  # hypercorn types ASGI apps its own way
+                                  backups=backups))
         await hypercorn_serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
@@ -199,13 +202,15 @@ async def _expire_periodically(control: Control) -> None:
         await trio.sleep(EXPIRY_CHECK_SECONDS)
 
 
-async def _serve(recovery: Recovery, replication: ReplicationService, metrics: ApplianceMetrics, secret: bytes,
-                 token: str, options: ServeOptions) -> None:
+async def _serve(recovery: Recovery, replication: ReplicationService, backups: BackupService,
+                 metrics: ApplianceMetrics, secret: bytes, token: str, options: ServeOptions) -> None:
     control = recovery.control
     vfs = with_files(control.datastore)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.jobs.run)
+            if options.vsphere:
+                backups.reconcile([connection.name for connection in options.vsphere])
             if options.metrics_address is not None:
                 host, port = options.metrics_address
                 bound = await nursery.start(partial(serve_metrics, metrics, host=host, port=port))
@@ -225,7 +230,7 @@ async def _serve(recovery: Recovery, replication: ReplicationService, metrics: A
                                     vfs, options.mountpoint)
                 event("datastore.mounted", via="fuse", mountpoint=str(options.mountpoint))
             if options.api_address is not None:
-                url, fingerprint = await nursery.start(_serve_api, recovery, replication, token, options)
+                url, fingerprint = await nursery.start(_serve_api, recovery, replication, backups, token, options)
                 event("api.serving", url=url, **({} if fingerprint is None else {"tls_fingerprint": fingerprint}))
             nursery.start_soon(_expire_periodically, control)
             nursery.start_soon(_index_new_points, control)
@@ -271,8 +276,9 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         recovery = Recovery(control, targets, options.protection)
         control.set_session_ender(recovery.end_expired)
         replication = ReplicationService(store, control.jobs, options.remotes, metrics)
+        backups = BackupService(store, control.jobs, control.activities, targets.vsphere_settings, metrics)
         try:
-            trio.run(_serve, recovery, replication, metrics, secret, token, options)
+            trio.run(_serve, recovery, replication, backups, metrics, secret, token, options)
         except BaseExceptionGroup as group:
             cause = _single_cause(group)
             if cause is None:

@@ -39,12 +39,14 @@ from appliance.api.models import (
     StopRequest,
     VmName,
 )
+from appliance.api.backups import backup_routes
 from appliance.api.replication import replication_routes
 from appliance.api.responses import MethodCheck, documented, error_response, install_error_handlers
 from appliance.control import Control
 from appliance.jobs import Job
 from appliance.recovery.orchestrator import BootRequest, Recovery
 from appliance.recovery.plan import plan_from_table
+from appliance.protection.service import BackupService
 from appliance.replication.service import ReplicationService
 from appliance.verification import parse_verification
 
@@ -76,7 +78,8 @@ def boot_request(body: InstantBootCreate) -> BootRequest:
 
 
 def build_app(control: Control, token: str, recovery: Recovery | None = None,
-              replication: ReplicationService | None = None, started: float | None = None) -> ASGIApp:
+              replication: ReplicationService | None = None, started: float | None = None,
+              backups: BackupService | None = None) -> ASGIApp:
     """The API of one serving appliance, behind the method check and token authentication."""
     app = FastAPI(title="Instant-recovery appliance", version=VERSION, openapi_url=f"{PREFIX}/openapi.json",
                   docs_url=None, redoc_url=None)
@@ -159,6 +162,8 @@ def build_app(control: Control, token: str, recovery: Recovery | None = None,
     replication_routes(app, control, replication)
     if recovery is not None:
         _recovery_routes(app, recovery)
+    if backups is not None:
+        backup_routes(app, backups)
     return TokenAuth(MethodCheck(app), token)
 
 

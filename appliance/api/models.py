@@ -134,3 +134,14 @@ class ReplicationCreate(Body):
     vms: list[VmName] | None = Field(None, min_length=1, description="only these VMs (default: all)")
     remove_vanished: StrictBool = Field(False, description="delete the target's points of these VMs that the "
                                         "source no longer has (points a session holds stay)")
+
+
+class BackupCreate(Body):
+    vm: VmName = Field(description="the VM's name in vSphere (and in the catalog)")
+    connection: str | None = Field(None, min_length=1, max_length=100,
+                                   description="a [[vsphere.connections]] name (default: the only one)")
+    quiesce: Literal["yes", "try", "no"] = Field("try", description="quiesce the guest through VMware Tools: yes "
+                                                 "(fail if it cannot), try (else a crash-consistent point), no")
+    enable_cbt: StrictBool = Field(True, description="turn changed block tracking on if the VM lacks it (the next "
+                                   "backup is then incremental)")
+    streams: int = Field(4, ge=1, le=8, description="parallel HTTPS connections reading the disks")

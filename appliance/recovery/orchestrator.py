@@ -195,7 +195,8 @@ class Recovery:
         if record.state != "running":
             raise UsageError(f"session {session!r} is {record.state}, not running")
         target = self.targets.make(record.target, record.details)
-        with job.step("migrate", session=session, destination=destination) as step:
+        with (self.control.activities.holding(record.vm, f"its instant boot (session {session}) is being migrated"),
+              job.step("migrate", session=session, destination=destination) as step):
             moved = target.migrate(job, record, destination)
             step.detail = ", ".join(f"{key}={value}" for key, value in moved.items())
         record = record.with_state("migrated", **moved)

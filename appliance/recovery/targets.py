@@ -12,7 +12,7 @@ from appliance.recovery.orchestrator import Target
 from appliance.recovery.qemu_target import QemuSettings, QemuTarget
 from appliance.recovery.vsphere_target import VsphereTarget
 from appliance.vsphere.inventory import VmInfo
-from appliance.vsphere.settings import settings_for
+from appliance.vsphere.settings import VsphereSettings, settings_for
 
 
 def local_address(bind: str) -> str:
@@ -46,6 +46,11 @@ class ConfiguredTargets:
         raise NotSupported(f"no boot target {kind!r}")
 
     def vsphere(self, name: str | None) -> VsphereTarget:
+        name, settings = self.vsphere_settings(name)
+        return VsphereTarget(self.control, name, settings)
+
+    def vsphere_settings(self, name: str | None) -> tuple[str, VsphereSettings]:
+        """A connection's name and settings; with no name, the only connection configured."""
         if name is None:
             if len(self.connections) != 1:
                 raise NotConfigured(f"{len(self.connections)} vSphere connections are configured: name one (connection)"
@@ -54,8 +59,7 @@ class ConfiguredTargets:
         connection = self.connections.get(name)
         if connection is None:
             raise NotFound(f"no vSphere connection named {name!r} (configured: {', '.join(self.connections) or 'none'})")
-        settings = settings_for(connection, connection.nfs_server_address or self.nfs_bind, self.export_path)
-        return VsphereTarget(self.control, name, settings)
+        return name, settings_for(connection, connection.nfs_server_address or self.nfs_bind, self.export_path)
 
     def inventory(self, connection: str | None) -> list[VmInfo]:
         return self.vsphere(connection).inventory()
