@@ -118,10 +118,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from appliance.protection.retention import Retention
     from appliance.store.gc import prune
 
+    rule = Retention(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     with open_store(store_path(args)) as store:
-        removed, report = prune(store, args.vm, args.keep_last)
+        removed, report = prune(store, args.vm, rule)
     for point in removed:
         print(f"removed {point.vm} {point.id}")
     print(
@@ -292,9 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("verify", cmd_verify, "check every record checksum and every reference")
     sub.add_argument("--full", action="store_true", help="also decompress and re-hash every chunk")
 
-    sub = command("prune", cmd_prune, "keep the newest N points of a VM, then collect garbage")
+    sub = command("prune", cmd_prune, "drop the points of a VM a retention rule does not keep, then collect garbage")
+    sub.epilog = ("Counted as borg and restic do: the newest --keep-last points, then the newest point of each of "
+                  "the last N days, ISO weeks and months that have points (local time); a point an earlier rule "
+                  "kept does not count again. Points a session or replication holds are never removed.")
     sub.add_argument("--vm", required=True, type=VM_ARG)
-    sub.add_argument("--keep-last", type=int, required=True)
+    for period in ("last", "daily", "weekly", "monthly"):
+        sub.add_argument(f"--keep-{period}", type=int, default=0, metavar="N")
 
     command("gc", cmd_gc, "reclaim space of chunks no restore point references")
 

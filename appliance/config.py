@@ -33,6 +33,9 @@ from appliance.config_checks import (
     absolute_path,
     boolean,
     connection_name,
+    cron,
+    folder_paths,
+    tag_names,
     fingerprint,
     vm_names,
     window,
@@ -182,12 +185,59 @@ class QemuConfig:
 
 @dataclass(frozen=True)
 class ProtectionConfig:
-    """What discovery reports for VMs in vCenter (see `appliance discover`)."""
+    """Which policy covers the VMs no `[[policies]]` entry selects, and when a point is stale."""
 
-    #: The policy a VM nobody announced falls under: listed, never silently skipped.
-    default_policy: str = option("default: daily backup, keep 14 restore points", text)
+    #: The name of the policy that backs up every VM no other policy selects (fail-safe: nothing
+    #: is only listed). A `[[policies]]` entry of this name sets its schedule and retention;
+    #: without one it is every 24 hours, keep_last 14, quiesce "try", enable_cbt true.
+    default_policy: str = option("default", connection_name)
     #: A protected VM whose newest restore point is older than this is reported stale.
     stale_after_hours: float = option(26.0, positive_number)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    """A backup policy: which VMs of which connection, when, how, and how long their points are kept."""
+
+    name: str = required(connection_name)
+    #: A `[[vsphere.connections]]` name; absent: the only one configured (the default policy: every one).
+    connection: str | None = option(None, connection_name)
+    #: Exactly one of the two: every so many hours since the VM's newest point, or a crontab line
+    #: (local time); either way a backup starts only inside `window` ("22:00-06:00") when one is given.
+    every_hours: float | None = option(None, positive_number)
+    cron: str | None = option(None, cron)
+    window: str | None = option(None, window)
+    #: Retention as borg and restic count it: the newest `keep_last` points, then the newest point of
+    #: each of the last `keep_daily` days, `keep_weekly` ISO weeks, `keep_monthly` months that have points.
+    keep_last: int = option(0, integer(0, 100_000))
+    keep_daily: int = option(0, integer(0, 100_000))
+    keep_weekly: int = option(0, integer(0, 100_000))
+    keep_monthly: int = option(0, integer(0, 100_000))
+    quiesce: str = option("try", one_of("try", "yes", "no"))
+    #: Turn changed block tracking on for a VM that lacks it (its next backup is then incremental).
+    enable_cbt: bool = option(True, boolean)
+    #: Parallel HTTPS connections reading one VM's disks.
+    streams: int = option(4, integer(1, 8))
+    #: The VMs covered: by name, by inventory folder (subfolders included), by tag, or every VM.
+    vms: tuple[str, ...] = option((), vm_names)
+    folders: tuple[str, ...] = option((), folder_paths)
+    tags: tuple[str, ...] = option((), tag_names)
+    all: bool = option(False, boolean)
+
+    def __post_init__(self) -> None:
+        if (self.every_hours is None) == (self.cron is None):
+            raise Invalid('give exactly one schedule: every_hours = N or cron = "m h dom mon dow"', "every_hours")
+        if not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly):
+            raise Invalid("keeps nothing: give keep_last, keep_daily, keep_weekly or keep_monthly greater than 0",
+                          "keep_last")
+
+    def selects_any(self) -> bool:
+        return bool(self.vms or self.folders or self.tags or self.all)
+
+
+def builtin_default_policy(name: str) -> PolicyConfig:
+    """The policy of VMs nobody named when the file defines none called `protection.default_policy`."""
+    return PolicyConfig(name=name, every_hours=24.0, keep_last=14)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +293,7 @@ class ApplianceConfig:
     protection: ProtectionConfig = part(ProtectionConfig)
     qemu: QemuConfig = part(QemuConfig)
     remotes: tuple[RemoteConfig, ...] = option((), table_array(RemoteConfig))
+    policies: tuple[PolicyConfig, ...] = option((), table_array(PolicyConfig))
 
     def __post_init__(self) -> None:
         if not self.nfs.enabled and self.fuse.mountpoint is None:
@@ -267,6 +318,43 @@ class ApplianceConfig:
             if remote.name in names:
                 raise Invalid(f'another remote is already named "{remote.name}"', f"remotes[{index}].name")
             names.add(remote.name)
+        self._check_policies()
+
+    def default_policy(self) -> PolicyConfig:
+        """The policy covering every VM no other policy selects: the file's entry of that name, or the built-in one."""
+        name = self.protection.default_policy
+        return next((policy for policy in self.policies if policy.name == name), builtin_default_policy(name))
+
+    def _check_policies(self) -> None:
+        """Names unique, connections known, every policy but the default selects something, no VM named twice."""
+        connections = [connection.name for connection in self.vsphere.connections]
+        seen: set[str] = set()
+        named: dict[str, list[tuple[str | None, str]]] = {}
+        for index, policy in enumerate(self.policies):
+            where = f"policies[{index}]"
+            if policy.name in seen:
+                raise Invalid(f'another policy is already named "{policy.name}"', f"{where}.name")
+            seen.add(policy.name)
+            default = policy.name == self.protection.default_policy
+            if not connections:
+                raise Invalid("no [[vsphere.connections]] is configured to back up from", f"{where}.connection")
+            if policy.connection is not None and policy.connection not in connections:
+                raise Invalid(f'no [[vsphere.connections]] is named "{policy.connection}" '
+                              f"(known: {', '.join(connections)})", f"{where}.connection")
+            if len(connections) > 1 and (policy.connection is None) != default:
+                reason = ("the default policy covers the VMs of every connection: remove connection" if default
+                          else f"several connections are configured: name one ({', '.join(connections)})")
+                raise Invalid(reason, f"{where}.connection")
+            if not default and not policy.selects_any():
+                raise Invalid("selects no VM: give vms, folders, tags or all = true (or make it the "
+                              "protection.default_policy)", f"{where}.vms")
+            scope = policy.connection if len(connections) > 1 else None
+            for vm in policy.vms:
+                for other_scope, other in named.get(vm, []):
+                    if None in (scope, other_scope) or scope == other_scope:
+                        raise Invalid(f'VM "{vm}" is also named by policy "{other}": a VM has one policy',
+                                      f"{where}.vms")
+                named.setdefault(vm, []).append((scope, policy.name))
 
     def remote(self, name: str) -> RemoteConfig:
         found = [remote for remote in self.remotes if remote.name == name]

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from appliance.api.tls import normal_fingerprint
 from appliance.errors import InvalidName
 from appliance.names import VM_NAME
-from appliance.schedule import parse_window
+from appliance.schedule import parse_cron, parse_window
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Check = Callable[[Any], Any]
@@ -261,6 +261,51 @@ def window(value: Any) -> str:
     except ValueError as exc:
         raise Invalid(str(exc)) from None
     return str(value)
+
+
+def cron(value: Any) -> str:
+    """A crontab line of five fields, e.g. "30 2 * * mon-fri" (`appliance.schedule`)."""
+    try:
+        parse_cron(text(value))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    return str(value)
+
+
+def _strings(value: Any, what: str, check: Callable[[str], str]) -> tuple[str, ...]:
+    """An array of strings, each checked by `check` (which raises Invalid); refusals name the item."""
+    _expect(value, list, f"an array of {what}")
+    found = []
+    for index, item in enumerate(value):
+        try:
+            found.append(check(text(item)))
+        except Invalid as exc:
+            raise Invalid(f"item {index}: {exc.reason}") from None
+    return tuple(found)
+
+
+def _folder_path(path: str) -> str:
+    """An inventory folder path like vSphere shows it ("/DC0/vm/prod"), normalised without a trailing "/"."""
+    trimmed = path.rstrip("/")
+    if not trimmed.startswith("/") or not all(trimmed[1:].split("/")):
+        raise Invalid(f'"{path}" is not an inventory folder path like "/Datacenter/vm/prod"')
+    return trimmed
+
+
+def _tag_name(tag: str) -> str:
+    """Either "Category:Tag", or "Tag" for a tag of that name in any category."""
+    category, colon, name = tag.rpartition(":")
+    if not name.strip() or (colon and not category.strip()):
+        raise Invalid(f'"{tag}" is not a tag like "Category:Tag" or "Tag"')
+    return tag
+
+
+def folder_paths(value: Any) -> tuple[str, ...]:
+    return _strings(value, "folder paths", _folder_path)
+
+
+def tag_names(value: Any) -> tuple[str, ...]:
+    return _strings(value, 'tags ("Category:Tag" or "Tag")', _tag_name)
 
 
 def vm_names(value: Any) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from appliance.errors import (
 from appliance.ingest.backup import backup
 from appliance.metrics import ApplianceMetrics
 from appliance.store import ReadPath, Store
+from appliance.protection.retention import Retention
 from appliance.store.gc import prune
 from tests.conftest import write_image
 
@@ -195,11 +196,11 @@ def test_prune_keeps_a_point_a_session_runs_from(store: Store, datastore: Datast
     disk = path_inode(datastore, "/sessions/s1/web-flat.vmdk")
     view = datastore.read(disk, 0, 3 << 20)
     backup(store, "web", [write_image(tmp_path / "new.img", 3 << 20, seed=9)])
-    removed, _ = prune(store, "web", keep_last=1)
+    removed, _ = prune(store, "web", Retention(keep_last=1))
     assert removed == []
     assert datastore.read(disk, 0, 3 << 20) == view
     sessions.delete_session(store, datastore.namespace, "s1")
-    removed, report = prune(store, "web", keep_last=1)
+    removed, report = prune(store, "web", Retention(keep_last=1))
     assert len(removed) == 1 and report.removed_chunks > 0
 
 

@@ -11,6 +11,7 @@ import pytest
 from appliance.errors import NotFound, UsageError
 from appliance.ingest.backup import backup
 from appliance.store import Store
+from appliance.protection.retention import Retention
 from appliance.store.gc import collect_garbage, prune
 from appliance.store.stats import store_statistics
 from appliance.store.verify import verify
@@ -32,7 +33,7 @@ def test_prune_keeps_survivors_identical_and_reclaims(store: Store, tmp_path: Pa
         digests.append(sha256_of(image))
     other = backup(store, "other", [write_image(tmp_path / "o.img", 1 << 20, seed=99)])
     before = store_statistics(store)
-    removed, report = prune(store, "vm", keep_last=2)
+    removed, report = prune(store, "vm", Retention(keep_last=2))
     assert [p.id for p in removed] == [p.id for p in points[:4]]
     assert report.removed_chunks > 0 and report.reclaimed_bytes > 0
     after = store_statistics(store)
@@ -63,7 +64,7 @@ def test_gc_defers_deletion_while_readers_are_active(store: Store, tmp_path: Pat
     backup(store, "vm", [write_image(tmp_path / "a.img", 1 << 20, seed=1)])
     backup(store, "vm", [write_image(tmp_path / "b.img", 1 << 20, seed=2)])
     with store.reader_lock():
-        _, report = prune(store, "vm", keep_last=1)
+        _, report = prune(store, "vm", Retention(keep_last=1))
     assert report.deferred_packs == 1 and report.deleted_packs == 0
     assert collect_garbage(store).deleted_packs == 1
 
@@ -72,4 +73,4 @@ def test_gc_defers_deletion_while_readers_are_active(store: Store, tmp_path: Pat
 def test_prune_refuses_bad_requests(store: Store, tmp_path: Path, vm: str, keep: int, error: type) -> None:
     backup(store, "vm", [write_image(tmp_path / "d.img", 1 << 20)])
     with pytest.raises(error):
-        prune(store, vm, keep)
+        prune(store, vm, Retention(keep_last=keep))

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from appliance.errors import StoreBusy, UsageError
+from appliance.errors import StoreBusy
 from appliance.names import VM_NAME
+from appliance.protection.retention import Retention, dropped
 from appliance.store.catalog import RestorePoint, referenced_chunks
 from appliance.store.chunks import ChunkLoader
 from appliance.store.index import ChunkLocation
@@ -41,18 +42,17 @@ class GcReport:
     deferred_packs: int  # unlisted packs left for a later GC because readers were active
 
 
-def prune(store: Store, vm: str, keep_last: int) -> tuple[list[RestorePoint], GcReport]:
-    """Delete all but the newest `keep_last` points of `vm`, then collect garbage.
+def prune(store: Store, vm: str, rule: Retention) -> tuple[list[RestorePoint], GcReport]:
+    """Delete the points of `vm` that `rule` does not keep, in one transaction, then collect garbage.
 
-    Points with holders (sessions running from them) are kept whatever their age.
+    Points with holders (sessions running from them, replication) are kept whatever the
+    rule says; the rule counts them like any other point, so holding one keeps no more.
     """
     VM_NAME.check(vm)
-    if keep_last < 1:
-        raise UsageError("--keep-last must be at least 1")
     with store.writer_lock():
         with store.env.begin(write=True) as txn:
             points = store.catalog.vm_points(txn, vm)
-            doomed = [p for p in points[:-keep_last] if not store.catalog.holders(txn, p.id)]
+            doomed = [p for p in dropped(points, rule) if not store.catalog.holders(txn, p.id)]
             for point in doomed:
                 store.catalog.delete_point(txn, point)
         return doomed, _collect(store)
