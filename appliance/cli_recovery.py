@@ -131,7 +131,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     for row in found:
         age = "-" if row["age_hours"] is None else f"{row['age_hours']:.1f}"
         print(f"{row['status']:<12} {row['vm']:<28} {row['power_state']:<11} {row['newest_point'] or '-':<22} "
-              f"{age:>8}  {row['policy'] or ''}")
+              f"{age:>8}  {row['policy']}")
     return 0
 
 

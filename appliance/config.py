@@ -235,9 +235,12 @@ class PolicyConfig:
         return bool(self.vms or self.folders or self.tags or self.all)
 
 
-def builtin_default_policy(name: str) -> PolicyConfig:
-    """The policy of VMs nobody named when the file defines none called `protection.default_policy`."""
-    return PolicyConfig(name=name, every_hours=24.0, keep_last=14)
+def default_policy(protection: ProtectionConfig, policies: tuple[PolicyConfig, ...]) -> PolicyConfig:
+    """The policy of every VM no other policy selects: the entry named `protection.default_policy`, or else
+    the built-in one (every 24 hours, keep_last 14, quiesce "try", enable_cbt true)."""
+    name = protection.default_policy
+    return next((policy for policy in policies if policy.name == name),
+                PolicyConfig(name=name, every_hours=24.0, keep_last=14))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,11 +322,6 @@ class ApplianceConfig:
                 raise Invalid(f'another remote is already named "{remote.name}"', f"remotes[{index}].name")
             names.add(remote.name)
         self._check_policies()
-
-    def default_policy(self) -> PolicyConfig:
-        """The policy covering every VM no other policy selects: the file's entry of that name, or the built-in one."""
-        name = self.protection.default_policy
-        return next((policy for policy in self.policies if policy.name == name), builtin_default_policy(name))
 
     def _check_policies(self) -> None:
         """Names unique, connections known, every policy but the default selects something, no VM named twice."""

@@ -538,3 +538,13 @@ def test_inventory_lists_every_vm(vcsim: Vcsim, connection: Connection) -> None:
     assert original.uuid == find_vm(connection, ORIGINAL).config.uuid
     assert original.datastores == ("LocalDS_0",)
     assert original.host.startswith("DC0_C0_H")
+
+
+def test_inventory_names_each_vms_folder(vcsim: Vcsim, connection: Connection) -> None:
+    vm_folder = find_vm(connection, "DC0_H0_VM1").parent
+    prod = vm_folder.CreateFolder("prod")
+    nested = prod.CreateFolder("db/replicas")  # a "/" in a name is shown as %2f, as vSphere paths write it
+    wait_for_task(nested.MoveIntoFolder_Task([find_vm(connection, "DC0_H0_VM1")]), "move", 30)
+    found = {info.name: info.folder for info in inventory(connection)}
+    assert found["DC0_H0_VM0"] == "/DC0/vm"
+    assert found["DC0_H0_VM1"] == "/DC0/vm/prod/db%2freplicas"

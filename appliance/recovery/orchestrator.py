@@ -18,11 +18,12 @@ from typing import Any, Protocol
 
 import trio
 
-from appliance.config import ProtectionConfig
+from appliance.config import PolicyConfig, ProtectionConfig, default_policy
 from appliance.control import Control
 from appliance.datastore.sessions import SessionInfo
 from appliance.errors import ApplianceError, LimitReached, NotFound, UsageError
 from appliance.jobs import Job, JobCancelled
+from appliance.protection.policy import policy_for
 from appliance.recovery.plan import RecoveryPlan, boot_order
 from appliance.verification import Verification, check_offered
 from appliance.vsphere.inventory import VmInfo
@@ -107,10 +108,12 @@ class Targets(Protocol):
 class Recovery:
     """The orchestrator of one serving appliance."""
 
-    def __init__(self, control: Control, targets: Targets, protection: ProtectionConfig) -> None:
+    def __init__(self, control: Control, targets: Targets, protection: ProtectionConfig,
+                 policies: tuple[PolicyConfig, ...] = ()) -> None:
         self.control = control
         self.targets = targets
         self.protection = protection
+        self.policies = policies
         self._boots_lock = threading.Lock()
         self._booting = 0  # VMs between "limit checked" and "boot record saved"
 
@@ -244,25 +247,28 @@ class Recovery:
     # ----- discovery ---------------------------------------------------------------------
 
     def discover(self, connection: str | None = None, now: float | None = None) -> list[dict[str, Any]]:
-        """Every VM of vCenter against the catalog: unprotected first (with the default policy), then stale, then protected.
+        """Every VM of vCenter against the catalog: unprotected first, then stale, then protected; each with its policy.
 
-        A VM counts as protected when the store holds restore points under its name.
+        A VM counts as protected when the store holds restore points under its name. A VM
+        no policy selects is under the default policy, so every row names one.
         """
         now = time.time() if now is None else now
         backed_up = {vm.name: vm for vm in self.control.vms()}
         stale_after = self.protection.stale_after_hours * 3600
+        default = default_policy(self.protection, self.policies)
         found = []
         for vm in self.targets.inventory(connection):
-            if vm.template:
+            policy = policy_for(vm, self.policies, default, connection)
+            if policy is None:
                 continue
             summary = backed_up.get(vm.name)
-            row: dict[str, Any] = {"vm": vm.name, "uuid": vm.uuid, "power_state": vm.power_state, "host": vm.host}
+            row: dict[str, Any] = {"vm": vm.name, "uuid": vm.uuid, "power_state": vm.power_state, "host": vm.host,
+                                   "policy": policy.name}
             if summary is None:
-                row.update(status="unprotected", policy=self.protection.default_policy, newest_point=None,
-                           age_hours=None)
+                row.update(status="unprotected", newest_point=None, age_hours=None)
             else:
                 age = now - summary.newest_created
-                row.update(status="stale" if age > stale_after else "protected", policy=None,
+                row.update(status="stale" if age > stale_after else "protected",
                            newest_point=summary.newest_point, age_hours=round(age / 3600, 1), points=summary.points)
             found.append(row)
         order = {"unprotected": 0, "stale": 1, "protected": 2}

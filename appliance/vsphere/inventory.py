@@ -1,12 +1,15 @@
-"""Every VM vSphere knows, for discovery: which are protected is decided against the catalog elsewhere.
+"""Every VM vSphere knows, for discovery and backup policies: which are protected is decided elsewhere.
 
-Read in three property-collector calls whatever the size of the vCenter (VMs, hosts,
-datastores), so discovery stays cheap enough to run before every report.
+Read in five property-collector calls whatever the size of the vCenter (VMs, hosts,
+datastores, folders, datacenters), so discovery stays cheap enough to run before every
+report and the scheduler can look at every VM each time it checks the clock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pyVmomi import vim
 
@@ -22,6 +25,10 @@ class VmInfo:
     host: str  # "" for a VM no host runs (orphaned, or being registered)
     datastores: tuple[str, ...]
     template: bool
+    #: The inventory folder the VM is in, as vSphere paths show it ("/DC0/vm/prod"); "" outside any (a vApp's VM).
+    folder: str = ""
+    #: Its vSphere tags as "Category:Tag" (filled by `appliance.vsphere.tags`, not by `inventory`).
+    tags: tuple[str, ...] = ()
 
 
 def inventory(connection: Connection) -> list[VmInfo]:
@@ -32,7 +39,9 @@ def inventory(connection: Connection) -> list[VmInfo]:
                   for datastore, properties in collect(connection, vim.Datastore, ["name"])}
     machines = collect(connection, vim.VirtualMachine, ["name", "config.uuid", "config.instanceUuid",
                                                         "config.template", "runtime.powerState", "runtime.host",
-                                                        "datastore"])
+                                                        "datastore", "parent"])
+    containers = {item._moId: properties for kind in (vim.Folder, vim.Datacenter)
+                  for item, properties in collect(connection, kind, ["name", "parent"])}
     found = []
     for _vm, properties in machines:
         host = properties.get("runtime.host")
@@ -44,5 +53,16 @@ def inventory(connection: Connection) -> list[VmInfo]:
             host=hosts.get(host._moId, "") if host is not None else "",
             datastores=tuple(sorted(datastores.get(ds._moId, ds._moId) for ds in properties.get("datastore", []))),
             template=bool(properties.get("config.template", False)),
+            folder=_path(properties.get("parent"), containers, connection.content.rootFolder._moId),
         ))
     return sorted(found, key=lambda info: info.name)
+
+
+def _path(parent: Any, containers: Mapping[str, Mapping[str, Any]], root: str) -> str:
+    """The "/"-separated names from below the root folder down to `parent`; "/" in a name is "%2f", as vSphere writes it."""
+    names: list[str] = []
+    while parent is not None and parent._moId != root and parent._moId in containers:
+        properties = containers[parent._moId]
+        names.append(str(properties.get("name", "")).replace("%", "%25").replace("/", "%2f"))
+        parent = properties.get("parent")
+    return "".join(f"/{name}" for name in reversed(names))
