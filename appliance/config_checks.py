@@ -254,22 +254,21 @@ def fingerprint(value: Any) -> str:
         raise Invalid(str(exc)) from None
 
 
-def window(value: Any) -> str:
-    """Local hours like "22:00-06:00" (`appliance.schedule`)."""
-    try:
-        parse_window(text(value))
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
-    return str(value)
+def parsed_by(parse: Callable[[str], object]) -> Check:
+    """A string that `parse` accepts, kept as written; its ValueError is the refusal (parsed again where used)."""
+    def check(value: Any) -> str:
+        try:
+            parse(text(value))
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return str(value)
+    return check
 
 
-def cron(value: Any) -> str:
-    """A crontab line of five fields, e.g. "30 2 * * mon-fri" (`appliance.schedule`)."""
-    try:
-        parse_cron(text(value))
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
-    return str(value)
+#: Local hours like "22:00-06:00" (`appliance.schedule`).
+window = parsed_by(parse_window)
+#: A crontab line of five fields, e.g. "30 2 * * mon-fri" (`appliance.schedule`).
+cron = parsed_by(parse_cron)
 
 
 def _strings(value: Any, what: str, check: Callable[[str], str]) -> tuple[str, ...]:
