@@ -7,8 +7,9 @@ catalog knows. What it remembers in memory only throttles: a backup it started i
 started again for `RETRY_AFTER_SECONDS`, so one that failed is retried, but not on every
 tick of the clock.
 
-It decides and calls a `BackupStarter`; the backup service implements that (the job,
-its one-at-a-time per VM, the snapshot and the transfer are its business).
+It decides and calls a `BackupStarter`; `PolicyBackups` is the one a serving appliance
+uses: the backup service's job (one at a time per VM, the snapshot, the transfer) with
+the policy's options, and the policy's retention once the point is committed.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from appliance.config import PolicyConfig
-from appliance.errors import TryAgain
+from appliance.errors import StoreBusy, TryAgain
+from appliance.jobs import Job
+from appliance.protection.job import BackupOptions, BackupResult
 from appliance.protection.policy import conflict, policy_for
 from appliance.protection.retention import Retention, dropped
 from appliance.schedule import Cron, Window, parse_cron, parse_window
 from appliance.store.catalog import RestorePoint
 from appliance.store.gc import GcReport, prune
+from appliance.protection.service import BackupService
 from appliance.store.repository import Store
 from appliance.vsphere.inventory import VmInfo
 
@@ -141,3 +145,27 @@ def apply_retention(store: Store, vm: str, policy: PolicyConfig) -> tuple[list[R
     if not retention_due(store, vm, policy):
         return [], None
     return prune(store, vm, retention_of(policy))
+
+
+class PolicyBackups:
+    """The `BackupStarter` of a serving appliance: a backup job with the policy's options, then its retention."""
+
+    def __init__(self, service: BackupService, store: Store) -> None:
+        self._service, self._store = service, store
+
+    def start_backup(self, vm: str, connection: str, policy: PolicyConfig, reason: str) -> Job:
+        options = BackupOptions(quiesce=policy.quiesce, enable_cbt=policy.enable_cbt, streams=policy.streams)
+        return self._service.submit(vm, connection, options, reason,
+                                    after=lambda result: self._retain(policy, result))
+
+    def _retain(self, policy: PolicyConfig, result: BackupResult) -> None:
+        """Runs in the backup's job once its point is committed; a busy store defers retention, never fails the job."""
+        vm = result.point.vm
+        try:
+            removed, _ = apply_retention(self._store, vm, policy)
+        except StoreBusy as exc:
+            log.info("retention of %s deferred to its next backup: %s (event=backup.retention_deferred)", vm, exc)
+            return
+        if removed:
+            log.info("retention of %s under policy %s removed %s (event=backup.retention)", vm, policy.name,
+                     ", ".join(point.id for point in removed))
