@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from pyVmomi import vim, vmodl
 
@@ -55,6 +56,7 @@ from appliance.vsphere import (
 )
 from appliance.verification import Verification
 from appliance.vsphere.client import wait_for_task
+from appliance.vsphere.tags import vm_tags, with_tags
 from tests.vcsim import NFS_SERVER, Vcsim, vcsim
 
 __all__ = ["vcsim"]  # the fixture, imported for pytest
@@ -548,3 +550,31 @@ def test_inventory_names_each_vms_folder(vcsim: Vcsim, connection: Connection) -
     found = {info.name: info.folder for info in inventory(connection)}
     assert found["DC0_H0_VM0"] == "/DC0/vm"
     assert found["DC0_H0_VM1"] == "/DC0/vm/prod/db%2freplicas"
+
+
+def test_tags_of_vms_come_from_the_vapi_service(vcsim: Vcsim, connection: Connection) -> None:
+    settings = vcsim.settings()
+    assert vm_tags(settings, settings.password()) == {}
+    machines = {info.name: info for info in inventory(connection)}
+    base = vcsim.url.removesuffix("/sdk") + "/rest/com/vmware/cis"
+    with httpx.Client(base_url=base, verify=False) as admin:  # tags made as an administrator would, over REST
+        session = admin.post("/session", auth=(vcsim.user, settings.password().reveal())).json()["value"]
+        admin.headers["vmware-api-session-id"] = session
+
+        def create(path: str, spec: dict[str, object]) -> str:
+            return str(admin.post(path, json={"create_spec": spec}).json()["value"])
+
+        backup = create("/tagging/category", {"name": "Backup", "cardinality": "SINGLE", "associable_types": [],
+                                               "description": ""})
+        tier = create("/tagging/category", {"name": "Tier", "cardinality": "SINGLE", "associable_types": [],
+                                             "description": ""})
+        gold = create("/tagging/tag", {"name": "Gold", "category_id": backup, "description": ""})
+        create("/tagging/tag", {"name": "Unused", "category_id": backup, "description": ""})
+        web = create("/tagging/tag", {"name": "web", "category_id": tier, "description": ""})
+        for tag, vm in ((gold, "DC0_H0_VM0"), (gold, "DC0_C0_RP0_VM1"), (web, "DC0_H0_VM0")):
+            attached = admin.post(f"/tagging/tag-association/id:{tag}?~action=attach",
+                                  json={"object_id": {"id": machines[vm].moid, "type": "VirtualMachine"}})
+            assert attached.status_code == 200, attached.text
+    tagged = {info.name: info.tags for info in with_tags(list(machines.values()), vm_tags(settings, settings.password()))}
+    assert tagged == {"DC0_H0_VM0": ("Backup:Gold", "Tier:web"), "DC0_H0_VM1": (), "DC0_C0_RP0_VM0": (),
+                      "DC0_C0_RP0_VM1": ("Backup:Gold",)}

@@ -27,8 +27,10 @@ class VmInfo:
     template: bool
     #: The inventory folder the VM is in, as vSphere paths show it ("/DC0/vm/prod"); "" outside any (a vApp's VM).
     folder: str = ""
-    #: Its vSphere tags as "Category:Tag" (filled by `appliance.vsphere.tags`, not by `inventory`).
+    #: Its vSphere tags as "Category:Tag" (filled by `appliance.vsphere.tags.with_tags`, not by `inventory`).
     tags: tuple[str, ...] = ()
+    #: vCenter's managed object id ("vm-42"): what tag associations name.
+    moid: str = ""
 
 
 def inventory(connection: Connection) -> list[VmInfo]:
@@ -43,7 +45,7 @@ def inventory(connection: Connection) -> list[VmInfo]:
     containers = {item._moId: properties for kind in (vim.Folder, vim.Datacenter)
                   for item, properties in collect(connection, kind, ["name", "parent"])}
     found = []
-    for _vm, properties in machines:
+    for vm, properties in machines:
         host = properties.get("runtime.host")
         found.append(VmInfo(
             name=properties.get("name", ""),
@@ -54,6 +56,7 @@ def inventory(connection: Connection) -> list[VmInfo]:
             datastores=tuple(sorted(datastores.get(ds._moId, ds._moId) for ds in properties.get("datastore", []))),
             template=bool(properties.get("config.template", False)),
             folder=_path(properties.get("parent"), containers, connection.content.rootFolder._moId),
+            moid=vm._moId,
         ))
     return sorted(found, key=lambda info: info.name)
 

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
+	_ "github.com/vmware/govmomi/vapi/simulator" // the vAPI REST service: tags (appliance.vsphere.tags)
 )
 
 func main() {
@@ -60,6 +61,7 @@ func main() {
 		log.Fatal(err)
 	}
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{certificate}}
+	model.Service.RegisterEndpoints = true // serve what the imported endpoint packages (vapi) register
 	server := model.Service.NewServer()
 	defer server.Close()
 
