@@ -575,6 +575,7 @@ def test_tags_of_vms_come_from_the_vapi_service(vcsim: Vcsim, connection: Connec
             attached = admin.post(f"/tagging/tag-association/id:{tag}?~action=attach",
                                   json={"object_id": {"id": machines[vm].moid, "type": "VirtualMachine"}})
             assert attached.status_code == 200, attached.text
-    tagged = {info.name: info.tags for info in with_tags(list(machines.values()), vm_tags(settings, settings.password()))}
+    found = vm_tags(settings, settings.password())
+    tagged = {info.name: info.tags for info in with_tags(list(machines.values()), found)}
     assert tagged == {"DC0_H0_VM0": ("Backup:Gold", "Tier:web"), "DC0_H0_VM1": (), "DC0_C0_RP0_VM0": (),
                       "DC0_C0_RP0_VM1": ("Backup:Gold",)}

@@ -62,7 +62,7 @@ def inventory(connection: Connection) -> list[VmInfo]:
 
 
 def _path(parent: Any, containers: Mapping[str, Mapping[str, Any]], root: str) -> str:
-    """The "/"-separated names from below the root folder down to `parent`; "/" in a name is "%2f", as vSphere writes it."""
+    """The names from below the root folder down to `parent`, "/"-separated ("/" in a name is "%2f", as in vSphere)."""
     names: list[str] = []
     while parent is not None and parent._moId != root and parent._moId in containers:
         properties = containers[parent._moId]
