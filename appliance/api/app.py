@@ -200,7 +200,7 @@ def _recovery_routes(app: FastAPI, recovery: Recovery) -> None:
 
     @app.get(f"{PREFIX}/discover", responses=documented(errors.NotFound, errors.NotConfigured, errors.VsphereError))
     def discover(connection: str | None = None) -> list[dict[str, Any]]:
-        """Every VM of a vSphere connection with the policy covering it: unprotected first, then stale, then protected."""
+        """Every VM of a vSphere connection with its policy: unprotected first, then stale, then protected."""
         return recovery.discover(connection)
 
     @app.post(f"{PREFIX}/recovery-groups", status_code=202, responses=documented(errors.ConfigError, errors.LimitReached))
