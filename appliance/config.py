@@ -193,6 +193,9 @@ class ProtectionConfig:
     default_policy: str = option("default", connection_name)
     #: A protected VM whose newest restore point is older than this is reported stale.
     stale_after_hours: float = option(26.0, positive_number)
+    #: `serve` backs up every VM of every connection as its policy says. False: backups run only when
+    #: asked, for an appliance that only boots VMs (a second site's, whose vCenter is not its to protect).
+    scheduled_backups: bool = option(True, boolean)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,9 +26,11 @@ from hypercorn.trio import serve as hypercorn_serve
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
 from appliance.api.app import build_app
 from appliance.api.tls import api_identity
+from appliance.protection.scheduler import BackupScheduler, PolicyBackups
 from appliance.protection.service import BackupService
 from appliance.replication.service import SCHEDULE_CHECK_SECONDS, ReplicationService
-from appliance.config import ApplianceConfig, LimitsConfig, ProtectionConfig, QemuConfig, RemoteConfig, VsphereConnection
+from appliance.config import (ApplianceConfig, LimitsConfig, PolicyConfig, ProtectionConfig, QemuConfig, RemoteConfig,
+                              VsphereConnection, default_policy)
 from appliance.control import EXPIRY_CHECK_SECONDS, Control
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.files_view import with_files
@@ -45,6 +47,8 @@ from appliance.recovery.orchestrator import Recovery
 from appliance.recovery.targets import ConfiguredTargets
 from appliance.store.cache import MemoryChunkCache
 from appliance.metrics import ApplianceMetrics, serve_metrics
+from appliance.vsphere.inventory import VmInfo
+from appliance.vsphere.tags import vm_tags, with_tags
 from nfs_export import Export, serve_nfs
 
 #: A serving appliance keeps whole booted disks' working sets decompressed; a one-shot
@@ -78,6 +82,7 @@ class ServeOptions:
     limits: LimitsConfig = LimitsConfig()
     vsphere: tuple[VsphereConnection, ...] = ()  # where instant boots run (secrets checked at start)
     protection: ProtectionConfig = ProtectionConfig()
+    policies: tuple[PolicyConfig, ...] = ()  # which VMs are backed up when, and kept how long
     qemu: QemuConfig = QemuConfig()  # how guests run on this host (instant-boot --qemu)
     remotes: tuple[RemoteConfig, ...] = ()  # other appliances to replicate with, on demand or on schedule
 
@@ -94,6 +99,7 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         token_file=config.api.token_file, tls=config.api.tls, tls_cert=config.api.tls_cert,
                         tls_key=config.api.tls_key,
                         limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection,
+                        policies=config.policies,
                         qemu=config.qemu, remotes=config.remotes)
 
 
@@ -174,6 +180,35 @@ async def _replicate_on_schedule(replication: ReplicationService) -> None:
         await trio.sleep(SCHEDULE_CHECK_SECONDS)
 
 
+async def _back_up_on_schedule(scheduler: BackupScheduler, targets: ConfiguredTargets, control: Control,
+                               options: ServeOptions) -> None:
+    """Start the backup of every VM whose policy says it is due: discovery each round, so a new VM is
+    backed up (by the default policy if no other names it) without anyone announcing it."""
+    want_tags = any(policy.tags for policy in options.policies)
+    names = [connection.name for connection in options.vsphere]
+    while True:
+        inventories = await trio.to_thread.run_sync(_inventories, targets, names, want_tags)
+        newest = {vm.name: vm.newest_created for vm in await trio.to_thread.run_sync(control.vms)}
+        scheduler.start_due(inventories, newest.get)
+        await trio.sleep(SCHEDULE_CHECK_SECONDS)
+
+
+def _inventories(targets: ConfiguredTargets, connections: list[str], want_tags: bool) -> dict[str, list[VmInfo]]:
+    """Each reachable connection's VMs (with their tags when a policy selects by tag)."""
+    found = {}
+    for name in connections:
+        try:
+            vms = targets.inventory(name)
+            if want_tags:
+                _, settings = targets.vsphere_settings(name)
+                vms = with_tags(vms, vm_tags(settings, settings.password()))
+        except ApplianceError as exc:
+            event("backup.discovery_failed", logging.WARNING, connection=name, reason=str(exc))
+            continue
+        found[name] = vms
+    return found
+
+
 async def _index_new_points(control: Control) -> None:
     """Index each restore point's files once, newest first, one at a time, in a worker thread.
 
@@ -203,7 +238,8 @@ async def _expire_periodically(control: Control) -> None:
 
 
 async def _serve(recovery: Recovery, replication: ReplicationService, backups: BackupService,
-                 metrics: ApplianceMetrics, secret: bytes, token: str, options: ServeOptions) -> None:
+                 backup_schedule: Callable[[], Awaitable[None]] | None, metrics: ApplianceMetrics, secret: bytes,
+                 token: str, options: ServeOptions) -> None:
     control = recovery.control
     vfs = with_files(control.datastore)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -235,6 +271,8 @@ async def _serve(recovery: Recovery, replication: ReplicationService, backups: B
             nursery.start_soon(_expire_periodically, control)
             nursery.start_soon(_index_new_points, control)
             nursery.start_soon(_replicate_on_schedule, replication)
+            if backup_schedule is not None:
+                nursery.start_soon(backup_schedule)
             async for signum in signals:
                 event("appliance.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -273,12 +311,17 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
         metrics.watch_jobs(control.jobs)
         targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere, options.qemu)
-        recovery = Recovery(control, targets, options.protection)
+        recovery = Recovery(control, targets, options.protection, options.policies)
         control.set_session_ender(recovery.end_expired)
         replication = ReplicationService(store, control.jobs, options.remotes, metrics)
         backups = BackupService(store, control.jobs, control.activities, targets.vsphere_settings, metrics)
+        schedule = None
+        if options.vsphere and options.protection.scheduled_backups:
+            scheduler = BackupScheduler(options.policies, default_policy(options.protection, options.policies),
+                                        PolicyBackups(backups, store))
+            schedule = partial(_back_up_on_schedule, scheduler, targets, control, options)
         try:
-            trio.run(_serve, recovery, replication, backups, metrics, secret, token, options)
+            trio.run(_serve, recovery, replication, backups, schedule, metrics, secret, token, options)
         except BaseExceptionGroup as group:
             cause = _single_cause(group)
             if cause is None:

@@ -38,6 +38,9 @@ def config_for(vcsim: Vcsim, path: Path, limits: str = "") -> Path:
 [limits]
 {limits}
 
+[protection]
+scheduled_backups = false
+
 [[vsphere.connections]]
 name = "vc"
 url = "{vcsim.url}"

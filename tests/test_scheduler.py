@@ -157,7 +157,7 @@ def test_each_connection_has_its_own_policies(caplog: pytest.LogCaptureFixture) 
                      lambda vm: None)
     assert [(vm, connection, name) for vm, connection, name, _ in starter.started] == [
         ("a", "vc1", "first"), ("a", "vc2", "default")]
-    assert 'VM "a" is selected by policies first, prod: backed up under first' in caplog.text
+    assert 'VM \\"a\\" is selected by policies first, prod: backed up under first' in caplog.text
     chosen.due(clock.now, [machine("a", "/DC0/vm/prod")], lambda vm: None, "vc1")
     assert caplog.text.count("backed up under first") == 1  # logged once, not every tick
 

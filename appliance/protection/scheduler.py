@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from appliance.events import event
 from appliance.config import PolicyConfig
 from appliance.errors import StoreBusy, TryAgain
 from appliance.jobs import Job
@@ -33,7 +34,6 @@ from appliance.protection.service import BackupService
 from appliance.store.repository import Store
 from appliance.vsphere.inventory import VmInfo
 
-log = logging.getLogger(__name__)
 
 #: How long after starting a VM's backup the scheduler waits before it may start it again (if still due).
 RETRY_AFTER_SECONDS = 15 * 60
@@ -121,7 +121,7 @@ class BackupScheduler:
         line = conflict(vm, self._policies, connection)
         if line is not None and line not in self._reported:
             self._reported.add(line)
-            log.warning("%s (event=backup.policy_conflict connection=%s)", line, connection)
+            event("backup.policy_conflict", logging.WARNING, connection=connection, detail=line)
 
 
 def retention_of(policy: PolicyConfig) -> Retention:
@@ -164,8 +164,7 @@ class PolicyBackups:
         try:
             removed, _ = apply_retention(self._store, vm, policy)
         except StoreBusy as exc:
-            log.info("retention of %s deferred to its next backup: %s (event=backup.retention_deferred)", vm, exc)
+            event("backup.retention_deferred", vm=vm, reason=str(exc))
             return
         if removed:
-            log.info("retention of %s under policy %s removed %s (event=backup.retention)", vm, policy.name,
-                     ", ".join(point.id for point in removed))
+            event("backup.retention", vm=vm, policy=policy.name, removed=",".join(point.id for point in removed))

@@ -10,9 +10,11 @@ any snapshot carrying this appliance's tag.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -28,6 +30,8 @@ from appliance.vsphere.client import Session, collect
 from appliance.vsphere.settings import VsphereSettings
 from appliance.vsphere.snapshots import owner_prefix, sweep
 
+#: How often a backup waiting for its turn at the store checks whether it was cancelled.
+TURN_POLL_SECONDS = 0.5
 #: Resolves a connection name (None: the only one) to its name and settings.
 SettingsOf = Callable[[str | None], tuple[str, VsphereSettings]]
 
@@ -42,6 +46,7 @@ class BackupService:
         self._store, self._jobs, self._activities = store, jobs, activities
         self._settings_of, self._observer = settings_of, observer
         self.intents = Intents(store.path / "backup-intents")
+        self._ingesting = threading.Lock()
 
     def submit(self, vm: str, connection: str | None = None, options: BackupOptions = BackupOptions(),
                reason: str = "requested", after: Callable[[BackupResult], None] | None = None) -> Job:
@@ -66,11 +71,12 @@ class BackupService:
             read += size
 
         try:
-            session = Session(settings)
-            try:
-                result = back_up_vm(self._store, session, connection, vm, options, job, self.intents, count)
-            finally:
-                session.close()
+            with self._store_turn(job):
+                session = Session(settings)
+                try:
+                    result = back_up_vm(self._store, session, connection, vm, options, job, self.intents, count)
+                finally:
+                    session.close()
             if after is not None:
                 after(result)
             return result.to_json()
@@ -78,6 +84,19 @@ class BackupService:
             self._activities.release(vm)
             if self._observer is not None:
                 self._observer.backed_up(vm, result, time.monotonic() - started, read)
+
+    @contextlib.contextmanager
+    def _store_turn(self, job: Job) -> Iterator[None]:
+        """Backups ingest one at a time (the store has one writer); the others wait here, before their
+        snapshot, so no snapshot grows while its backup waits."""
+        if not self._ingesting.acquire(blocking=False):
+            with job.step("wait for the store"):
+                while not self._ingesting.acquire(timeout=TURN_POLL_SECONDS):
+                    job.check_cancelled()
+        try:
+            yield
+        finally:
+            self._ingesting.release()
 
     def jobs(self) -> list[Job]:
         return self._jobs.all()
