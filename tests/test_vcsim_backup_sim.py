@@ -76,6 +76,9 @@ def test_disks_get_vmfs_files_and_a_snapshot_gets_a_delta_and_its_own_config(vcs
     assert f'RW {16 * MiB // 512} VMFS "db_1-flat.vmdk"' in text and "ddb.uuid" in text
     status, headers, _ = folder(vcsim, "HEAD", "db/db_1-flat.vmdk")
     assert (status, headers["Content-Length"]) == (200, str(16 * MiB))
+    assert folder(vcsim, "GET", "DC0_H0_VM0/disk1.vmdk")[0] == 500  # the inventory's VMs run: their disks are locked
+    vcsim.set_power("DC0_H0_VM0", "poweredOff")
+    assert b'RW 2048 VMFS "disk1-flat.vmdk"' in folder(vcsim, "GET", "DC0_H0_VM0/disk1.vmdk")[2]
 
     snap = snapshot(vm)
     frozen = disks_of(snap.config)

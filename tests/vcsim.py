@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 import pytest
@@ -114,10 +114,13 @@ class Vcsim:
         context = ssl.create_default_context(cafile=str(self.certificate))
         return http.client.HTTPSConnection(parts.hostname or "", parts.port, context=context, timeout=timeout)
 
-    def _control(self, method: str, action: str, query: dict[str, Any], body: bytes | None = None) -> bytes:
+    def _control(self, method: str, action: str, query: dict[str, Any], body: bytes | BinaryIO | None = None) -> bytes:
         connection = self.https()
+        headers = {}
+        if body is not None and not isinstance(body, bytes):  # a file streams: tell its length up front
+            headers["Content-Length"] = str(os.fstat(body.fileno()).st_size - body.tell())
         try:
-            connection.request(method, f"{CONTROL}{action}?{urlencode(query)}", body=body)
+            connection.request(method, f"{CONTROL}{action}?{urlencode(query)}", body=body, headers=headers)
             answer = connection.getresponse()
             data = answer.read()
         finally:
@@ -126,8 +129,11 @@ class Vcsim:
             raise ControlError(f"{method} {action}: {answer.status} {data.decode(errors='replace').strip()}")
         return data
 
-    def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> None:
-        """The guest of `vm` writes `data` at `offset` of its `disk`th disk (0 first): on the live delta, logged by CBT."""
+    def guest_write(self, vm: str, disk: int, offset: int, data: bytes | BinaryIO) -> None:
+        """The guest of `vm` writes `data` at `offset` of its `disk`th disk (0 first): on the live delta, logged by CBT.
+
+        `data` may be an open file, streamed from its position to its end (a whole large disk).
+        """
         self._control("POST", "guest-write", {"vm": vm, "disk": disk, "offset": offset}, data)
 
     def live_read(self, vm: str, disk: int, offset: int, length: int) -> bytes:

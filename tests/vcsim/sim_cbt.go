@@ -124,8 +124,8 @@ func (s *diskState) liveDisk(vm *VirtualMachine, index int) (*trackedDisk, error
 	return disk, nil
 }
 
-// guestWrite is a write by the guest: it lands on the top of the chain, and CBT logs it.
-func (s *diskState) guestWrite(vm *VirtualMachine, index int, off int64, data io.Reader, length int64) error {
+// onDisk runs `f` on the VM's disk number `index`, locked, once [off, off+length) is known to be on it.
+func (s *diskState) onDisk(vm *VirtualMachine, index int, off, length int64, f func(*trackedDisk) error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	disk, err := s.liveDisk(vm, index)
@@ -133,29 +133,29 @@ func (s *diskState) guestWrite(vm *VirtualMachine, index int, off int64, data io
 		return err
 	}
 	if off < 0 || length < 0 || off+length > disk.capacity {
-		return fmt.Errorf("write of %d bytes at %d is beyond the disk's %d bytes", length, off, disk.capacity)
+		return fmt.Errorf("%d bytes at %d are beyond the disk's %d bytes", length, off, disk.capacity)
 	}
-	if err := disk.top().write(off, data, length); err != nil {
-		return err
-	}
-	if disk.tracking != "" {
-		disk.changes = append(disk.changes, change{sequence: disk.sequence, off: off, length: length})
-	}
-	return nil
+	return f(disk)
+}
+
+// guestWrite is a write by the guest: it lands on the top of the chain, and CBT logs it.
+func (s *diskState) guestWrite(vm *VirtualMachine, index int, off int64, data io.Reader, length int64) error {
+	return s.onDisk(vm, index, off, length, func(disk *trackedDisk) error {
+		if err := disk.top().write(off, data, length); err != nil {
+			return err
+		}
+		if disk.tracking != "" {
+			disk.changes = append(disk.changes, change{sequence: disk.sequence, off: off, length: length})
+		}
+		return nil
+	})
 }
 
 // liveRead streams what the guest would read.
 func (s *diskState) liveRead(vm *VirtualMachine, index int, off, length int64, out io.Writer) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	disk, err := s.liveDisk(vm, index)
-	if err != nil {
-		return err
-	}
-	if off < 0 || length < 0 || off+length > disk.capacity {
-		return fmt.Errorf("read of %d bytes at %d is beyond the disk's %d bytes", length, off, disk.capacity)
-	}
-	return readChain(disk.chain, off, length, out)
+	return s.onDisk(vm, index, off, length, func(disk *trackedDisk) error {
+		return readChain(disk.chain, off, length, out)
+	})
 }
 
 // liveFile tells whether a local path is the descriptor or extent of the top of a
