@@ -49,7 +49,8 @@ def remove(snap: vim.vm.Snapshot) -> None:
     wait_for_task(snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True), "remove", 30)
 
 
-def folder(vcsim: Vcsim, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:  # noqa: F811
+def folder(vcsim: Vcsim, method: str, path: str,  # noqa: F811
+           headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     connection = vcsim.https(timeout=10)
     try:
         connection.request(method, f"/folder/{path}?{QUERY}", headers=headers or {})
@@ -63,7 +64,8 @@ def areas(vm: vim.VirtualMachine, snap: vim.vm.Snapshot, key: int, change_id: st
     return vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=key, startOffset=start, changeId=change_id)
 
 
-def test_disks_get_vmfs_files_and_a_snapshot_gets_a_delta_and_its_own_config(vcsim: Vcsim, soap: Connection) -> None:  # noqa: F811
+def test_disks_get_vmfs_files_and_a_snapshot_gets_a_delta_and_its_own_config(
+        vcsim: Vcsim, soap: Connection) -> None:  # noqa: F811
     vm = find_vm(soap, vcsim.make_vm("db", [8 * MiB, 16 * MiB]))
     first, second = disks_of(vm.config)
     assert (first.backing.fileName, second.backing.fileName) == ("[LocalDS_0] db/db.vmdk", "[LocalDS_0] db/db_1.vmdk")

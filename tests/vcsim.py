@@ -116,7 +116,7 @@ class Vcsim:
 
     def _control(self, method: str, action: str, query: dict[str, Any], body: bytes | BinaryIO | None = None) -> bytes:
         connection = self.https()
-        headers = {}
+        headers: dict[str, str] = {}
         if body is not None and not isinstance(body, bytes):  # a file streams: tell its length up front
             headers["Content-Length"] = str(os.fstat(body.fileno()).st_size - body.tell())
         try:

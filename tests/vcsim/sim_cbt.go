@@ -30,7 +30,8 @@ func (vm *VirtualMachine) QueryChangedDiskAreas(ctx *Context, req *types.QueryCh
 	return body
 }
 
-func (s *diskState) changedAreas(vm *VirtualMachine, req *types.QueryChangedDiskAreas) (*types.DiskChangeInfo, string, types.BaseMethodFault) {
+func (s *diskState) changedAreas(vm *VirtualMachine, req *types.QueryChangedDiskAreas) (
+	*types.DiskChangeInfo, string, types.BaseMethodFault) {
 	if switches.take("qcda_fault") {
 		return nil, "simulated failure (switch qcda_fault)", &types.FileFault{File: vm.Config.Files.VmPathName}
 	}
@@ -61,7 +62,8 @@ func (s *diskState) changedAreas(vm *VirtualMachine, req *types.QueryChangedDisk
 	} else {
 		slash := strings.LastIndex(req.ChangeId, "/")
 		since, err := strconv.ParseInt(req.ChangeId[slash+1:], 10, 64)
-		if slash < 0 || err != nil || req.ChangeId[:slash] != saw.tracking || saw.tracking != disk.tracking || since > saw.sequence {
+		valid := slash >= 0 && err == nil && since <= saw.sequence
+		if !valid || req.ChangeId[:slash] != saw.tracking || saw.tracking != disk.tracking {
 			return nil, "changeId is not valid", file
 		}
 		for _, c := range disk.changes {

@@ -203,7 +203,8 @@ func (s *diskState) trackingChanged(vm *VirtualMachine, spec *types.VirtualMachi
 }
 
 // backingFor builds the backing of `chain`'s top with its parents, after the VM's own.
-func backingFor(template *types.VirtualDiskFlatVer2BackingInfo, chain []*diskFile, changeID string) *types.VirtualDiskFlatVer2BackingInfo {
+func backingFor(template *types.VirtualDiskFlatVer2BackingInfo, chain []*diskFile,
+	changeID string) *types.VirtualDiskFlatVer2BackingInfo {
 	var backing *types.VirtualDiskFlatVer2BackingInfo
 	for _, file := range chain {
 		link := *template
@@ -229,12 +230,13 @@ func (state *vmDisks) refresh(vm *VirtualMachine) {
 		if !ok {
 			continue
 		}
-		for _, device := range object.VirtualDeviceList(snapshot.Config.Hardware.Device).SelectByType((*types.VirtualDisk)(nil)) {
+		devices := object.VirtualDeviceList(snapshot.Config.Hardware.Device)
+		for _, device := range devices.SelectByType((*types.VirtualDisk)(nil)) {
 			device := device.(*types.VirtualDisk)
 			saw, ok := frozen[device.Key]
 			template, flat := device.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
-			if !ok || !flat {
-				continue
+			if !ok || !flat || state.disks[device.Key] == nil {
+				continue // a disk removed from the VM since: its files went with it
 			}
 			device.Backing = backingFor(template, state.disks[device.Key].chainTo(saw.top), saw.changeID)
 		}

@@ -163,7 +163,8 @@ type backupSessionManager struct {
 func (h *backupSessionManager) Get() mo.Reference { return h.SessionManager }
 
 // AcquireGenericServiceTicket hands out a ticket that /folder accepts once, as ESXi does.
-func (h *backupSessionManager) AcquireGenericServiceTicket(ctx *Context, req *types.AcquireGenericServiceTicket) soap.HasFault {
+func (h *backupSessionManager) AcquireGenericServiceTicket(ctx *Context,
+	req *types.AcquireGenericServiceTicket) soap.HasFault {
 	body := h.SessionManager.AcquireGenericServiceTicket(req).(*methods.AcquireGenericServiceTicketBody)
 	h.auth.mu.Lock()
 	defer h.auth.mu.Unlock()

@@ -92,7 +92,8 @@ func (s *diskState) snapshotTaken(vm *VirtualMachine, snapshot *VirtualMachineSn
 	state := s.of(vm)
 	frozen := map[int32]*frozenDisk{}
 	for key, disk := range state.disks {
-		frozen[key] = &frozenDisk{top: disk.top(), changeID: disk.changeID(), tracking: disk.tracking, sequence: disk.sequence}
+		frozen[key] = &frozenDisk{top: disk.top(), changeID: disk.changeID(),
+			tracking: disk.tracking, sequence: disk.sequence}
 		name, local := nextDeltaName(disk)
 		delta := newDiskFile(name, local, false)
 		delta.creator = snapshot.Self
