@@ -249,3 +249,22 @@ def test_folder_locks_the_live_disk_and_fails_as_switched(vcsim: Vcsim, soap: Co
     log = vcsim.folder_requests()
     assert log[0].path == "/folder/erp/erp-flat.vmdk" and log[0].range == "bytes=0-9" and log[0].status == 500
     assert log[0].query == QUERY and log[-1].cookies == ("vmware_soap_session",) and log[-1].status == 401
+
+
+def test_removing_an_older_snapshot_merges_its_delta_under_the_newer(vcsim: Vcsim, soap: Connection) -> None:  # noqa: F811
+    vm = find_vm(soap, vcsim.make_vm("crm", [8 * MiB]))
+    key = disks_of(vm.config)[0].key
+    older = snapshot(vm, "older")
+    vcsim.guest_write("crm", 0, 0, b"1" * 512)
+    newer = snapshot(vm, "newer")
+    vcsim.guest_write("crm", 0, 512, b"2" * 512)
+    remove(older)
+    assert disks_of(newer.config)[0].backing.fileName == "[LocalDS_0] crm/crm.vmdk"
+    live = disks_of(vm.config)[0].backing
+    assert (live.fileName, live.parent.fileName) == ("[LocalDS_0] crm/crm-000002.vmdk", "[LocalDS_0] crm/crm.vmdk")
+    assert [(a.start, a.length) for a in areas(vm, newer, key, "*").changedArea] == [(0, 512)]
+    assert vm.snapshot.rootSnapshotList[0].snapshot == newer
+    remove(newer)
+    assert folder(vcsim, "GET", "crm/crm-flat.vmdk", {"Range": "bytes=0-1023"})[2] == b"1" * 512 + b"2" * 512
+    assert [f.name for f in vm.layoutEx.file if f.name.endswith(".vmdk")] == ["[LocalDS_0] crm/crm.vmdk",
+                                                                             "[LocalDS_0] crm/crm-flat.vmdk"]
