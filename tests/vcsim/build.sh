@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the vcsim launcher (main.go) with our simulator additions and prints the
+# Builds the vcsim launcher (main.go) with our simulator additions (every other .go
+# file here, compiled into govmomi's simulator package) and prints the
 # binary's path. Offline: Debian's golang-go and golang-github-vmware-govmomi-dev in
 # GOPATH mode, no module proxy. The binary is cached under a key made of the Go
 # sources, this script and the toolchain's and govmomi's versions, so only a change
@@ -25,10 +26,17 @@ exec 9>"$cache/lock"
 flock 9
 if [ ! -x "$binary" ]; then
   overlay=$cache/overlay-$key.json
-  printf '{"Replace": {"%s/appliance_additions.go": "%s/simulator_additions.go"}}\n' "$simulator" "$here" >"$overlay"
+  # Every Go file here but the launcher joins the simulator package, as appliance_<name>.
+  entries=()
+  for source in "$here"/*.go; do
+    [ "$(basename "$source")" = main.go ] && continue
+    entries+=("$(printf '"%s/appliance_%s": "%s"' "$simulator" "$(basename "$source")" "$source")")
+  done
+  (IFS=,; printf '{"Replace": {%s}}\n' "${entries[*]}") >"$overlay"
   GO111MODULE=off GOPATH="$cache/gopath:/usr/share/gocode" GOPROXY=off GOFLAGS= GOCACHE="$cache/go-build" \
     go build -overlay "$overlay" -o "$binary.tmp" "$here/main.go" >&2
   mv "$binary.tmp" "$binary"
-  find "$cache" -mindepth 1 -maxdepth 1 -type f \( -name 'vcsim-*' -o -name 'overlay-*.json' \) ! -name "*-$key*" -delete
+  # Other keys' binaries go once a day old: another worktree's tests may still run theirs.
+  find "$cache" -mindepth 1 -maxdepth 1 -type f \( -name 'vcsim-*' -o -name 'overlay-*.json' \) ! -name "*-$key*" -mtime +1 -delete
 fi
 echo "$binary"

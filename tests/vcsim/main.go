@@ -64,6 +64,12 @@ func main() {
 	model.Service.RegisterEndpoints = true // serve what the imported endpoint packages (vapi) register
 	server := model.Service.NewServer()
 	defer server.Close()
+	// Real disk files, snapshots with deltas, CBT, /folder as ESXi serves it, and the
+	// test-only control endpoint /appliance-test/ (loopback clients only, no
+	// authentication: this launcher is for tests, never for a network).
+	if err := simulator.ServeBackup(model.Service, server); err != nil {
+		log.Fatal(err)
+	}
 
 	if *certificateFile != "" {
 		block := &pem.Block{Type: "CERTIFICATE", Bytes: certificate.Certificate[0]}
