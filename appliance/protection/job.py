@@ -41,8 +41,8 @@ from appliance.store.repository import Store
 from appliance.vsphere.changes import EVERYTHING, ChangeId, ChangeTrackingFailed, changed_areas
 from appliance.vsphere.client import Session, datacenter_of, faults, find_vm, wait_for_task
 from appliance.vsphere.disks import SnapshotDisk, check_vm, flat_extent, snapshot_disks
-from appliance.vsphere.snapshots import Taken, find_snapshot, owner_prefix, remove_snapshot, snapshot_name, \
-    sweep, take_snapshot
+from appliance.vsphere.snapshots import Taken, consolidate_if_needed, find_snapshot, owner_prefix, remove_snapshot, \
+    snapshot_name, sweep, take_snapshot
 from appliance.vsphere.transfer import DatastoreFile, DiskTransport, FolderTransport, datacenter_path
 
 #: A .vmx is a few KiB and an .nvram at most a few hundred; larger files are not what they claim.
@@ -107,14 +107,10 @@ def back_up_vm(store: Store, session: Session, connection_name: str, vm_name: st
     with job.step("check", vm=vm_name):
         VM_NAME.check(vm_name)
         session.ensure()
-        vm = find_vm(session.connection, vm_name)
-        check_vm(vm)
-        with faults(f"read VM {vm_name!r}"):
-            datacenter = datacenter_path(datacenter_of(vm))
-            tracking = bool(vm.config.changeTrackingEnabled)
+        vm = _look_up(session, vm_name)
     with job.step("sweep"):
-        swept = sweep(session.connection, vm, prefix, timeout)
-    if options.enable_cbt and not tracking:
+        swept = sweep(session.connection, vm.obj, prefix, timeout)
+    if options.enable_cbt and not vm.tracking:
         with job.step("enable-cbt"):
             _enable_change_tracking(vm, timeout)
     name = snapshot_name(store.config.store_id, job.id)
@@ -122,11 +118,11 @@ def back_up_vm(store: Store, session: Session, connection_name: str, vm_name: st
     taken: Taken | None = None
     try:
         with job.step("snapshot", name=name, quiesce=options.quiesce):
-            taken = take_snapshot(session.connection, vm, name, options.quiesce, timeout)
+            taken = take_snapshot(session.connection, vm.obj, name, options.quiesce, timeout)
         if taken.consistency == "crash" and options.quiesce != "no":
             job.note("backup.crash_consistent", logging.WARNING, vm=vm_name,
                      reason="the guest could not be quiesced; the point is crash-consistent")
-        result = _read_snapshot(store, session, connection_name, vm, taken, datacenter, options, job, count_read)
+        result = _read_snapshot(store, session, connection_name, vm, taken, options, job, count_read)
     finally:
         _clean_up(session, vm, taken, name, intent.job, job, timeout)
         intents.done(intent)
@@ -134,49 +130,76 @@ def back_up_vm(store: Store, session: Session, connection_name: str, vm_name: st
     return result
 
 
-def _enable_change_tracking(vm: vim.VirtualMachine, timeout: float) -> None:
+@dataclass(frozen=True)
+class _Vm:
+    """What the backup reads of the VM once, at its check: property reads are SOAP calls, and the
+    session may have expired by the time the disks are read."""
+
+    obj: vim.VirtualMachine
+    name: str
+    datacenter: str  # dcPath
+    tracking: bool
+    instance_uuid: str
+    vmx_path: str  # "[datastore] folder/name.vmx"
+
+
+def _look_up(session: Session, name: str) -> _Vm:
+    machine = find_vm(session.connection, name)
+    check_vm(machine)
+    with faults(f"read VM {name!r}"):
+        config = machine.config
+        return _Vm(machine, name, datacenter_path(datacenter_of(machine)), bool(config.changeTrackingEnabled),
+                   str(config.instanceUuid or ""), str(config.files.vmPathName))
+
+
+def _enable_change_tracking(vm: _Vm, timeout: float) -> None:
     """CBT starts at the VM's next stun (the backup snapshot is one), so this backup is still a full one."""
     what = f"enable changed block tracking on VM {vm.name!r}"
     with faults(what):
-        task = vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True))
+        task = vm.obj.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True))
     wait_for_task(task, what, timeout)
 
 
-def _clean_up(session: Session, vm: vim.VirtualMachine, taken: Taken | None, name: str, job_id: str,
+def _clean_up(session: Session, vm: _Vm, taken: Taken | None, name: str, job_id: str,
               job: JobContext, timeout: float) -> None:
     """Remove the backup snapshot; runs on every exit, cancelled or not (never through `job.step`, which
     refuses to start once the job is cancelled). A snapshot task that timed out may have made the
     snapshot after all, so it is looked up by name when `taken` is None."""
     try:
         session.ensure()
-        snapshot = taken.snapshot if taken is not None else find_snapshot(vm, name)
+        snapshot = taken.snapshot if taken is not None else find_snapshot(vm.obj, name)
         if snapshot is None:
             return
-        remove_snapshot(session.connection, vm, snapshot, name, timeout)
+        remove_snapshot(session.connection, vm.obj, snapshot, name, timeout)
         job.note("backup.snapshot_removed", vm=vm.name, snapshot=name)
     except VsphereError as exc:
         job.note("backup.snapshot_left", logging.ERROR, vm=vm.name, snapshot=name, job_id=job_id, reason=str(exc))
         raise VsphereError(f"the backup snapshot {name!r} of VM {vm.name!r} could not be removed: {exc}; "
                            "the next backup or start removes it") from None
+    try:
+        consolidate_if_needed(session.connection, vm.obj, timeout)
+    except VsphereError as exc:
+        job.note("backup.consolidation_failed", logging.ERROR, vm=vm.name, reason=str(exc))
+        raise VsphereError(f"the backup snapshot of VM {vm.name!r} was removed, but its delta was not merged "
+                           f"({exc}): the VM runs on a delta that grows; consolidate its disks") from None
 
 
-def _read_snapshot(store: Store, session: Session, connection_name: str, vm: vim.VirtualMachine, taken: Taken,
-                   datacenter: str, options: BackupOptions, job: JobContext,
-                   count_read: ReadCounter | None) -> BackupResult:
+def _read_snapshot(store: Store, session: Session, connection_name: str, vm: _Vm, taken: Taken,
+                   options: BackupOptions, job: JobContext, count_read: ReadCounter | None) -> BackupResult:
     transport = FolderTransport(session)
     try:
         with job.step("disks"):
-            disks = snapshot_disks(taken.snapshot, datacenter)
+            disks = snapshot_disks(taken.snapshot, vm.datacenter)
             extents = [flat_extent(transport, disk) for disk in disks]
-            files = _config_files(transport, vm, datacenter)
+            files = _config_files(transport, vm)
         previous = _previous_point(store, vm.name)
         with job.step("changed-areas"):
             session.ensure()
-            plans = [_plan(vm, taken.snapshot, disk, extent, previous, index, job)
+            plans = [_plan(vm.obj, taken.snapshot, disk, extent, previous, index, job)
                      for index, (disk, extent) in enumerate(zip(disks, extents))]
         incremental = previous is not None and any(plan.mode == "incremental" for plan in plans)
         origin = {"source": "vsphere", "connection": connection_name, "url": session.settings.url,
-                  "instance_uuid": _instance_uuid(vm), "snapshot": taken.name, "consistency": taken.consistency,
+                  "instance_uuid": vm.instance_uuid, "snapshot": taken.name, "consistency": taken.consistency,
                   "disks": [{"key": plan.disk.key, "label": plan.disk.label, "file": str(plan.disk.descriptor),
                              "capacity": plan.disk.capacity, "change_id": plan.disk.change_id, "mode": plan.mode}
                             for plan in plans]}
@@ -249,11 +272,9 @@ def _previous_point(store: Store, vm: str) -> RestorePoint | None:
     return next((point for point in reversed(points) if point.origin.get("source") == "vsphere"), None)
 
 
-def _config_files(transport: DiskTransport, vm: vim.VirtualMachine, datacenter: str) -> dict[str, bytes]:
+def _config_files(transport: DiskTransport, vm: _Vm) -> dict[str, bytes]:
     """The VM's .vmx (and .nvram when it has one), kept so an instant boot registers the VM as it was."""
-    with faults(f"read the configuration of VM {vm.name!r}"):
-        vmx_path = vm.config.files.vmPathName
-    vmx_file = DatastoreFile.parse(datacenter, vmx_path)
+    vmx_file = DatastoreFile.parse(vm.datacenter, vm.vmx_path)
     files = {}
     vmx = transport.read_file(vmx_file, CONFIG_FILE_LIMIT)
     if vmx.strip():
@@ -272,9 +293,3 @@ def _nvram_name(vmx: bytes) -> str | None:
         if key.strip().lower() == "nvram":
             return value.strip().strip('"') or None
     return None
-
-
-def _instance_uuid(vm: vim.VirtualMachine) -> str:
-    with faults(f"read VM {vm.name!r}"):
-        return str(vm.config.instanceUuid or "")
-

@@ -66,7 +66,7 @@ def take_snapshot(connection: Connection, vm: vim.VirtualMachine, name: str, qui
 
 def remove_snapshot(connection: Connection, vm: vim.VirtualMachine, snapshot: vim.vm.Snapshot, name: str,
                     timeout: float) -> None:
-    """Remove (and merge) one snapshot; retried while ESXi reports its files locked. Consolidates after."""
+    """Remove (and merge) one snapshot; retried while ESXi reports its files locked."""
     what = f"remove snapshot {name!r} of VM {vm.name!r}"
     pause = LOCKED_PAUSE
     for attempt in range(1, REMOVE_ATTEMPTS + 1):
@@ -80,7 +80,6 @@ def remove_snapshot(connection: Connection, vm: vim.VirtualMachine, snapshot: vi
                 raise
             time.sleep(pause)
             pause *= 2
-    consolidate_if_needed(connection, vm, timeout)
 
 
 def consolidate_if_needed(connection: Connection, vm: vim.VirtualMachine, timeout: float) -> bool:
@@ -122,6 +121,8 @@ def sweep(connection: Connection, vm: vim.VirtualMachine, prefix: str, timeout: 
             if find_snapshot(vm, name) is not None:
                 raise
         removed.append(name)
+    if removed:
+        consolidate_if_needed(connection, vm, timeout)
     return removed
 
 

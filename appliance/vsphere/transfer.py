@@ -124,6 +124,10 @@ class FolderTransport:
             body = self._body(connection, response, limit + 1, file)
             if response.status != 200:
                 raise self._refusal(response.status, file, body)
+            announced = response.getheader("Content-Length")
+            if announced is not None and announced.isdigit() and len(body) < min(int(announced), limit + 1):
+                connection.close()
+                raise _Retry(f"{file}: the answer ended after {len(body)} of {announced} bytes")
             if len(body) > limit:
                 raise TransferError(f"{file} is larger than {limit} bytes: not a disk descriptor")
             return body
@@ -150,6 +154,7 @@ class FolderTransport:
                     raise TransferError(f"{file}: asked for {length} bytes, the answer announces {response.length}")
                 body = self._body(connection, response, length, file)
                 if len(body) != length:
+                    connection.close()
                     raise _Retry(f"{file}: the answer for bytes {offset}-{last} ended after {len(body)} bytes")
                 return body
             if response.status == 200:
