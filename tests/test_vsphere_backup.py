@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from appliance.errors import BackupRefused, NotFound, TransferError, VsphereErro
 from appliance.jobs import Job, JobCancelled, Step
 from appliance.protection.intents import Intents
 from appliance.protection.job import BackupOptions, BackupResult, back_up_vm
+from appliance.store import open_store
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
 from appliance.vsphere.client import Session, find_vm, wait_for_task
@@ -290,3 +292,9 @@ def test_an_incremental_keeps_every_earlier_point_intact(store: Store, session: 
     web.write(0, 0, MIB)
     back_up(store, session)
     assert point_disks(store, first.point.id) == expected
+
+
+def point_disks_of_store(path: Path, point_id: str) -> list[bytes]:
+    """A point's disks, from a store no process has open."""
+    with open_store(path) as store:
+        return point_disks(store, point_id)
