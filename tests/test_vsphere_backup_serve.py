@@ -14,10 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.demo.guest_image import BOOTED_MARKER, build_guest
+from appliance.hypervisor.netns import private_network
 from appliance.vsphere.client import Session, find_vm
 from tests.conftest import run_cli
 from tests.test_api import Api, start_api
+from tests.test_instant_boot_qemu import BOOT_ARGS, RUNS_UNTIL_STOPPED, power_off_leftovers
 from tests.test_instant_boot_vsphere import cli
+from tests.test_qemu_boot import BOOT_TIMEOUT
 from tests.test_vsphere_backup import Disks, point_disks_of_store, snapshots_of
 from tests.vcsim import Vcsim, vcsim  # noqa: F401
 
@@ -187,3 +191,30 @@ window = "00:00-00:01"
         assert api.server.stop() == 0
     assert point_disks_of_store(store_path, point) == disks.snapshot()
     assert find_vm(session.connection, VM).config.changeTrackingEnabled
+
+
+@pytest.mark.slow
+def test_a_point_taken_from_vsphere_boots_instantly(store_path: Path, vcsim: Vcsim, tmp_path: Path) -> None:  # noqa: F811
+    """The guest disk written into a vSphere VM, backed up from vCenter, booted by QEMU from the point."""
+    image = build_guest().copy_disk(tmp_path / "guest.img", RUNS_UNTIL_STOPPED)
+    vcsim.make_vm("guest", (image.stat().st_size,))
+    with image.open("rb") as data:
+        vcsim.guest_write("guest", 0, 0, data)
+    settings = config(vcsim, tmp_path / "a.toml", scheduled=False)
+    backed_up = run_cli("--store", str(store_path), "backup", "--from-vsphere", "guest", "--config", str(settings),
+                        "--json")
+    assert backed_up.returncode == 0, backed_up.stderr
+    point = json.loads(backed_up.stdout)["point"]
+    assert point_disks_of_store(store_path, point) == [image.read_bytes()]
+
+    with private_network():
+        api = start_api(store_path, portmap=True)
+        try:
+            booted = cli(api, "instant-boot", "--vm", "guest", "--session", "g1", *BOOT_ARGS, "--verify",
+                         f"console:{BOOTED_MARKER}", "--timeout", "120", timeout=BOOT_TIMEOUT)
+            assert booted.returncode == 0, booted.stdout + booted.stderr
+            assert cli(api, "stop", "g1").returncode == 0
+        finally:
+            power_off_leftovers(api)
+            api.close()
+            assert api.server.stop() == 0
