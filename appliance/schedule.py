@@ -104,7 +104,8 @@ def parse_cron(text: str) -> Cron:
                          'day-of-week" (e.g. "30 2 * * *")')
     values = [_cron_field(part, *spec) for part, spec in zip(parts, _FIELDS)]
     weekdays = frozenset(day % 7 for day in values[4])
-    cron = Cron(*values[:4], weekdays, not parts[2].startswith("*"), not parts[4].startswith("*"))
+    minutes, hours, days, months = values[:4]
+    cron = Cron(minutes, hours, days, months, weekdays, not parts[2].startswith("*"), not parts[4].startswith("*"))
     if not cron.weekdays_restricted and not any(
             day <= _longest_month(month) for month in cron.months for day in cron.days):
         raise ValueError(f'"{text}" names no day that exists (e.g. 31 in a month of 30 days)')

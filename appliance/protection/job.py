@@ -147,7 +147,7 @@ def _look_up(session: Session, name: str) -> _Vm:
     machine = find_vm(session.connection, name)
     check_vm(machine)
     with faults(f"read VM {name!r}"):
-        config = machine.config
+        config: Any = machine.config  # pyVmomi types every property as optional; check_vm saw it set
         return _Vm(machine, name, datacenter_path(datacenter_of(machine)), bool(config.changeTrackingEnabled),
                    str(config.instanceUuid or ""), str(config.files.vmPathName))
 
@@ -205,7 +205,8 @@ def _read_snapshot(store: Store, session: Session, connection_name: str, vm: _Vm
                             for plan in plans]}
         with job.step("ingest", disks=len(plans), incremental=incremental):
             with _sources(transport, plans, store.config.chunk_size, options.streams, job) as sources:
-                point = ingest(store, vm.name, sources, files, previous.id if incremental else None,
+                parent = previous.id if incremental and previous is not None else None
+                point = ingest(store, vm.name, sources, files, parent,
                                [plan.wanted for plan in plans] if incremental else None,
                                count_read=count_read, origin=origin)
                 bytes_read = sum(source.bytes_read for source in sources)

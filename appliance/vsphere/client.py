@@ -113,16 +113,17 @@ class Session:
         with self._lock:
             if self._generation != seen_generation:
                 return
+            manager: Any = self.connection.content.sessionManager
             with faults(f"log in to {self.settings.url} again"):
-                self.connection.content.sessionManager.Login(userName=self.settings.user,
-                                                             password=self.settings.password().reveal())
+                manager.Login(userName=self.settings.user, password=self.settings.password().reveal())
             self._generation += 1
 
     def ensure(self) -> None:
         """Log in again if the session has ended: called before each step that follows a long wait."""
         seen = self._generation
+        manager: Any = self.connection.content.sessionManager
         try:
-            alive = self.connection.content.sessionManager.currentSession is not None
+            alive = manager.currentSession is not None
         except vim.fault.NotAuthenticated:
             alive = False
         except (vmodl.MethodFault, OSError, http.client.HTTPException) as exc:
@@ -266,7 +267,8 @@ def wait_for_task(task: vim.Task, what: str, timeout: float) -> Any:
             if info.state == vim.TaskInfo.State.success:
                 return info.result
             if info.state == vim.TaskInfo.State.error:
-                raise TaskFailed(f"{what}: {fault_text(info.error)}", fault_name(info.error))
+                fault: Any = info.error
+                raise TaskFailed(f"{what}: {fault_text(fault)}", fault_name(fault))
             if time.monotonic() >= deadline:
                 raise VsphereTimeout(f"{what}: not done after {timeout:g} s (task {task._moId} may still finish)")
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pyVmomi import vim
 
@@ -21,6 +22,9 @@ from appliance.errors import BackupRefused, SourceError
 from appliance.ingest.vmdk import SECTOR, parse_descriptor
 from appliance.vsphere.client import faults
 from appliance.vsphere.transfer import DESCRIPTOR_LIMIT, DatastoreFile, DiskTransport
+
+# pyVmomi types every property of a device as optional; the functions below take devices as `Any` and
+# read what a disk of a VM's configuration always has.
 
 #: Datastore types whose disks are objects, not files with a -flat extent.
 OBJECT_DATASTORES = {"vsan": "vSAN", "VVOL": "vVols", "PMEM": "persistent memory"}
@@ -62,7 +66,7 @@ def check_vm(vm: vim.VirtualMachine) -> None:
                             + "; ".join(reasons))
 
 
-def _disk_refusals(disk: vim.vm.device.VirtualDisk, datastore_types: dict[str, str]) -> list[str]:
+def _disk_refusals(disk: Any, datastore_types: dict[str, str]) -> list[str]:
     backing = disk.backing
     if isinstance(backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo):
         mode = "physical" if backing.compatibilityMode == "physicalMode" else "virtual"
@@ -74,20 +78,21 @@ def _disk_refusals(disk: vim.vm.device.VirtualDisk, datastore_types: dict[str, s
     kind = datastore_types.get(datastore, "")
     if kind in OBJECT_DATASTORES:
         refusals.append(f"it lives on {OBJECT_DATASTORES[kind]} datastore {datastore!r}, which has no -flat files")
-    if getattr(backing, "diskMode", "") in _INDEPENDENT:
-        refusals.append(f"it is {backing.diskMode.replace('_', '-')}: snapshots leave it out")
+    mode = str(getattr(backing, "diskMode", ""))
+    if mode in _INDEPENDENT:
+        refusals.append(f"it is {mode.replace('_', '-')}: snapshots leave it out")
     if getattr(backing, "keyId", None) is not None:
         refusals.append("it is encrypted")
     return refusals
 
 
-def _disks(config: vim.vm.ConfigInfo) -> list[vim.vm.device.VirtualDisk]:
+def _disks(config: Any) -> list[Any]:
     """The disks in device order (bus kind, controller, unit: SCSI first), the order a restore point and
     its .vmx list them in."""
     devices = config.hardware.device or []
     controllers = {device.key: device for device in devices}
 
-    def order(disk: vim.vm.device.VirtualDisk) -> tuple[int, int, int]:
+    def order(disk: Any) -> tuple[int, int, int]:
         controller = controllers.get(disk.controllerKey)
         bus = next((rank for kind, rank in _BUS_RANKS if isinstance(controller, kind)), len(_BUS_RANKS))
         return bus, int(getattr(controller, "busNumber", 0) or 0), int(disk.unitNumber or 0)
@@ -114,7 +119,7 @@ def snapshot_disks(snapshot: vim.vm.Snapshot, datacenter: str) -> list[SnapshotD
     return disks
 
 
-def _capacity(disk: vim.vm.device.VirtualDisk) -> int:
+def _capacity(disk: Any) -> int:
     in_bytes = getattr(disk, "capacityInBytes", None)
     return int(in_bytes) if in_bytes else int(disk.capacityInKB) * 1024
 
