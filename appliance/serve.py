@@ -245,7 +245,7 @@ async def _serve(recovery: Recovery, replication: ReplicationService, backups: B
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.jobs.run)
-            if options.vsphere:
+            if options.vsphere and (options.protection.scheduled_backups or backups.intents.left()):
                 backups.reconcile([connection.name for connection in options.vsphere])
             if options.metrics_address is not None:
                 host, port = options.metrics_address

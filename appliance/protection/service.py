@@ -102,7 +102,10 @@ class BackupService:
         return self._jobs.all()
 
     def reconcile(self, connections: list[str]) -> Job:
-        """A job that removes the snapshots backups killed mid-way left behind, on every connection."""
+        """A job that removes the snapshots backups killed mid-way left behind, on every connection.
+
+        `serve` starts it when backups run on schedule or intent records were left: an intent is
+        written durably before every snapshot, so with neither, no backup was cut short."""
         return self._jobs.submit("backup-reconcile", {"connections": connections},
                                  lambda job: self._reconcile(job, connections))
 
