@@ -14,8 +14,10 @@ What is measured, and why:
   peer is one ``curl --parallel --parallel-max 4`` fetching exactly the byte ranges the
   backup fetched (read from the simulator's `/folder` log), from the same URLs with the
   session's cookie, to /dev/null: what the link and the server give when nothing is
-  hashed, compressed or stored. The store's own ceiling is a local ingest of the raw
-  copy (`appliance.ingest.backup.backup`) into another fresh store.
+  hashed, compressed or stored. Our transport alone (`FolderTransport`, 4 threads,
+  nothing stored) fetches the same ranges too, so the gap to curl splits into the HTTP
+  client's share and the store's; and the store's own ceiling is a local ingest of the
+  raw copy (`appliance.ingest.backup.backup`) into another fresh store.
 * Incremental: the guest rewrites ``--change-fraction`` of the disk in scattered
   64 KiB-1 MiB extents (fixed seed per run), then `back_up_vm` takes the next point
   (CBT's changed areas since the full). MiB/s over the changed bytes, against curl
@@ -40,10 +42,11 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -55,6 +58,7 @@ from appliance.protection.job import BackupOptions, BackupResult, back_up_vm  # 
 from appliance.store.reader import ReadPath  # noqa: E402
 from appliance.store.repository import Store, init_store, open_store  # noqa: E402
 from appliance.vsphere.client import Session  # noqa: E402
+from appliance.vsphere.transfer import DatastoreFile, FolderTransport, folder_target  # noqa: E402
 from tests.bench.ingest import add_run_arguments, image_bytes, log, medians, work_directory  # noqa: E402
 from tests.vcsim import FolderRequest, Vcsim, running_vcsim  # noqa: E402
 
@@ -115,7 +119,7 @@ def guest_rewrites(vcsim: Vcsim, image: Path, fraction: float, seed: int) -> int
 
 @dataclass(frozen=True)
 class RangeRead:
-    target: str  # /folder/<path>?dcPath=..&dsName=..
+    file: DatastoreFile
     first: int
     last: int
 
@@ -129,8 +133,10 @@ def disk_reads(requests: list[FolderRequest]) -> list[RangeRead]:
     reads = []
     for request in requests:
         if request.method == "GET" and request.range.startswith("bytes=") and request.status == 206:
+            query = parse_qs(request.query)
+            file = DatastoreFile(query["dcPath"][0], query["dsName"][0], request.path.removeprefix("/folder/"))
             first, _, last = request.range.removeprefix("bytes=").partition("-")
-            reads.append(RangeRead(f"{request.path}?{request.query}", int(first), int(last)))
+            reads.append(RangeRead(file, int(first), int(last)))
     return reads
 
 
@@ -138,8 +144,8 @@ def curl_replay(vcsim: Vcsim, cookie: str, reads: list[RangeRead], config: Path)
     """Seconds for one curl process, 4 transfers at once, to fetch `reads` to /dev/null; every answer checked."""
     parts = urlsplit(vcsim.url)
     origin = f"{parts.scheme}://{parts.netloc}"
-    blocks = [f'url = "{origin}{read.target}"\nrange = "{read.first}-{read.last}"\noutput = "/dev/null"\n'
-              f'header = "Cookie: {cookie}"\ninsecure\nsilent\nshow-error\n'
+    blocks = [f'url = "{origin}{folder_target(read.file)}"\nrange = "{read.first}-{read.last}"\n'
+              f'output = "/dev/null"\nheader = "Cookie: {cookie}"\ninsecure\nsilent\nshow-error\n'
               'write-out = "%{http_code} %{size_download}\\n"\n' for read in reads]
     config.write_text("next\n".join(blocks))
     started = time.perf_counter()
@@ -151,6 +157,22 @@ def curl_replay(vcsim: Vcsim, cookie: str, reads: list[RangeRead], config: Path)
     if proc.returncode != 0 or answers != expected:
         raise SystemExit(f"bench: curl exited with {proc.returncode} ({proc.stderr.strip()[:500]}); "
                          f"{len(answers)} answers for {len(reads)} ranges, first {answers[:3]}")
+    return seconds
+
+
+def transport_replay(session: Session, reads: list[RangeRead]) -> float:
+    """Seconds for our transport alone (4 threads, as the backup's readers) to fetch `reads`, nothing stored:
+    which part of the gap to curl is the HTTP client and which the store's work."""
+    transport = FolderTransport(session)
+    try:
+        with ThreadPoolExecutor(max_workers=STREAMS) as pool:
+            started = time.perf_counter()
+            got = sum(pool.map(lambda read: len(transport.read_range(read.file, read.first, read.length)), reads))
+            seconds = time.perf_counter() - started
+    finally:
+        transport.close()
+    if got != sum(read.length for read in reads):
+        raise SystemExit(f"bench: our transport read {got} bytes of {sum(read.length for read in reads)}")
     return seconds
 
 
@@ -199,7 +221,8 @@ def measure(run_dir: Path, vcsim: Vcsim, session: Session, image: Path, fraction
     with fresh_store(run_dir / "store") as store:
         result, seconds, ingest_seconds, reads = timed_backup(store, session, vcsim, "full")
         curl_seconds = curl_replay(vcsim, cookie, reads, run_dir / "curl-full.conf")
-        log(f"curl full: {curl_seconds:.2f}s")
+        transport_seconds = transport_replay(session, reads)
+        log(f"curl full: {curl_seconds:.2f}s; our transport alone: {transport_seconds:.2f}s")
         with fresh_store(run_dir / "local") as local_store:
             started = time.perf_counter()
             backup(local_store, VM, [image])
@@ -209,7 +232,9 @@ def measure(run_dir: Path, vcsim: Vcsim, session: Session, image: Path, fraction
         allocated = result.bytes_read
         full = {"ours_s": seconds, "ours_mib_s": mib_s(allocated, seconds), "ours_ingest_step_s": ingest_seconds,
                 "curl_s": curl_seconds, "curl_mib_s": mib_s(allocated, curl_seconds),
-                "ratio": curl_seconds / seconds, "local_ingest_s": local_seconds,
+                "ratio": curl_seconds / seconds, "transport_only_s": transport_seconds,
+                "transport_only_mib_s": mib_s(allocated, transport_seconds),
+                "ratio_transport_only": curl_seconds / transport_seconds, "local_ingest_s": local_seconds,
                 "local_ingest_mib_s": mib_s(allocated, local_seconds), "ratio_local": local_seconds / seconds,
                 "allocated_bytes": allocated, "requests": len(reads)}
 
