@@ -1,4 +1,4 @@
-"""govmomi's vCenter simulator as a pytest fixture: `from tests.vcsim import vcsim`.
+"""govmomi's vCenter simulator as a pytest fixture: `from tests.vcsim import vcsim` (`running_vcsim` outside pytest).
 
 `tests/vcsim/build.sh` builds the launcher (cached by a hash of its Go sources); each
 test gets its own simulator on a free loopback port, in its own working directory, so
@@ -204,10 +204,11 @@ class Vcsim:
             return str(vm._moId)
 
 
-@pytest.fixture
-def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
+@contextlib.contextmanager
+def running_vcsim(root: Path) -> Iterator[Vcsim]:
+    """A simulator whose files (password, certificate, log, datastores) live under `root`, stopped on exit;
+    shared by the fixture and the benchmarks, which start one outside pytest."""
     binary = vcsim_binary()
-    root = tmp_path_factory.mktemp("vcsim")
     workdir = root / "work"
     workdir.mkdir()
     password = secrets.token_hex(12)
@@ -233,3 +234,9 @@ def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+@pytest.fixture
+def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
+    with running_vcsim(tmp_path_factory.mktemp("vcsim")) as simulator:
+        yield simulator
