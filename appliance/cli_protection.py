@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.cli_args import JOB_ARG, Command, store_path
+from appliance.cli_args import Command, store_path
 from appliance.errors import ConfigError, UsageError
 from appliance.progress import human_bytes
 
@@ -128,13 +128,7 @@ def add_vsphere_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def register(command: Command) -> None:
-    sub = command("backup-jobs", cmd_backup_jobs, "backups from vSphere run by the appliance (list, show, cancel)")
-    actions = sub.add_subparsers(dest="jobs_command", metavar="ACTION")
-    action = actions.add_parser("list", help="every backup job (the default)")
-    action.add_argument("--json", action="store_true")
-    action = actions.add_parser("show", help="one job's steps, log and state")
-    action.add_argument("id", type=JOB_ARG)
-    action.add_argument("--json", action="store_true")
-    action = actions.add_parser("cancel", help="ask a backup to stop (its snapshot is removed)")
-    action.add_argument("id", type=JOB_ARG)
-    sub.set_defaults(json=False)
+    from appliance.cli_recovery import add_job_actions
+
+    add_job_actions(command("backup-jobs", cmd_backup_jobs, "backups from vSphere run by the appliance"),
+                    "every backup job (the default)", "ask a backup to stop (its snapshot is removed)")

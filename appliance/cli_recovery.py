@@ -165,6 +165,19 @@ def _job_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--detach", action="store_true", help="print the job id and return at once")
 
 
+def add_job_actions(sub: argparse.ArgumentParser, list_help: str, cancel_help: str) -> None:
+    """`list` (the default), `show ID` and `cancel ID`, for a command over jobs of the running appliance."""
+    actions = sub.add_subparsers(dest="jobs_command", metavar="ACTION")
+    action = actions.add_parser("list", help=list_help)
+    action.add_argument("--json", action="store_true")
+    action = actions.add_parser("show", help="one job's steps, log and state")
+    action.add_argument("id", type=JOB_ARG)
+    action.add_argument("--json", action="store_true")
+    action = actions.add_parser("cancel", help=cancel_help)
+    action.add_argument("id", type=JOB_ARG)
+    sub.set_defaults(json=False)
+
+
 def register(command: Command) -> None:
     """Add these commands to the `appliance` parser."""
     sub = command("instant-boot", cmd_instant_boot, "run a VM from a restore point (vSphere or local QEMU)")
@@ -209,13 +222,5 @@ def register(command: Command) -> None:
     sub.add_argument("--connection", metavar="NAME", help="vSphere connection (default: the only one)")
     sub.add_argument("--json", action="store_true")
 
-    sub = command("jobs", cmd_jobs, "jobs of the running appliance")
-    actions = sub.add_subparsers(dest="jobs_command", metavar="ACTION")
-    action = actions.add_parser("list", help="every job (the default)")
-    action.add_argument("--json", action="store_true")
-    action = actions.add_parser("show", help="one job's steps, log and state")
-    action.add_argument("id", type=JOB_ARG)
-    action.add_argument("--json", action="store_true")
-    action = actions.add_parser("cancel", help="ask a job to stop (it undoes what it did)")
-    action.add_argument("id", type=JOB_ARG)
-    sub.set_defaults(json=False)
+    add_job_actions(command("jobs", cmd_jobs, "jobs of the running appliance"), "every job (the default)",
+                    "ask a job to stop (it undoes what it did)")

@@ -33,13 +33,16 @@ HOST = "DC0_C0_H0"
 NETWORK = "VM Network"
 
 
-def config_for(vcsim: Vcsim, path: Path, limits: str = "") -> Path:
+def config_for(vcsim: Vcsim, path: Path, limits: str = "", scheduled_backups: bool = False,
+               policies: str = "") -> Path:
+    """The appliance's configuration with one connection to `vcsim` (scheduled backups off unless asked)."""
     path.write_text(f'''
 [limits]
 {limits}
 
 [protection]
-scheduled_backups = false
+scheduled_backups = {"true" if scheduled_backups else "false"}
+{policies}
 
 [[vsphere.connections]]
 name = "vc"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +20,13 @@ from appliance.vsphere.client import Session, find_vm
 from tests.conftest import run_cli
 from tests.test_api import Api, start_api
 from tests.test_instant_boot_qemu import BOOT_ARGS, RUNS_UNTIL_STOPPED, power_off_leftovers
-from tests.test_instant_boot_vsphere import cli
+from tests.test_instant_boot_vsphere import cli, config_for
 from tests.test_qemu_boot import BOOT_TIMEOUT
-from tests.test_vsphere_backup import Disks, point_disks_of_store, snapshots_of
+from tests.test_vsphere_backup import Disks, point_disks_of_store, session, snapshots_of  # noqa: F401
 from tests.vcsim import Vcsim, vcsim  # noqa: F401
 
 MIB = 1 << 20
 VM = "web"
-
-
-def config(vcsim: Vcsim, path: Path, scheduled: bool, policies: str = "") -> Path:  # noqa: F811
-    path.write_text(f'''
-[protection]
-scheduled_backups = {"true" if scheduled else "false"}
-
-[[vsphere.connections]]
-name = "vc"
-url = "{vcsim.url}"
-user = "{vcsim.user}"
-password_file = "{vcsim.password_file}"
-verify_tls = false
-{policies}
-''')
-    return path
 
 
 @pytest.fixture
@@ -50,13 +34,6 @@ def store_path(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     run_cli("--store", str(path), "init", "--chunk-size", str(1 << 16), check=True)
     return path
-
-
-@pytest.fixture
-def session(vcsim: Vcsim) -> Iterator[Session]:  # noqa: F811
-    opened = Session(vcsim.settings())
-    yield opened
-    opened.close()
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
@@ -87,7 +64,7 @@ def test_a_backup_job_through_the_cli_and_its_metrics(store_path: Path, vcsim: V
     vcsim.make_vm(VM, (4 * MIB,))
     disks = Disks(vcsim, VM, (4 * MIB,))
     disks.write(0, MIB, MIB)
-    api = start_api(store_path, "--config", str(config(vcsim, tmp_path / "a.toml", scheduled=False)))
+    api = start_api(store_path, "--config", str(config_for(vcsim, tmp_path / "a.toml")))
     try:
         done = cli(api, "backup", "--from-vsphere", VM, "--json")
         assert done.returncode == 0, done.stderr
@@ -114,7 +91,7 @@ def test_a_backup_job_through_the_cli_and_its_metrics(store_path: Path, vcsim: V
 def test_sigterm_mid_backup_removes_the_snapshot_before_exit(store_path: Path, vcsim: Vcsim,  # noqa: F811
                                                             tmp_path: Path, session: Session) -> None:
     slow_vm(vcsim)
-    api = start_api(store_path, "--config", str(config(vcsim, tmp_path / "a.toml", scheduled=False)))
+    api = start_api(store_path, "--config", str(config_for(vcsim, tmp_path / "a.toml")))
     try:
         vcsim.switch("periodic_503", 2)
         started = api.client.post("/backups", json={"vm": VM, "streams": 1}).json()
@@ -133,7 +110,7 @@ def test_sigterm_mid_backup_removes_the_snapshot_before_exit(store_path: Path, v
 def test_a_backup_killed_mid_way_leaves_a_snapshot_the_next_start_removes(
         store_path: Path, vcsim: Vcsim, tmp_path: Path, session: Session) -> None:  # noqa: F811
     slow_vm(vcsim)
-    settings = config(vcsim, tmp_path / "a.toml", scheduled=False)
+    settings = config_for(vcsim, tmp_path / "a.toml")
     api = start_api(store_path, "--config", str(settings))
     vcsim.switch("periodic_503", 2)
     started = api.client.post("/backups", json={"vm": VM, "streams": 1}).json()
@@ -176,7 +153,7 @@ every_hours = 24
 keep_last = 1
 window = "00:00-00:01"
 '''  # the simulator's own VMs: never due in a test, so only the unprotected VM is backed up
-    api = start_api(store_path, "--config", str(config(vcsim, tmp_path / "a.toml", scheduled=True, policies=policies)))
+    api = start_api(store_path, "--config", str(config_for(vcsim, tmp_path / "a.toml", scheduled_backups=True, policies=policies)))
     try:
         backups = wait_for("a scheduled backup of web", lambda: [
             j for j in api.client.get("/backups").json() if j["params"]["vm"] == VM and j["state"] == "succeeded"],
@@ -200,7 +177,7 @@ def test_a_point_taken_from_vsphere_boots_instantly(store_path: Path, vcsim: Vcs
     vcsim.make_vm("guest", (image.stat().st_size,))
     with image.open("rb") as data:
         vcsim.guest_write("guest", 0, 0, data)
-    settings = config(vcsim, tmp_path / "a.toml", scheduled=False)
+    settings = config_for(vcsim, tmp_path / "a.toml")
     backed_up = run_cli("--store", str(store_path), "backup", "--from-vsphere", "guest", "--config", str(settings),
                         "--json")
     assert backed_up.returncode == 0, backed_up.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
 from appliance.store.index import ChunkLocation, PackInfo
 from appliance.store.packs import PackWriter
 from appliance.store.repository import Store
@@ -14,12 +16,18 @@ class PackSink:
 
     Rotates at a target size, seals, remembers where each chunk went, and can
     delete everything it wrote if the operation fails before its index commit.
+    A full pack is sealed (fsync, rename) on a thread of its own while the next
+    one fills: the fsync of 64 MiB takes as long as producing them, and on the
+    producer's thread it would stall the whole pipeline behind it. `seal` waits
+    for every pack, so nothing is committed before it is durable.
     """
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._writer: PackWriter | None = None
         self._records = 0
+        self._sealing: list[Future[PackInfo]] = []
+        self._sealer: ThreadPoolExecutor | None = None
         self.sealed: list[PackInfo] = []
         self.locations: dict[bytes, ChunkLocation] = {}
 
@@ -31,17 +39,39 @@ class PackSink:
         self._records += 1
         self.locations[cid] = ChunkLocation(self._writer.pack_id, offset, len(record), raw_length)
         if self._writer.size >= PACK_TARGET_SIZE:
-            self.seal()
+            if self._sealer is None:
+                self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-seal")
+            self._sealing.append(self._sealer.submit(_sealed, self._writer, self._records))
+            self._writer = None
 
     def seal(self) -> None:
+        """Seal the pack being filled and wait for every pack to be durable (a failure is raised here)."""
+        failure = self._gather()
+        if failure is not None:
+            raise failure
         if self._writer is not None:
-            size = self._writer.seal()
-            self.sealed.append(PackInfo(self._writer.pack_id, size, self._records))
-            self._writer = None
+            writer, self._writer = self._writer, None
+            self.sealed.append(_sealed(writer, self._records))
 
     def discard(self) -> None:
         if self._writer is not None:
             self._writer.abandon()
             self._writer = None
+        self._gather()
         for info in self.sealed:
             self._store.packs.delete(info.pack_id)
+
+    def _gather(self) -> BaseException | None:
+        """Wait for the packs being sealed; keep those that were, return the first failure."""
+        wait(self._sealing)
+        failures = [future.exception() for future in self._sealing if future.exception() is not None]
+        self.sealed.extend(future.result() for future in self._sealing if future.exception() is None)
+        self._sealing.clear()
+        if self._sealer is not None:
+            self._sealer.shutdown(wait=True)
+            self._sealer = None
+        return failures[0] if failures else None
+
+
+def _sealed(writer: PackWriter, records: int) -> PackInfo:
+    return PackInfo(writer.pack_id, writer.seal(), records)
