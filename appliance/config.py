@@ -32,6 +32,7 @@ from appliance.config_checks import (
     Secret,
     absolute_path,
     boolean,
+    host_address_table,
     connection_name,
     cron,
     folder_paths,
@@ -261,6 +262,11 @@ class VsphereLogin:
     datastore_name: str = option("instant-recovery", datastore_name)
     #: Seconds for one API call or short task; long waits (boot, Storage vMotion) take their own.
     timeout: float = option(60.0, positive_number)
+    #: Where backups read disk files: "host", the ESXi host that runs the VM, directly (logged in to
+    #: vCenter, with a service ticket per host), or "url", the url above (vCenter forwards to a host).
+    disk_reads: str = option("host", one_of("host", "url"))
+    #: How the appliance reaches ESXi hosts whose inventory names it cannot resolve: {"esx01" = "10.0.0.5"}.
+    host_addresses: tuple[tuple[str, str], ...] = option((), host_address_table)
 
     def __post_init__(self) -> None:
         # Exactly one: a password given twice leaves the operator guessing which one is used.

@@ -246,6 +246,25 @@ def https_url(value: Any) -> str:
     return url
 
 
+def host_address_table(value: Any) -> tuple[tuple[str, str], ...]:
+    """A table of ESXi host names (as the inventory has them) to `address` or `address:port` (443)."""
+    _expect(value, dict, "a table of host name = address")
+    found = []
+    for name, given in value.items():
+        address = text(given)
+        where, colon, port = address.rpartition(":")
+        if not colon:
+            where, port = address, "443"
+        try:
+            host(where)
+        except Invalid as exc:
+            raise Invalid(f'host "{name}": {exc.reason}') from None
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise Invalid(f'host "{name}": "{address}" has no port from 1 to 65535 after its ":"')
+        found.append((str(name), f"{where}:{port}"))
+    return tuple(found)
+
+
 def fingerprint(value: Any) -> str:
     """A certificate's SHA-256 fingerprint, in any of the spellings tools print it."""
     try:

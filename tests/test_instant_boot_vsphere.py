@@ -51,6 +51,7 @@ user = "{vcsim.user}"
 password_file = "{vcsim.password_file}"
 verify_tls = false
 nfs_server_address = "192.0.2.10"
+host_addresses = {{ {", ".join(f'{host} = "{address}"' for host, address in vcsim.host_addresses().items())} }}
 ''')
     return path
 

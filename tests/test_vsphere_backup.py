@@ -26,6 +26,7 @@ from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
 from appliance.vsphere.client import Session, find_vm, wait_for_task
 from appliance.vsphere.snapshots import TAG
+from appliance.vsphere.endpoints import endpoint_for
 from appliance.vsphere.transfer import DatastoreFile, FolderTransport
 from tests.vcsim import Vcsim, vcsim  # noqa: F401
 
@@ -210,15 +211,30 @@ def test_busy_hosts_and_expired_sessions_are_retried(store: Store, session: Sess
     vcsim.switch("periodic_503", 3)
     result = back_up(store, session, job=RecordingJob(ingest=lambda: vcsim.switch("expire_sessions")))
     assert point_disks(store, result.point.id) == web.snapshot()
-    statuses = {r.status for r in vcsim.folder_requests()}
-    assert {503, 401} <= statuses and 206 in statuses
-    assert all("vmware_soap_session" in r.cookies for r in vcsim.folder_requests())
-    assert session.generation >= 1 and snapshots_of(session) == []
+    requests = vcsim.folder_requests()
+    assert {503, 401} <= {r.status for r in requests} and 206 in {r.status for r in requests}
+    # Straight to the host: a service ticket first, then the host's own session cookie.
+    assert all("dcPath=ha-datacenter" in r.query for r in requests)
+    assert "vmware_cgi_ticket" in requests[0].cookies
+    assert all(r.cookies for r in requests) and snapshots_of(session) == []
+
+
+def test_reads_go_to_the_configured_url_when_asked(store: Store, vcsim: Vcsim, web: Disks) -> None:  # noqa: F811
+    settings = vcsim.settings(disk_reads="url")
+    session = Session(settings)
+    try:
+        vcsim.switch("require_cookie")
+        result = back_up(store, session)
+    finally:
+        session.close()
+    assert point_disks(store, result.point.id) == web.snapshot()
+    requests = vcsim.folder_requests()
+    assert all("dcPath=DC0" in r.query and r.cookies == ("vmware_soap_session",) for r in requests)
 
 
 def test_a_running_vms_live_disk_is_locked(session: Session, web: Disks, vcsim: Vcsim) -> None:  # noqa: F811
     vcsim.set_power(VM, "poweredOn")
-    transport = FolderTransport(session)
+    transport = FolderTransport(session, endpoint_for(session, "DC0_H0"))
     try:
         with pytest.raises(TransferError, match="locked"):
             transport.read_range(DatastoreFile("DC0", "LocalDS_0", f"{VM}/{VM}-flat.vmdk"), 0, 4096)

@@ -50,6 +50,8 @@ USER = "appliance"
 #: The launcher prints its URL once it accepts connections; a cold start takes < 1 s.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+#: The ESXi hosts of vcsim's default inventory.
+HOSTS = ("DC0_H0", "DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2")
 #: The address the tests' appliance gives ESXi for its NFS server.
 NFS_SERVER = "192.0.2.10"
 CONTROL = "/appliance-test/"
@@ -93,9 +95,15 @@ class Vcsim:
     def settings(self, **overrides: Any) -> VsphereSettings:
         """Appliance settings for this simulator; TLS unverified unless overridden (the certificate is self-signed)."""
         table = {"url": self.url, "user": self.user, "password_file": str(self.password_file),
-                 "verify_tls": False, "nfs_server": NFS_SERVER, "export_path": "/datastore"}
+                 "verify_tls": False, "nfs_server": NFS_SERVER, "export_path": "/datastore",
+                 "host_addresses": self.host_addresses()}
         table.update(overrides)
         return from_mapping(table, "test settings")
+
+    def host_addresses(self) -> dict[str, str]:
+        """Where the appliance reaches each simulated ESXi host: the simulator itself serves them all."""
+        address = self.url.split("/")[2]
+        return {host: address for host in HOSTS}
 
     def stage_session(self, datastore: str, session: str, vm: str, registered_as: str) -> Path:
         """The files vcsim wants before it registers `[datastore] sessions/<session>/<vm>.vmx`.

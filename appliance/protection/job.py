@@ -40,6 +40,7 @@ from appliance.store.catalog import RestorePoint
 from appliance.store.repository import Store
 from appliance.vsphere.changes import EVERYTHING, ChangeId, ChangeTrackingFailed, changed_areas
 from appliance.vsphere.client import Session, datacenter_of, faults, find_vm, wait_for_task
+from appliance.vsphere.endpoints import endpoint_for
 from appliance.vsphere.disks import SnapshotDisk, check_vm, flat_extent, snapshot_disks
 from appliance.vsphere.snapshots import Taken, consolidate_if_needed, find_snapshot, owner_prefix, remove_snapshot, \
     snapshot_name, sweep, take_snapshot
@@ -141,6 +142,7 @@ class _Vm:
     tracking: bool
     instance_uuid: str
     vmx_path: str  # "[datastore] folder/name.vmx"
+    host: str  # the ESXi host that runs it, as the inventory names it: its disks are read there
 
 
 def _look_up(session: Session, name: str) -> _Vm:
@@ -148,8 +150,10 @@ def _look_up(session: Session, name: str) -> _Vm:
     check_vm(machine)
     with faults(f"read VM {name!r}"):
         config: Any = machine.config  # pyVmomi types every property as optional; check_vm saw it set
+        runtime: Any = machine.runtime
         return _Vm(machine, name, datacenter_path(datacenter_of(machine)), bool(config.changeTrackingEnabled),
-                   str(config.instanceUuid or ""), str(config.files.vmPathName))
+                   str(config.instanceUuid or ""), str(config.files.vmPathName),
+                   str(runtime.host.name) if runtime.host is not None else "")
 
 
 def _enable_change_tracking(vm: _Vm, timeout: float) -> None:
@@ -186,7 +190,7 @@ def _clean_up(session: Session, vm: _Vm, taken: Taken | None, name: str, job_id:
 
 def _read_snapshot(store: Store, session: Session, connection_name: str, vm: _Vm, taken: Taken,
                    options: BackupOptions, job: JobContext, count_read: ReadCounter | None) -> BackupResult:
-    transport = FolderTransport(session)
+    transport = FolderTransport(session, endpoint_for(session, vm.host))
     try:
         with job.step("disks"):
             disks = snapshot_disks(taken.snapshot, vm.datacenter)

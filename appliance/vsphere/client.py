@@ -97,6 +97,11 @@ class Session:
         self._generation = 0
 
     @property
+    def on_host(self) -> bool:
+        """Logged in to an ESXi host itself, not to vCenter."""
+        return str(self.connection.content.about.apiType) == "HostAgent"
+
+    @property
     def generation(self) -> int:
         """Counts logins, so a failure seen by many threads at once renews the session once."""
         return self._generation

@@ -3,9 +3,8 @@
 The appliance has no VDDK (a proprietary C library), so it reads the files a backup
 snapshot points to over HTTPS from the datastore file service that vCenter and ESXi
 serve, `GET /folder/<path>?dcPath=<datacenter>&dsName=<datastore>`, with one byte range
-per request, authenticated by the SOAP session's cookie. Connected to an ESXi host the
-reads go to that host directly; connected to vCenter, vCenter forwards them to a host
-that mounts the datastore.
+per request, to the `Endpoint` that `appliance.vsphere.endpoints` picks: the ESXi host
+that runs the VM, directly.
 
 `DiskTransport` is what the backup job needs from any transport, so an NFC reader
 (port 902) can stand beside this one. `FolderTransport` trusts an answer only when it
@@ -22,14 +21,15 @@ import re
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 from pyVmomi import vim
 
 from appliance.errors import TransferError
 from appliance.vsphere.client import Session, tls_context
+from appliance.vsphere.endpoints import Endpoint
 
 #: Attempts per request before the read fails; the pause doubles from FIRST_PAUSE up to LAST_PAUSE.
 ATTEMPTS = 6
@@ -107,10 +107,9 @@ class _Retry(Exception):
 class FolderTransport:
     """`/folder` reads over one keep-alive HTTPS connection per calling thread."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, endpoint: Endpoint) -> None:
         self._session = session
-        parts = urlsplit(session.settings.url)
-        self._host, self._port = parts.hostname or "", parts.port or 443
+        self._endpoint = endpoint
         self._tls: ssl.SSLContext = tls_context(session.settings)
         self._timeout = session.settings.timeout
         self._local = threading.local()
@@ -182,7 +181,7 @@ class FolderTransport:
                 if number == ATTEMPTS:
                     raise TransferError(f"{retry} (gave up after {ATTEMPTS} attempts)") from None
                 if retry.renew:
-                    self._session.renew(generation)
+                    self._endpoint.credentials.refused(generation)
                 time.sleep(pause)
                 pause = min(pause * 2, LAST_PAUSE)
         raise AssertionError("unreachable")
@@ -190,8 +189,8 @@ class FolderTransport:
     def _connection(self) -> http.client.HTTPSConnection:
         connection: http.client.HTTPSConnection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                                     context=self._tls)
+            connection = http.client.HTTPSConnection(self._endpoint.address, self._endpoint.port,
+                                                     timeout=self._timeout, context=self._tls)
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
@@ -199,13 +198,16 @@ class FolderTransport:
 
     def _get(self, connection: http.client.HTTPSConnection, file: DatastoreFile,
              headers: dict[str, str]) -> http.client.HTTPResponse:
+        endpoint = self._endpoint
+        target = folder_target(file if endpoint.datacenter is None else replace(file, datacenter=endpoint.datacenter))
+        cookie = endpoint.credentials.cookie(f"https://{endpoint}{target}")
         try:
-            connection.request("GET", folder_target(file), headers={**headers, "Cookie": self._session.cookie()})
+            connection.request("GET", target, headers={**headers, "Cookie": cookie})
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
-            raise _Retry(f"{file}: connection to {self._host}:{self._port} failed: {exc or type(exc).__name__}") \
-                from None
+            raise _Retry(f"{file}: connection to {endpoint} failed: {exc or type(exc).__name__}") from None
+        endpoint.credentials.answered(response.getheader("Set-Cookie"))
         self.requests += 1
         if response.status == 401:
             response.read()

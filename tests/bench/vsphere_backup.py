@@ -58,12 +58,14 @@ from appliance.protection.job import BackupOptions, BackupResult, back_up_vm  # 
 from appliance.store.reader import ReadPath  # noqa: E402
 from appliance.store.repository import Store, init_store, open_store  # noqa: E402
 from appliance.vsphere.client import Session  # noqa: E402
+from appliance.vsphere.endpoints import endpoint_for  # noqa: E402
 from appliance.vsphere.transfer import DatastoreFile, FolderTransport, folder_target  # noqa: E402
 from tests.bench.ingest import add_run_arguments, image_bytes, log, medians, work_directory  # noqa: E402
 from tests.vcsim import FolderRequest, Vcsim, running_vcsim  # noqa: E402
 
 MIB = 1 << 20
 VM = "bench"
+HOST = "DC0_H0"  # make_vm's host: the transport reads there, as the backup does
 SEED = 20240614
 STREAMS = BackupOptions().streams
 #: Shares of the image's 1 MiB blocks that are zeros and copies of one block (the rest is random).
@@ -163,7 +165,7 @@ def curl_replay(vcsim: Vcsim, cookie: str, reads: list[RangeRead], config: Path)
 def transport_replay(session: Session, reads: list[RangeRead]) -> float:
     """Seconds for our transport alone (4 threads, as the backup's readers) to fetch `reads`, nothing stored:
     which part of the gap to curl is the HTTP client and which the store's work."""
-    transport = FolderTransport(session)
+    transport = FolderTransport(session, endpoint_for(session, HOST))
     try:
         with ThreadPoolExecutor(max_workers=STREAMS) as pool:
             started = time.perf_counter()

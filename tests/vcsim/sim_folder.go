@@ -105,6 +105,12 @@ func (b *backupServer) serveFolder(w http.ResponseWriter, r *http.Request) {
 	}()
 	count = b.folder.add(request)
 
+	// A request to a host names its only datacenter, ha-datacenter: here every host shares the
+	// simulator's one datacenter, so the datastore is looked up by its name alone.
+	if query := r.URL.Query(); query.Get("dcPath") == "ha-datacenter" {
+		query.Del("dcPath")
+		r.URL.RawQuery = query.Encode()
+	}
 	if every := switches.number("periodic_503", 0); every > 0 && int64(count)%every == 0 {
 		http.Error(sw, "service unavailable (switch periodic_503)", http.StatusServiceUnavailable)
 		return
