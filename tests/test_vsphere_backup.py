@@ -24,7 +24,7 @@ from appliance.protection.job import BackupOptions, BackupResult, back_up_vm
 from appliance.store import open_store
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
-from appliance.vsphere.client import Session, find_vm, wait_for_task
+from appliance.vsphere.client import Session, find_host, find_vm, wait_for_task
 from appliance.vsphere.snapshots import TAG
 from appliance.vsphere.endpoints import endpoint_for
 from appliance.vsphere.transfer import DatastoreFile, FolderTransport
@@ -314,3 +314,31 @@ def point_disks_of_store(path: Path, point_id: str) -> list[bytes]:
     """A point's disks, from a store no process has open."""
     with open_store(path) as store:
         return point_disks(store, point_id)
+
+
+@pytest.mark.parametrize("disk_reads", ["host", "url"])
+def test_names_with_spaces_and_symbols_and_a_datacenter_in_a_folder(store: Store, vcsim: Vcsim,  # noqa: F811
+                                                                      disk_reads: str) -> None:
+    """Every name on the wire is percent-encoded: a datastore "back up #1 & co", a datacenter in a folder
+    "Europe & Co" (the dcPath of a read through vCenter), a VM folder with a space."""
+    session = Session(vcsim.settings(disk_reads=disk_reads))
+    try:
+        content = session.connection.content
+        datacenter = next(e for e in content.rootFolder.childEntity if e.name == "DC0")
+        wait_for_task(content.rootFolder.CreateFolder("Europe & Co").MoveIntoFolder_Task([datacenter]), "move", 30)
+        datastore = "back up #1 & co"
+        (vcsim.workdir / datastore).mkdir()
+        spec = vim.host.NasVolume.Specification(remoteHost="192.0.2.1", remotePath="/exports/backup",
+                                                localPath=datastore, accessMode="readWrite")
+        find_host(session.connection, "DC0_H0").configManager.datastoreSystem.CreateNasDatastore(spec)
+        vcsim.make_vm(VM, (2 * MIB,), datastore=datastore)
+        disks = Disks(vcsim, VM, (2 * MIB,))
+        disks.write(0, 4096, MIB)
+        result = back_up(store, session)
+    finally:
+        session.close()
+    assert point_disks(store, result.point.id) == disks.snapshot()
+    reads = [r for r in vcsim.folder_requests() if r.range]
+    assert reads and all("dsName=back%20up%20%231%20%26%20co" in r.query for r in reads)
+    expected = "dcPath=ha-datacenter" if disk_reads == "host" else "dcPath=Europe%20%26%20Co%2FDC0"
+    assert all(expected in r.query for r in reads)
