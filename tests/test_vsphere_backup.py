@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 from pyVmomi import vim
 
-from appliance.errors import BackupRefused, NotFound, TransferError, VsphereError
-from appliance.jobs import Job, JobCancelled, Step
+from appliance.activities import VmActivities
+from appliance.errors import BackupRefused, NotFound, TransferError, TryAgain, VsphereError
+from appliance.jobs import Job, JobCancelled, JobRunner, Step
 from appliance.protection.intents import Intents
 from appliance.protection.job import BackupOptions, BackupResult, back_up_vm
+from appliance.protection.service import BackupService
 from appliance.store import open_store
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
@@ -342,3 +344,13 @@ def test_names_with_spaces_and_symbols_and_a_datacenter_in_a_folder(store: Store
     assert reads and all("dsName=back%20up%20%231%20%26%20co" in r.query for r in reads)
     expected = "dcPath=ha-datacenter" if disk_reads == "host" else "dcPath=Europe%20%26%20Co%2FDC0"
     assert all(expected in r.query for r in reads)
+
+
+def test_no_backup_starts_while_the_vms_instant_boot_is_migrated_back(store: Store, vcsim: Vcsim,  # noqa: F811
+                                                                      tmp_path: Path) -> None:
+    activities = VmActivities()
+    service = BackupService(store, JobRunner(tmp_path / "jobs"), activities, lambda name: ("vc", vcsim.settings()))
+    with activities.holding(VM, "its instant boot (session s1) is being migrated"):
+        with pytest.raises(TryAgain, match="VM 'web' is busy: its instant boot .* is being migrated"):
+            service.submit(VM)
+    assert activities.holder(VM) is None
