@@ -75,6 +75,7 @@ class SeaweedS3:
         return [
             weed_binary(), "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=256",
+            "-master.electionTimeout=1s", "-master.heartbeatInterval=200ms",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0",
             "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
@@ -120,11 +121,13 @@ class SeaweedS3:
             return False
 
     def stop(self) -> None:
+        """SIGTERM, and SIGKILL after a second: weed lingers in its shutdown, and what it acknowledged is
+        in its files already (a kill is a crash of the engine, which the store must survive too)."""
         if self._process is None:
             return
         os.killpg(self._process.pid, signal.SIGTERM)
         try:
-            self._process.wait(timeout=5)
+            self._process.wait(timeout=1)
         except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait()

@@ -66,8 +66,8 @@ class S3Retry:
     backup or an NFS read then fails with the reason rather than hanging.
     """
 
-    max_retries: int = 8
-    first_backoff: float = 0.1
+    max_retries: int = 30
+    first_backoff: float = 0.2
     max_backoff: float = 4.0
     give_up_after: float = 60.0
     request_timeout: float = 30.0
