@@ -3,6 +3,7 @@ the network is a retry or a clear error, never wrong data."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -18,7 +19,8 @@ from appliance.restore import restore_disk
 from appliance.store import init_store, open_store, writer
 from appliance.store.s3 import S3Location, S3PackBackend, S3Retry, read_credentials
 from appliance.store.verify import verify
-from tests.conftest import SMALL_CHUNK, sha256_of, write_image
+from tests.conftest import SMALL_CHUNK, run_cli, sha256_of, write_image
+from tests.test_nfs_serve import Serve
 from tests.s3_proxy import FaultyProxy
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
@@ -143,3 +145,34 @@ def test_opening_without_credentials_is_a_config_error(s3_engine: SeaweedS3, tmp
     loose.chmod(0o644)
     with pytest.raises(ConfigError, match=r'key "credentials_file".*chmod 600'):
         read_credentials(S3Location(endpoint="http://x", bucket="b", credentials_file=str(loose)), "test")
+
+
+@pytest.mark.slow
+def test_serve_reads_back_over_nfs_from_an_s3_store(s3_engine: SeaweedS3, tmp_path: Path) -> None:
+    """The CLI makes an S3 store, backs up into it, and `serve` answers NFS reads with the image's bytes."""
+    store = tmp_path / "store"
+    prefix = f"{uuid.uuid4().hex[:12]}/cli"
+    run_cli("--store", str(store), "init", "--s3-endpoint", s3_engine.endpoint, "--s3-bucket", "appliance",
+            "--s3-prefix", prefix, "--s3-credentials-file", str(s3_engine.credentials_file), check=True)
+    assert SECRET_KEY not in (store / "config").read_text(errors="replace")
+    image = write_image(tmp_path / "disk.img", 3 << 20, seed=6)
+    run_cli("--store", str(store), "backup", "--vm", "vm1", str(image), check=True)
+    run_cli("--store", str(store), "session", "create", "--vm", "vm1", "--point", "latest", "--name", "s1",
+            check=True)
+    assert not list((store / "packs").glob("*/*.pack"))  # sealed packs live in the bucket only
+    assert [key for key in S3PackBackend(s3_engine.location(prefix + "/"), (ACCESS_KEY, SECRET_KEY),
+                                         tmp_path / "tmp").list_keys("packs/")]
+    server = Serve(store)
+    server.start()
+    try:
+        flat = subprocess.run(["nfs-cat", server.url("/sessions/s1/vm1-flat.vmdk")], capture_output=True,
+                              timeout=60, check=True)
+        assert flat.stdout == image.read_bytes()
+    finally:
+        assert server.stop() == 0
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[store]\npath = "{store}"\nbackend = "s3"\nendpoint = "{s3_engine.endpoint}"\n'
+                      f'bucket = "appliance"\nprefix = "other/"\ncredentials_file = "{s3_engine.credentials_file}"\n'
+                      "[api]\nenabled = false\n[metrics]\nenabled = false\n")
+    refused = run_cli("serve", "--config", str(config))
+    assert refused.returncode == 2 and 'key "store.prefix"' in refused.stderr and f"{prefix}/" in refused.stderr

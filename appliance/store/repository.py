@@ -54,7 +54,7 @@ class StoreConfig:
     s3: S3Location | None = None
 
 
-def _read_config(path: Path) -> StoreConfig:
+def read_store_config(path: Path) -> StoreConfig:
     try:
         raw = (path / "config").read_bytes()
     except FileNotFoundError:
@@ -123,7 +123,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.config = _read_config(path)
+        self.config = read_store_config(path)
         if self.config.chunk_id != formats.CHUNK_ID_SCHEME:
             raise StoreError(f"store {path} uses chunk ids {self.config.chunk_id!r}, unknown to this build")
         # Before LMDB: a store whose credentials are missing fails with nothing left open.
