@@ -26,6 +26,7 @@ from appliance.cli_protection import register as register_protection_commands
 from appliance.cli_recovery import register as register_recovery_commands
 from appliance.cli_replicate import register as register_replicate_commands
 from appliance.cli_sessions import register as register_session_commands
+from appliance.config_store import StoreConfig as StoreSettings
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
 from appliance.progress import Progress, human_bytes
@@ -37,9 +38,38 @@ if TYPE_CHECKING:
 
 
 
+#: init's S3 flags, by `[store]` key: the same checks as in a configuration file.
+S3_INIT_FLAGS = ("endpoint", "bucket", "prefix", "region", "ca_file", "credentials_file", "access_key_env",
+                 "secret_key_env")
+
+
+def _init_settings(args: argparse.Namespace) -> StoreSettings:
+    """The `[store]` section of --config, or one built from --store and the --s3-* flags (refusals name the flag)."""
+    from appliance.config import build_document, load_config
+
+    if args.config:
+        return load_config(Path(args.config)).store
+    table: dict[str, Any] = {"path": os.path.abspath(store_path(args))}
+    given = {key: getattr(args, f"s3_{key}") for key in S3_INIT_FLAGS if getattr(args, f"s3_{key}") is not None}
+    if given:
+        table.update(given, backend="s3")
+    try:
+        settings: StoreSettings = build_document(StoreSettings, table, "command line")
+    except ConfigError as exc:
+        if exc.key in S3_INIT_FLAGS:
+            raise UsageError(f"--s3-{exc.key.replace('_', '-')}: {exc.reason}") from None
+        raise
+    return settings
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    config = init_store(store_path(args), chunk_size=args.chunk_size, compression_level=args.compression_level)
-    print(f"initialised store {args.store} (id {config.store_id}, chunk size {human_bytes(config.chunk_size)})")
+    settings = _init_settings(args)
+    location = settings.s3_location()
+    config = init_store(settings.path, chunk_size=args.chunk_size, compression_level=args.compression_level,
+                        s3=location)
+    where = "" if location is None else f", packs in {location.url(location.prefix)}"
+    print(f"initialised store {settings.path} (id {config.store_id}, chunk size {human_bytes(config.chunk_size)}"
+          f"{where})")
     return 0
 
 
@@ -237,6 +267,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _serve_config(args)
     resolve_secrets(config, args.config or "command line")
+    if config.store.backend is not None:
+        from appliance.config_checks import Invalid
+        from appliance.store.repository import read_store_config
+
+        try:
+            config.store.matches(read_store_config(config.store.path).s3)
+        except Invalid as exc:
+            raise ConfigError(args.config or "command line", exc.reason, exc.under("store").key) from None
     print(f"appliance: {summary(config)}", file=sys.stderr)
     serve_datastore(config.store.path, serve_options(config))
     return 0
@@ -270,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("init", cmd_init, "create an empty store")
     sub.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes, power of two")
     sub.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, help="zstd level")
+    sub.add_argument("--config", metavar="FILE", help="create the store its [store] section describes")
+    for key in S3_INIT_FLAGS:
+        sub.add_argument(f"--s3-{key.replace('_', '-')}", dest=f"s3_{key}",
+                         help="keep packs in this S3 bucket (the [store] key of that name)" if key == "bucket" else
+                         f"the [store] key {key} of an S3 store")
 
     sub = command("backup", cmd_backup, "ingest disk images, or a vSphere VM's disks, as a new restore point")
     sub.add_argument("--vm", type=VM_ARG)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config_store import StoreConfig
 from appliance.errors import ConfigError
 from appliance.hypervisor.accel import ACCELERATORS, QEMU
 from appliance.config_checks import (
@@ -63,11 +64,6 @@ from appliance.config_checks import (
 
 
 # --- the schema --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StoreConfig:
-    path: Path = required(absolute_path)
-
 
 @dataclass(frozen=True)
 class CacheConfig:

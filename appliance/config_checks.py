@@ -387,3 +387,31 @@ def build_section(cls: type, table: Any) -> Any:
         except Invalid as exc:
             raise exc.under(name) from None
     return cls(**values)
+
+
+def http_url(value: Any) -> str:
+    """An S3 endpoint: http only for a gateway on this host or a lab, which the operator chooses by writing it."""
+    url = text(value).rstrip("/")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise Invalid(f'"{value}" is not an http:// or https:// URL of a host (e.g. "https://s3.example.net:9000")')
+    return url
+
+
+#: S3's bucket naming rule: 3 to 63 lower-case letters, digits, "." and "-", starting and ending with a letter or digit.
+bucket_name = matching(re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),
+                       'is not an S3 bucket name (3-63 of a-z, 0-9, ".", "-")')
+
+
+def object_prefix(value: Any) -> str:
+    """A key prefix ending in "/" (added if missing), without "//", "." or ".." parts: keys stay one tree."""
+    _expect(value, str, "a string")
+    if not value:
+        return ""
+    parts = value.rstrip("/").split("/")
+    if value.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise Invalid(f'"{value}" is not a key prefix like "appliance/site-a/"')
+    return "/".join(parts) + "/"

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+import obstore
 import pytest
 
 from appliance.demo import make_demo_image, sha256_file
 from appliance.hypervisor import QemuGuest
 from appliance.store import Store, init_store, open_store
+from appliance.store.packs import LocalPackDirectory
+from appliance.store.s3 import S3PackBackend
+from tests.seaweed import SeaweedS3
 
 BLOCK = 64 << 10
 sha256_of = sha256_file  # the tests' name for it
@@ -45,14 +50,39 @@ def mixed_image(seed: int) -> bytes:
     return bytes(image)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `store_backends` that use a store run once per pack backend: the same test, not a copy."""
+    if "store_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("store_backends"):
+        metafunc.parametrize("store_backend", ["local", "s3"], indirect=True)
+
+
 @pytest.fixture
-def store_factory(tmp_path: Path) -> Iterator[Callable[..., Store]]:
-    """Builds initialised stores under tmp_path; closes them at teardown."""
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Where `store_factory` puts packs: "local" unless a `store_backends` test asks for "s3" too."""
+    return str(getattr(request, "param", "local"))
+
+
+@pytest.fixture(scope="session")
+def s3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real SeaweedFS for the whole session (it takes seconds to start); each store takes a fresh prefix."""
+    engine = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def store_factory(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Store]]:
+    """Builds initialised stores under tmp_path (packs in SeaweedFS for "s3"); closes them at teardown."""
     opened: list[Store] = []
 
     def make(name: str = "store", chunk_size: int = SMALL_CHUNK) -> Store:
         path = tmp_path / name
-        init_store(path, chunk_size=chunk_size)
+        s3 = None
+        if store_backend == "s3":
+            engine: SeaweedS3 = request.getfixturevalue("s3_engine")
+            s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/")
+        init_store(path, chunk_size=chunk_size, s3=s3)
         store = open_store(path)
         opened.append(store)
         return store
@@ -60,6 +90,31 @@ def store_factory(tmp_path: Path) -> Iterator[Callable[..., Store]]:
     yield make
     for store in opened:
         store.close()
+
+
+def pack_bytes(store: Store, pack_id: int) -> bytes:
+    """A sealed pack's bytes, read past the store (tests damage them)."""
+    packs = store.packs
+    if isinstance(packs, S3PackBackend):
+        return bytes(obstore.get(packs.client, packs.key_of(pack_id)).bytes())
+    assert isinstance(packs, LocalPackDirectory)
+    return packs.path_of(pack_id).read_bytes()
+
+
+def replace_pack(store: Store, pack_id: int, data: bytes | None) -> None:
+    """Overwrite a sealed pack with `data`, or remove it (None), as damage on disk or in the bucket would."""
+    packs = store.packs
+    if isinstance(packs, S3PackBackend):
+        if data is None:
+            obstore.delete(packs.client, packs.key_of(pack_id))
+        else:
+            obstore.put(packs.client, packs.key_of(pack_id), data)
+        return
+    assert isinstance(packs, LocalPackDirectory)
+    if data is None:
+        packs.path_of(pack_id).unlink()
+    else:
+        packs.path_of(pack_id).write_bytes(data)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from appliance.store import Store, writer
 from appliance.store.stats import store_statistics
 from tests.conftest import BLOCK, sha256_of, write_image
 
+pytestmark = pytest.mark.store_backends
+
 
 def restore_sha(store: Store, point_id: str, vm: str, disk: int, tmp_path: Path) -> str:
     with store.env.begin() as txn:

@@ -18,6 +18,8 @@ from appliance.store.verify import verify
 from tests.conftest import sha256_of, write_image
 from tests.test_backup import mutate, restore_sha
 
+pytestmark = pytest.mark.store_backends
+
 
 def test_prune_keeps_survivors_identical_and_reclaims(store: Store, tmp_path: Path) -> None:
     image = write_image(tmp_path / "disk.img", 4 << 20, seed=21)

@@ -35,7 +35,7 @@ from appliance.store.stats import StoreStatistics, store_statistics
 from nfs_export import NfsService, serve_nfs
 from nfs_export.rpc import RpcDispatcher
 from nfs_export.xdr import Encoder
-from tests.conftest import SMALL_CHUNK, write_image
+from tests.conftest import SMALL_CHUNK, pack_bytes, replace_pack, write_image
 from tests.test_nfs3 import FILE_SYNC, OK, NfsClient
 from tests.test_nfs_rpc import (
     DISPATCH_CASES,
@@ -48,7 +48,7 @@ from tests.test_nfs_rpc import (
     parse_reply,
 )
 from tests.test_nfs_server import run, with_client
-from tests.test_verify import flip
+from tests.test_verify import flipped
 
 DISK_BYTES = 6 << 20
 SECRET = b"m" * 32
@@ -262,8 +262,8 @@ def test_a_flipped_byte_counts_as_a_checksum_failure(appliance: Appliance) -> No
     image = write_image(appliance.work / "damaged.img", 1 << 20, seed=31)
     point = backup(appliance.store, "vm-damaged", [image])
     (pack_id,) = set(appliance.store.packs.list_packs()) - packs_before
-    pack = appliance.store.packs.path_of(pack_id)
-    flip(pack, pack.stat().st_size - 1)  # the last record's payload
+    pack = pack_bytes(appliance.store, pack_id)
+    replace_pack(appliance.store, pack_id, flipped(pack, len(pack) - 1))  # the last record's payload
     before = scrape(appliance.metrics_port)
     damaged = run("nfs-cat", appliance.url(f"/restore-points/vm-damaged/{point.id}/vm-damaged-flat.vmdk"))
     assert damaged.returncode != 0 and damaged.stdout != image.read_bytes()

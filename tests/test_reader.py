@@ -13,6 +13,8 @@ from appliance.store.cache import MemoryChunkCache
 from appliance.store.formats import ZERO_CHUNK_ID
 from tests.conftest import write_image
 
+pytestmark = pytest.mark.store_backends
+
 
 @pytest.fixture
 def image_point(store: Store, tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -5,8 +5,9 @@ renames it into place and fsyncs the directory. Only sealed packs are ever refer
 by the index, so a crash mid-write leaves at most a temporary file that GC removes.
 Sealed packs are immutable until GC deletes them whole.
 
-Today the backend is a local directory; the interface is what an S3-compatible object
-store would implement later (put a sealed pack, read a byte range, list, delete).
+Two backends implement the interface: a local directory (here) and an S3 bucket
+(`appliance.store.s3`). Both write a pack to a local temporary file first; only how
+`seal` publishes it differs (rename into place, or one conditional PUT).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 from appliance.durable import fsync_directory
 from appliance.errors import IntegrityError, StoreError
@@ -23,7 +24,7 @@ from appliance.store import formats
 
 
 class PackBackend(Protocol):
-    """Where sealed packs live."""
+    """Where sealed packs live; every method may be called from several threads at once."""
 
     def open_writer(self, pack_id: int) -> "PackWriter": ...
     def read_range(self, pack_id: int, offset: int, length: int) -> bytes: ...
@@ -31,15 +32,27 @@ class PackBackend(Protocol):
     def list_packs(self) -> Iterator[int]: ...
     def list_unsealed(self) -> Iterator[Path]: ...
     def delete(self, pack_id: int) -> None: ...
+    def name_of(self, pack_id: int) -> str: ...
+    def close(self) -> None: ...
+
+
+#: Makes a written temporary pack (open file, its path) the sealed pack; raises if it cannot.
+Publish = Callable[[BinaryIO, Path], None]
+
+
+def pack_name(pack_id: int) -> str:
+    """`XX/<id:016x>.pack`: fanned out by the id's last byte, which spreads consecutive ids."""
+    name = f"{pack_id:016x}"
+    return f"{name[-2:]}/{name}.pack"
 
 
 class PackWriter:
-    """Appends records to a new pack; nothing is visible until `seal`."""
+    """Appends records to a new pack in a local temporary file; nothing is visible until `seal`."""
 
-    def __init__(self, temp_path: Path, final_path: Path, pack_id: int) -> None:
+    def __init__(self, temp_path: Path, pack_id: int, publish: Publish) -> None:
         self.pack_id = pack_id
         self._temp_path = temp_path
-        self._final_path = final_path
+        self._publish = publish
         self._file = open(temp_path, "xb", buffering=0)
         self._size = 0
         self._write(formats.encode_pack_header(pack_id))
@@ -64,17 +77,28 @@ class PackWriter:
 
     def seal(self) -> int:
         """Make the pack durable under its final name; returns its size."""
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._final_path.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self._temp_path, self._final_path)
-        fsync_directory(self._final_path.parent)
+        try:
+            self._publish(self._file, self._temp_path)
+        finally:
+            self._file.close()
         return self._size
 
     def abandon(self) -> None:
         """Drop an unsealed pack (ingest failed before commit)."""
         self._file.close()
         self._temp_path.unlink(missing_ok=True)
+
+
+def unsealed_path(temp_dir: Path, pack_id: int) -> Path:
+    """Where a pack is written before `seal`: on local disk for every backend, so GC finds crashed ones."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    return temp_dir / f"{pack_id:016x}.pack.tmp"
+
+
+def unsealed_in(temp_dir: Path) -> Iterator[Path]:
+    """Packs left unsealed by a crashed or failed writer: what GC deletes."""
+    if temp_dir.is_dir():
+        yield from sorted(temp_dir.iterdir())
 
 
 class LocalPackDirectory:
@@ -95,12 +119,21 @@ class LocalPackDirectory:
         self._lock = threading.Lock()
 
     def path_of(self, pack_id: int) -> Path:
-        name = f"{pack_id:016x}"
-        return self.root / name[-2:] / f"{name}.pack"
+        return self.root / pack_name(pack_id)
+
+    def name_of(self, pack_id: int) -> str:
+        return str(self.path_of(pack_id))
 
     def open_writer(self, pack_id: int) -> PackWriter:
-        self._temp_dir.mkdir(parents=True, exist_ok=True)
-        return PackWriter(self._temp_dir / f"{pack_id:016x}.pack.tmp", self.path_of(pack_id), pack_id)
+        final_path = self.path_of(pack_id)
+
+        def publish(file: BinaryIO, temp_path: Path) -> None:
+            os.fsync(file.fileno())
+            final_path.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(temp_path, final_path)
+            fsync_directory(final_path.parent)
+
+        return PackWriter(unsealed_path(self._temp_dir, pack_id), pack_id, publish)
 
     def _fd(self, pack_id: int) -> int:
         with self._lock:
@@ -147,8 +180,7 @@ class LocalPackDirectory:
                     yield int(path.stem, 16)
 
     def list_unsealed(self) -> Iterator[Path]:
-        if self._temp_dir.is_dir():
-            yield from sorted(self._temp_dir.iterdir())
+        return unsealed_in(self._temp_dir)
 
     def _forget(self, pack_id: int) -> None:
         with self._lock:

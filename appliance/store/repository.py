@@ -5,6 +5,8 @@ Layout::
     STORE/config          magic + version header, then JSON settings (chunk size, ...)
     STORE/index/          LMDB environment: chunks, packs, vms, points, maps, files, meta
     STORE/packs/XX/*.pack sealed packs;  STORE/packs/tmp/ packs being written
+                          (with an S3 backend, sealed packs are objects <prefix>packs/XX/*.pack
+                          in the bucket the config names; packs/tmp/ stays local)
     STORE/write.lock      flock: one writer (backup, prune, gc) at a time
     STORE/gc.lock         flock: readers shared, GC exclusive while it deletes packs
 """
@@ -18,7 +20,7 @@ import os
 import struct
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +31,8 @@ from appliance.errors import StoreBusy, StoreError
 from appliance.store import formats
 from appliance.store.catalog import Catalog
 from appliance.store.index import ChunkIndex
-from appliance.store.packs import LocalPackDirectory
+from appliance.store.packs import LocalPackDirectory, PackBackend
+from appliance.store.s3 import S3Location, S3PackBackend, read_credentials
 
 _CONFIG_HEADER = struct.Struct("<8sII")  # magic, format version, JSON length
 _NEXT_PACK_KEY = b"next-pack-id"
@@ -46,9 +49,12 @@ class StoreConfig:
     compression: str
     compression_level: int
     created: float
+    #: Where sealed packs live: "local" (STORE/packs) or "s3" (`s3` says where; stores made before S3 lack both).
+    backend: str = "local"
+    s3: S3Location | None = None
 
 
-def _read_config(path: Path) -> StoreConfig:
+def read_store_config(path: Path) -> StoreConfig:
     try:
         raw = (path / "config").read_bytes()
     except FileNotFoundError:
@@ -64,8 +70,9 @@ def _read_config(path: Path) -> StoreConfig:
         raise StoreError(f"store {path} has format version {version}; this build reads {formats.STORE_FORMAT_VERSION}")
     try:
         doc = json.loads(raw[_CONFIG_HEADER.size : _CONFIG_HEADER.size + length])
-        return StoreConfig(**doc)
-    except (ValueError, TypeError) as exc:
+        config = StoreConfig(**doc)
+        return replace(config, s3=S3Location(**doc["s3"])) if config.backend == "s3" else config
+    except (ValueError, TypeError, KeyError) as exc:
         raise StoreError(f"store config {path / 'config'} is damaged: {exc}") from None
 
 
@@ -73,8 +80,14 @@ def init_store(
     path: Path,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    s3: S3Location | None = None,
 ) -> StoreConfig:
-    """Create an empty store; refuses a directory that already holds one."""
+    """Create an empty store; refuses a directory that already holds one.
+
+    With `s3`, packs go to that bucket and prefix: it must be reachable with the
+    credentials now (a typo fails here, not at the first backup) and hold no packs yet,
+    since pack ids start again at 1 for every store.
+    """
     if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > 1 << 26:
         raise StoreError(f"chunk size {chunk_size} must be a power of two between 4 KiB and 64 MiB")
     if not -7 <= compression_level <= 19:
@@ -89,7 +102,13 @@ def init_store(
         compression="zstd",
         compression_level=compression_level,
         created=time.time(),
+        backend="local" if s3 is None else "s3",
+        s3=s3,
     )
+    if s3 is not None:
+        packs = _s3_packs(path, s3)
+        if next(packs.list_packs(), None) is not None:
+            raise StoreError(f"{s3.url(s3.prefix)} already holds packs of another store: give another prefix")
     (path / "packs").mkdir(exist_ok=True)
     body = json.dumps(asdict(config)).encode()
     write_durably(
@@ -104,9 +123,13 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.config = _read_config(path)
+        self.config = read_store_config(path)
         if self.config.chunk_id != formats.CHUNK_ID_SCHEME:
             raise StoreError(f"store {path} uses chunk ids {self.config.chunk_id!r}, unknown to this build")
+        # Before LMDB: a store whose credentials are missing fails with nothing left open.
+        self.packs: PackBackend = (
+            LocalPackDirectory(path / "packs") if self.config.s3 is None else _s3_packs(path, self.config.s3)
+        )
         try:
             self.env = lmdb.open(
                 str(path / "index"), map_size=LMDB_MAP_SIZE, max_dbs=16, subdir=True, max_readers=1024
@@ -117,7 +140,6 @@ class Store:
         self._meta = self.env.open_db(b"meta")
         self.index = ChunkIndex(self.env)
         self.catalog = Catalog(self.env)
-        self.packs = LocalPackDirectory(path / "packs")
 
     def close(self) -> None:
         self.packs.close()
@@ -159,6 +181,10 @@ class Store:
 
     def gc_lock(self) -> contextlib.AbstractContextManager[None]:
         return self._flock("gc.lock", fcntl.LOCK_EX, "readers (restore, verify, serve) are using it")
+
+
+def _s3_packs(path: Path, location: S3Location) -> S3PackBackend:
+    return S3PackBackend(location, read_credentials(location, f"store {path}"), path / "packs" / "tmp")
 
 
 def open_store(path: Path) -> Store:

@@ -43,7 +43,7 @@ def _walk_pack(
     store: Store, info: PackInfo, known_offsets: list[int], report: VerifyReport
 ) -> dict[int, bytes]:
     """Intact records of a pack, as offset -> chunk id; damage goes to `report`."""
-    where = str(store.packs.path_of(info.pack_id))
+    where = store.packs.name_of(info.pack_id)
     intact: dict[int, bytes] = {}
     try:
         size = store.packs.pack_size(info.pack_id)
