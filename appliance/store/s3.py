@@ -89,11 +89,11 @@ def read_credentials(location: S3Location, source: str,
             raise ConfigError(source, exc.reason, "credentials_file") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(source, f"cannot read {location.credentials_file}: {exc}", "credentials_file") from None
-        keys = [table.get(name) for name in ("access_key_id", "secret_access_key")]
-        if not all(isinstance(key, str) and key for key in keys):
+        access, secret = table.get("access_key_id"), table.get("secret_access_key")
+        if not (isinstance(access, str) and access and isinstance(secret, str) and secret):
             raise ConfigError(source, f"{location.credentials_file} must give access_key_id and secret_access_key "
                                       "as strings", "credentials_file")
-        return keys[0], keys[1]
+        return access, secret
     found = []
     for env, key in ((location.access_key_env or DEFAULT_ACCESS_KEY_ENV, "access_key_env"),
                      (location.secret_key_env or DEFAULT_SECRET_KEY_ENV, "secret_key_env")):
