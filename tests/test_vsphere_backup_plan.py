@@ -50,9 +50,12 @@ def test_holes_are_what_no_allocated_area_touches() -> None:
     assert holes == [0, 2, 3, 6, 7]
 
 
-def _point(disks: list[dict[str, object]]) -> RestorePoint:
+INSTANCE = "5012a3b4-0000-4000-8000-000000000001"
+
+
+def _point(disks: list[dict[str, object]], instance: str = INSTANCE) -> RestorePoint:
     return RestorePoint("20261206T000000Z-0000", "web", 0.0, None, (DiskInfo("web", 8 * MIB, "vmdk-flat", 8),),
-                        origin={"source": "vsphere", "disks": disks})
+                        origin={"source": "vsphere", "instance_uuid": instance, "disks": disks})
 
 
 def _disk(change_id: str | None, capacity: int = 8 * MIB, key: int = 2000) -> SnapshotDisk:
@@ -73,13 +76,19 @@ TRACKED = "52 aa bb cc dd ee ff 00-11 22 33 44 55 66 77 88"
 def test_a_disk_is_read_whole_for_each_reason_a_changeid_cannot_be_trusted(
         before: dict[str, object] | None, now: SnapshotDisk, reason: str) -> None:
     previous = None if before is None else _point([before])
-    found = _why_full(now, previous, 0)
+    found = _why_full(now, previous, 0, INSTANCE)
     assert found is not None and reason in found
+
+
+def test_a_point_of_another_vm_of_the_same_name_is_no_base() -> None:
+    previous = _point([{"key": 2000, "capacity": 8 * MIB, "change_id": f"{TRACKED}/3"}], instance="other")
+    found = _why_full(_disk(f"{TRACKED}/9"), previous, 0, INSTANCE)
+    assert found is not None and "another instance uuid" in found
 
 
 def test_a_disk_with_the_same_tracking_uuid_is_incremental() -> None:
     previous = _point([{"key": 2000, "capacity": 8 * MIB, "change_id": f"{TRACKED}/3"}])
-    assert _why_full(_disk(f"{TRACKED}/9"), previous, 0) is None
+    assert _why_full(_disk(f"{TRACKED}/9"), previous, 0, INSTANCE) is None
     assert ChangeId.parse(f"{TRACKED}/9") == ChangeId(TRACKED, "9")
     assert ChangeId.parse("*") is None and ChangeId.parse("") is None
 

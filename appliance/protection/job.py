@@ -199,7 +199,7 @@ def _read_snapshot(store: Store, session: Session, connection_name: str, vm: _Vm
         previous = _previous_point(store, vm.name)
         with job.step("changed-areas"):
             session.ensure()
-            plans = [_plan(vm.obj, taken.snapshot, disk, extent, previous, index, job)
+            plans = [_plan(vm, taken.snapshot, disk, extent, previous, index, job)
                      for index, (disk, extent) in enumerate(zip(disks, extents))]
         incremental = previous is not None and any(plan.mode == "incremental" for plan in plans)
         origin = {"source": "vsphere", "connection": connection_name, "url": session.settings.url,
@@ -228,15 +228,15 @@ def _sources(transport: DiskTransport, plans: list[DiskPlan], chunk_size: int, s
                for plan in plans]
 
 
-def _plan(vm: vim.VirtualMachine, snapshot: vim.vm.Snapshot, disk: SnapshotDisk, extent: DatastoreFile,
+def _plan(vm: _Vm, snapshot: vim.vm.Snapshot, disk: SnapshotDisk, extent: DatastoreFile,
           previous: RestorePoint | None, index: int, job: JobContext) -> DiskPlan:
     whole = [(0, disk.capacity)]
-    reason = _why_full(disk, previous, index)
+    reason = _why_full(disk, previous, index, vm.instance_uuid)
     if reason is None:
         assert previous is not None
         since = previous.origin["disks"][index]["change_id"]
         try:
-            areas = changed_areas(vm, snapshot, disk.key, disk.capacity, since)
+            areas = changed_areas(vm.obj, snapshot, disk.key, disk.capacity, since)
             return DiskPlan(disk, extent, "incremental", f"changes since {since}", areas, None)
         except ChangeTrackingFailed as exc:
             reason = f"CBT failed ({exc})"
@@ -244,16 +244,18 @@ def _plan(vm: vim.VirtualMachine, snapshot: vim.vm.Snapshot, disk: SnapshotDisk,
     allocated = None
     if disk.change_id is not None:
         try:
-            allocated = changed_areas(vm, snapshot, disk.key, disk.capacity, EVERYTHING)
+            allocated = changed_areas(vm.obj, snapshot, disk.key, disk.capacity, EVERYTHING)
         except ChangeTrackingFailed as exc:
             job.note("backup.cbt_failed", logging.WARNING, disk=disk.label, reason=str(exc))
     return DiskPlan(disk, extent, "full", reason, whole, allocated)
 
 
-def _why_full(disk: SnapshotDisk, previous: RestorePoint | None, index: int) -> str | None:
+def _why_full(disk: SnapshotDisk, previous: RestorePoint | None, index: int, instance_uuid: str) -> str | None:
     """Why this disk must be read whole, or None when CBT can say what changed since the previous point."""
     if previous is None:
         return "no previous restore point"
+    if previous.origin.get("instance_uuid") != instance_uuid:
+        return "the previous point is of another VM of this name (another instance uuid)"
     before = previous.origin.get("disks", [])
     if index >= len(before) or before[index].get("key") != disk.key:
         return "a disk the previous point does not have"
