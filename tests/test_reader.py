@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,21 @@ def test_sequential_read_uses_readahead_and_cache(store: Store, image_point) -> 
         assert first.hits > first.misses  # read-ahead filled the cache before the reads
         assert b"".join(disk.read(o, 128 << 10) for o in range(0, disk.size, 128 << 10)) == image.read_bytes()
         assert cache.statistics().misses == first.misses
+
+
+def test_readahead_plans_only_the_window_s_new_end(store: Store, image_point) -> None:  # type: ignore[no-untyped-def]
+    _, point = image_point
+    cache = MemoryChunkCache(64 << 20)
+    with ReadPath(store, cache=cache, readahead_bytes=1 << 20) as read_path:
+        disk = read_path.disk(point, 0)
+        window = (1 << 20) // read_path.chunk_size
+        assert read_path.prefetch(disk, 1, planned=3) == 1 + window
+        deadline = time.monotonic() + 30
+        planned = [disk.chunk_id_at(index) for index in range(3, 1 + window)]
+        while not all(cache.contains(cid) for cid in planned if cid != ZERO_CHUNK_ID):
+            assert time.monotonic() < deadline, "the planned chunks were never loaded"
+            time.sleep(0.01)
+        assert not any(cache.contains(disk.chunk_id_at(index)) for index in (1, 2))  # planned by earlier reads
 
 
 def test_cache_is_bounded() -> None:

@@ -40,6 +40,9 @@ class DiskReader:
         self._map = chunk_map
         self._chunk_size = path.chunk_size
         self._next_offset = -1
+        #: Chunks before this index have had their read-ahead started in the current
+        #: sequential run, so the next read plans only the window's new end.
+        self._planned = 0
 
     def chunk_id_at(self, index: int) -> bytes:
         return self._map[index * CHUNK_ID_SIZE : (index + 1) * CHUNK_ID_SIZE]
@@ -70,7 +73,9 @@ class DiskReader:
             return []
         first, last = offset // self._chunk_size, (end - 1) // self._chunk_size
         if offset == self._next_offset:
-            self._path.prefetch(self, last + 1)
+            self._planned = self._path.prefetch(self, last + 1, self._planned)
+        else:
+            self._planned = 0
         parts: list[memoryview] = []
         for index in range(first, last + 1):
             chunk = chunk_of(index)
@@ -196,10 +201,16 @@ class ReadPath:
         self.cache.put(cid, data)
         return data
 
-    def prefetch(self, reader: DiskReader, first_index: int) -> None:
-        """Start loading the chunks after a sequential read, up to the read-ahead window."""
+    def prefetch(self, reader: DiskReader, first_index: int, planned: int = 0) -> int:
+        """Start loading the chunks after a sequential read, up to the read-ahead window;
+        returns the index the window ends at, the `planned` of the next read in the run.
+
+        Chunks below `planned` were planned by the run's earlier reads. Checking the whole
+        window again on every read (64 cache look-ups for 16 MiB of 256 KiB chunks) took a
+        tenth of a warm 1 MiB NFS READ's time on the event loop.
+        """
         last = min(first_index + self._readahead_chunks, -(-reader.size // self.chunk_size))
-        for index in range(first_index, last):
+        for index in range(max(first_index, planned), last):
             cid = reader.chunk_id_at(index)
             if cid == ZERO_CHUNK_ID or self.cache.contains(cid):
                 continue
@@ -207,3 +218,4 @@ class ReadPath:
                 if cid in self._inflight:
                     continue
                 self._inflight[cid] = self._pool.submit(self._prefetch_task, cid)
+        return last
