@@ -27,7 +27,7 @@ from appliance.store import open_store
 from appliance.store.reader import ReadPath
 from appliance.store.repository import Store
 from appliance.vsphere.client import Session, find_host, find_vm, wait_for_task
-from appliance.vsphere.snapshots import TAG
+from appliance.vsphere.snapshots import TAG, snapshot_trees
 from appliance.vsphere.endpoints import endpoint_for
 from appliance.vsphere.transfer import DatastoreFile, FolderTransport
 from tests.vcsim import Vcsim, vcsim  # noqa: F401
@@ -101,13 +101,7 @@ def point_disks(store: Store, point_id: str) -> list[bytes]:
 
 
 def snapshots_of(session: Session, vm: str = VM) -> list[str]:
-    machine = find_vm(session.connection, vm)
-    names, pending = [], list(machine.snapshot.rootSnapshotList) if machine.snapshot else []
-    while pending:
-        tree = pending.pop()
-        names.append(tree.name)
-        pending.extend(tree.childSnapshotList or [])
-    return names
+    return [tree.name for tree in snapshot_trees(find_vm(session.connection, vm).snapshot)]
 
 
 def points_of(store: Store) -> list[str]:

@@ -28,7 +28,7 @@ from appliance.protection.job import BackupOptions, BackupResult, back_up_vm
 from appliance.store.repository import Store
 from appliance.vsphere.client import Session, collect
 from appliance.vsphere.settings import VsphereSettings
-from appliance.vsphere.snapshots import owner_prefix, sweep
+from appliance.vsphere.snapshots import owner_prefix, snapshot_trees, sweep
 
 #: How often a backup waiting for its turn at the store checks whether it was cancelled.
 TURN_POLL_SECONDS = 0.5
@@ -119,7 +119,7 @@ class BackupService:
                 with job.step("sweep", connection=name):
                     session = Session(settings)
                     try:
-                        for vm, found in _vms_with_snapshots(session, prefix):
+                        for vm in _vms_with_snapshots(session, prefix):
                             removed[vm.name] = sweep(session.connection, vm, prefix, settings.timeout)
                     finally:
                         session.close()
@@ -135,22 +135,7 @@ class BackupService:
         return {"removed": removed}
 
 
-def _vms_with_snapshots(session: Session, prefix: str) -> list[tuple[vim.VirtualMachine, list[str]]]:
+def _vms_with_snapshots(session: Session, prefix: str) -> list[vim.VirtualMachine]:
     """VMs with a snapshot whose name starts with `prefix`, found in one property-collector call."""
-    found = []
-    for vm, properties in collect(session.connection, vim.VirtualMachine, ["snapshot"]):
-        names = _names(properties.get("snapshot"))
-        mine = [name for name in names if name.startswith(prefix)]
-        if mine:
-            found.append((vm, mine))
-    return found
-
-
-def _names(info: vim.vm.SnapshotInfo | None) -> list[str]:
-    pending = list(info.rootSnapshotList) if info is not None else []
-    names = []
-    while pending:
-        tree = pending.pop()
-        names.append(tree.name)
-        pending.extend(tree.childSnapshotList or [])
-    return names
+    return [vm for vm, properties in collect(session.connection, vim.VirtualMachine, ["snapshot"])
+            if any(tree.name.startswith(prefix) for tree in snapshot_trees(properties.get("snapshot")))]

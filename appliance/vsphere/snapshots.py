@@ -97,18 +97,12 @@ def consolidate_if_needed(connection: Connection, vm: vim.VirtualMachine, timeou
 
 def appliance_snapshots(vm: vim.VirtualMachine, prefix: str) -> list[tuple[vim.vm.Snapshot, str]]:
     """This appliance's snapshots of the VM (name starts with `prefix`), children before parents."""
-    with faults(f"list the snapshots of VM {vm.name!r}"):
-        info = vm.snapshot
-        roots = list(info.rootSnapshotList) if info is not None else []
-    found = [(tree.snapshot, tree.name) for tree in _depth_first(roots) if tree.name.startswith(prefix)]
+    found = [(tree.snapshot, tree.name) for tree in _trees_of(vm) if tree.name.startswith(prefix)]
     return list(reversed(found))
 
 
 def find_snapshot(vm: vim.VirtualMachine, name: str) -> vim.vm.Snapshot | None:
-    with faults(f"list the snapshots of VM {vm.name!r}"):
-        info = vm.snapshot
-        roots = list(info.rootSnapshotList) if info is not None else []
-    return next((tree.snapshot for tree in _depth_first(roots) if tree.name == name), None)
+    return next((tree.snapshot for tree in _trees_of(vm) if tree.name == name), None)
 
 
 def sweep(connection: Connection, vm: vim.VirtualMachine, prefix: str, timeout: float) -> list[str]:
@@ -126,7 +120,15 @@ def sweep(connection: Connection, vm: vim.VirtualMachine, prefix: str, timeout: 
     return removed
 
 
-def _depth_first(trees: list[vim.vm.SnapshotTree]) -> Iterator[vim.vm.SnapshotTree]:
-    for tree in trees:
+def snapshot_trees(info: vim.vm.SnapshotInfo | None) -> Iterator[vim.vm.SnapshotTree]:
+    """Every snapshot of a VM's snapshot info (None: it has none), parents before their children."""
+    pending = list(reversed(info.rootSnapshotList)) if info is not None else []
+    while pending:
+        tree = pending.pop()
         yield tree
-        yield from _depth_first(list(tree.childSnapshotList or []))
+        pending.extend(reversed(tree.childSnapshotList or []))
+
+
+def _trees_of(vm: vim.VirtualMachine) -> list[vim.vm.SnapshotTree]:
+    with faults(f"list the snapshots of VM {vm.name!r}"):
+        return list(snapshot_trees(vm.snapshot))
