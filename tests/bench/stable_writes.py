@@ -10,8 +10,8 @@ asking for `stable` (FILE_SYNC by default), at offsets a prime number of blocks 
 
 Every reply is checked: NFS3_OK, the whole count written, and `committed` at least as
 stable as asked; anything else raises `CallFailed` with what the server said. The
-client (`RpcConnection`, `file_handle`, `write_args`, `check_write`, `read`) is also what
-`tests/test_crash_stable_writes.py` writes and reads with.
+client (`RpcConnection`, `file_handle`, `lookup`, `write_args`, `check_write`, `read`) is also what
+`tests/test_crash_stable_writes.py` writes and reads with, and `tests/bench/scale.py` looks up and reads with.
 
 Used by `tests/bench/nfs.py` against ganesha and ours in the same run; run alone:
     stable_writes.py --nfs-port P --mount-port M --export /dir --path file.img
@@ -136,12 +136,17 @@ def file_handle(host: str, nfs_port: int, mount_port: int, export: str, path: st
     nfs = RpcConnection(host, nfs_port)
     try:
         for name in filter(None, path.split("/")):
-            results = nfs.call(NFS_PROGRAM, NFS_VERSION, NFS_LOOKUP, _opaque(handle) + _opaque(name.encode()))
-            _status(results, f"LOOKUP {name}")
-            handle = _handle(results)
+            handle = lookup(nfs, handle, name)
     finally:
         nfs.close()
     return handle
+
+
+def lookup(connection: RpcConnection, directory: bytes, name: str) -> bytes:
+    """One LOOKUP: the handle of `name` in the directory `directory` names."""
+    results = connection.call(NFS_PROGRAM, NFS_VERSION, NFS_LOOKUP, _opaque(directory) + _opaque(name.encode()))
+    _status(results, f"LOOKUP {name}")
+    return _handle(results)
 
 
 def _skip_post_op_attr(results: memoryview, at: int) -> int:
