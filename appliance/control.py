@@ -63,14 +63,16 @@ class Control:
     # ----- restore points ----------------------------------------------------------------
 
     def vms(self) -> list[VmSummary]:
+        """One pass over the catalog's points: asking for each VM's points reads every point once per VM."""
         with self.store.env.begin() as txn:
-            found = []
-            for vm in self.store.catalog.vms(txn):
-                points = self.store.catalog.points(txn, vm)
-                if points:
-                    newest = points[-1]
-                    found.append(VmSummary(vm, len(points), newest.id, newest.created))
-        return found
+            names = self.store.catalog.vms(txn)
+            points = self.store.catalog.points(txn)
+        counts: dict[str, int] = {}
+        newest: dict[str, RestorePoint] = {}
+        for point in points:  # oldest first: the last one seen of a VM is its newest
+            counts[point.vm] = counts.get(point.vm, 0) + 1
+            newest[point.vm] = point
+        return [VmSummary(vm, counts[vm], newest[vm].id, newest[vm].created) for vm in names if vm in newest]
 
     def points(self, vm: str | None = None) -> list[RestorePoint]:
         with self.store.env.begin() as txn:

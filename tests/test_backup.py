@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ChangedAreasError, NotFound, SourceError, UsageError
+from appliance.errors import AlreadyExists, ChangedAreasError, NotFound, SourceError, UsageError
 from appliance.ingest.backup import backup
 from appliance.restore import restore_disk
 from appliance.store import Store, writer
+from appliance.store.catalog import new_point_id
 from appliance.store.stats import store_statistics
-from tests.conftest import BLOCK, sha256_of, write_image
+from tests.conftest import BLOCK, mixed_image, sha256_of, write_image
 
 pytestmark = pytest.mark.store_backends
 
@@ -111,6 +113,40 @@ def test_dedup_across_vms_shares_chunks(store: Store, tmp_path: Path) -> None:
     assert after.stored_bytes == before.stored_bytes
     assert after.referenced_bytes == 2 * before.referenced_bytes
     assert after.dedup_ratio == pytest.approx(2 * before.dedup_ratio)
+
+
+def test_referenced_bytes_are_counted_at_commit_and_from_the_maps_of_older_points(store: Store,
+                                                                                  tmp_path: Path) -> None:
+    image = tmp_path / "mixed.img"
+    image.write_bytes(mixed_image(3))  # a zero region, and data in the short last chunk
+    data = image.read_bytes()
+    size = store.config.chunk_size
+    expected = sum(len(data[at : at + size]) for at in range(0, len(data), size) if data[at : at + size].strip(b"\0"))
+    point = backup(store, "a", [image, image])
+    assert point.stats["referenced_bytes"] == 2 * expected
+    assert store_statistics(store).referenced_bytes == 2 * expected
+
+    with store.env.begin(write=True) as txn:  # as a point committed before points carried the count
+        maps = [store.catalog.chunk_map(txn, point, disk) for disk in range(2)]
+        stats = {key: value for key, value in point.stats.items() if key != "referenced_bytes"}
+        older = dataclasses.replace(point, id=new_point_id(point.created - 86400), created=point.created - 86400,
+                                    stats=stats)
+        store.catalog.add_point(txn, older, maps, {})
+    assert store_statistics(store).referenced_bytes == 4 * expected
+
+
+def test_a_point_id_is_never_taken_twice(store: Store, tmp_path: Path) -> None:
+    image = write_image(tmp_path / "a.img", 1 << 20, seed=1)
+    point = backup(store, "a", [image])
+    with store.env.begin(write=True) as txn:
+        chunk_map = store.catalog.chunk_map(txn, point, 0)
+        # 2000 points of one second: with 16 random bits, ids drawn blindly would collide (birthday bound)
+        for _ in range(2000):
+            made = dataclasses.replace(point, id=store.catalog.unused_point_id(txn, point.created))
+            store.catalog.add_point(txn, made, [chunk_map], {})
+    with pytest.raises(AlreadyExists), store.env.begin(write=True) as txn:
+        store.catalog.add_point(txn, point, [bytes(len(chunk_map))], {})
+    assert restore_sha(store, point.id, "a", 0, tmp_path) == sha256_of(image)
 
 
 def test_zero_chunks_are_not_stored(store: Store, tmp_path: Path) -> None:

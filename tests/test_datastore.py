@@ -9,6 +9,8 @@ from typing import Iterator
 import pytest
 
 from appliance import session_commit
+from appliance.config import LimitsConfig
+from appliance.control import Control
 from appliance.datastore import sessions
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.layout import overlay_path
@@ -28,6 +30,7 @@ from appliance.errors import (
     TryAgain,
 )
 from appliance.ingest.backup import backup
+from appliance.jobs import JobRunner
 from appliance.metrics import ApplianceMetrics
 from appliance.store import ReadPath, Store
 from appliance.protection.retention import Retention
@@ -72,6 +75,29 @@ def test_tree_mirrors_the_catalog(datastore: Datastore, tmp_path: Path) -> None:
     assert data == (tmp_path / "d0.img").read_bytes()
     descriptor = datastore.read(path_inode(datastore, f"/restore-points/web/{point}/web.vmdk"), 0, 4096)
     assert b'createType="vmfs"' in descriptor and b'RW 6144 VMFS "web-flat.vmdk"' in descriptor
+
+
+def test_the_mirror_follows_every_commit_after_it_was_looked_into(store: Store, datastore: Datastore,
+                                                                  tmp_path: Path) -> None:
+    (first,) = names(datastore, "/restore-points/web")
+    assert names(datastore, "/restore-points/web") == [first]  # in line: not compared again until a commit
+    second = backup(store, "web", [write_image(tmp_path / "new.img", 1 << 20, seed=5)])
+    assert names(datastore, "/restore-points/web") == [first, second.id]
+    backup(store, "db", [write_image(tmp_path / "db.img", 1 << 20, seed=6)])
+    assert names(datastore, "/restore-points") == ["web", "db"]
+    prune(store, "web", Retention(keep_last=1))
+    with pytest.raises(NotFound):
+        path_inode(datastore, f"/restore-points/web/{first}")
+    assert names(datastore, "/restore-points/web") == [second.id]
+
+
+def test_vms_are_summarised_from_one_pass_over_the_points(store: Store, datastore: Datastore,
+                                                          tmp_path: Path) -> None:
+    newest = backup(store, "web", [write_image(tmp_path / "new.img", 1 << 20, seed=5)])
+    db = backup(store, "db", [write_image(tmp_path / "db.img", 1 << 20, seed=6)])
+    control = Control(datastore, LimitsConfig(), JobRunner(tmp_path / "jobs"))
+    assert [(vm.name, vm.points, vm.newest_point, vm.newest_created) for vm in control.vms()] == [
+        ("db", 1, db.id, db.created), ("web", 2, newest.id, newest.created)]
 
 
 def test_restore_points_are_read_only(datastore: Datastore) -> None:

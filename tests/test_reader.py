@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.flr.index import build_index
 from appliance.ingest.backup import backup
 from appliance.store import ReadPath, Store
 from appliance.store.cache import MemoryChunkCache
@@ -123,3 +124,13 @@ def test_a_read_from_memory_that_gives_up_counts_nothing(store: Store, image_poi
         pieces = disk.read_cached(0, span)
         assert pieces is not None and b"".join(pieces) == image.read_bytes()[:span]
         assert (cache.statistics().hits, cache.statistics().misses) == (stored, stored)
+
+
+def test_one_pass_keeps_no_reader_of_its_own(store: Store, image_point) -> None:  # type: ignore[no-untyped-def]
+    image, point = image_point
+    with ReadPath(store) as read_path:
+        assert read_path.scan_disk(point, 0).read(0, 4096) == image.read_bytes()[:4096]
+        build_index(store, read_path, point)  # what a serving appliance does to every new point
+        assert read_path.opened_disk(point.id, 0) is None
+        served = read_path.disk(point, 0)
+        assert read_path.opened_disk(point.id, 0) is served and read_path.scan_disk(point, 0) is served

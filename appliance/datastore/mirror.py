@@ -8,7 +8,9 @@ with their subtree. Each point folder holds its .vmx/.nvram (from the catalog), 
 descriptor per disk (generated) and one flat extent per disk (read through the read path).
 
 Restore points never change, so what is read of them is kept: the points themselves and
-the small files' bytes.
+the small files' bytes. A directory found in line with the catalog in one LMDB snapshot is
+not compared again until another transaction commits: every NFS LOOKUP in a VM's folder
+asks for a sync, and comparing reads every restore point of the catalog.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class CatalogMirror:
         self._lock = threading.Lock()
         self._points: dict[str, RestorePoint] = {}
         self._small_files: dict[tuple[str, str], bytes] = {}
+        #: Directory inode -> the id of the last LMDB snapshot in which it matched the catalog.
+        self._in_line: dict[int, int] = {}
 
     def point(self, point_id: str) -> RestorePoint:
         point = self._points.get(point_id)
@@ -72,12 +76,17 @@ class CatalogMirror:
     def sync(self, directory: Node) -> None:
         """Make /restore-points (or one VM's directory) match the catalog."""
         with self.store.env.begin() as txn:
+            snapshot = txn.id()
+            if self._in_line.get(directory.inode) == snapshot:
+                return
             if directory.role is Role.RP_ROOT:
                 wanted = set(self.store.catalog.vms(txn))
             else:
                 wanted = {p.id for p in self.store.catalog.points(txn, directory.ref_text("vm"))}
             present = {name: inode for inode, name in self.namespace.children(txn, directory.inode)}
         if wanted == present.keys():
+            with self._lock:
+                self._in_line[directory.inode] = snapshot
             return
         with self.store.env.begin(write=True) as txn:
             for name in present.keys() - wanted:

@@ -51,7 +51,7 @@ class PointFiles:
             raise NotFound(f"restore point {self.point.id} of VM {self.point.vm!r} has no disk {number} "
                            f"(it has {len(self.point.disks)})")
         if number not in self._disks:
-            self._disks[number] = DiskFile(self._read_path.disk(self.point, number), self._read_path.chunk_size)
+            self._disks[number] = DiskFile(self._read_path.scan_disk(self.point, number), self._read_path.chunk_size)
         return self._disks[number]
 
     def volumes(self, disk: int) -> list[Volume]:

@@ -25,6 +25,7 @@ from appliance.store.formats import ZERO_CHUNK_ID
 from appliance.store.catalog import RestorePoint, disk_name
 from appliance.store.chunks import ChunkLoader
 from appliance.store.repository import Store
+from appliance.store.stats import REFERENCED_BYTES, referenced_bytes
 from appliance.store.writer import PackSink
 
 
@@ -196,7 +197,9 @@ class LocalTarget:
             parent = point.parent
             if parent is not None and not self._store.catalog.has_point(txn, parent):
                 parent = None
-            kept = dataclasses.replace(point, parent=parent)
+            # The sender's count of referenced bytes is not trusted: stats would report it.
+            referenced = referenced_bytes(point.disks, manifest.maps, self._store.config.chunk_size)
+            kept = dataclasses.replace(point, parent=parent, stats={**point.stats, REFERENCED_BYTES: float(referenced)})
             self._store.catalog.add_point(txn, kept, list(manifest.maps), manifest.files)
         return True
 

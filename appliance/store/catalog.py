@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import lmdb
 
-from appliance.errors import NotFound
+from appliance.errors import AlreadyExists, NotFound
 from appliance.names import POINT_REF, VM_NAME
 from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
 
@@ -98,11 +98,20 @@ class Catalog:
         if txn.get(vm_key, db=self._vms) is None:
             txn.put(vm_key, json.dumps({"created": point.created}).encode(), db=self._vms)
         key = point.id.encode()
-        txn.put(key, json.dumps(point.to_json()).encode(), db=self._points, overwrite=False)
+        if not txn.put(key, json.dumps(point.to_json()).encode(), db=self._points, overwrite=False):
+            raise AlreadyExists(f"restore point {point.id} already exists")  # its maps must not be replaced
         for index, chunk_map in enumerate(maps):
             txn.put(key + b"/" + _DISK_KEY.pack(index), chunk_map, db=self._maps)
         for name, data in files.items():
             txn.put(key + b"/" + name.encode(), data, db=self._files)
+
+    def unused_point_id(self, txn: lmdb.Transaction, now: float) -> str:
+        """An id for a point made at `now` that no point has: an id is its second and 16 random bits,
+        and a busy appliance commits many points a second."""
+        while True:
+            point_id = new_point_id(now)
+            if txn.get(point_id.encode(), db=self._points) is None:
+                return point_id
 
     def delete_point(self, txn: lmdb.Transaction, point: RestorePoint) -> None:
         key = point.id.encode()

@@ -160,16 +160,31 @@ class ReadPath:
         return self._zeros if length == self.chunk_size else bytes(length)
 
     def disk(self, point: RestorePoint, disk: int) -> DiskReader:
+        """The reader of a disk that is served: opened once and kept for the life of the read path,
+        so `opened_disk` finds it on every READ."""
         key = (point.id, disk)
         with self._lock:
             reader = self._readers.get(key)
         if reader is None:
-            with self.store.env.begin() as txn:
-                chunk_map = self.store.catalog.chunk_map(txn, point, disk)
-            reader = DiskReader(self, point, disk, chunk_map)
+            reader = self._open(point, disk)
             with self._lock:
                 reader = self._readers.setdefault(key, reader)
         return reader
+
+    def scan_disk(self, point: RestorePoint, disk: int) -> DiskReader:
+        """A reader for one pass over a disk (indexing its files, browsing them): the served one if
+        there is one, else a new one that goes with its user.
+
+        Kept readers keep their chunk maps (128 KiB per GiB of disk at 256 KiB chunks): a
+        background pass over every restore point through `disk` would keep every map of the
+        catalog in memory.
+        """
+        return self._readers.get((point.id, disk)) or self._open(point, disk)
+
+    def _open(self, point: RestorePoint, disk: int) -> DiskReader:
+        with self.store.env.begin() as txn:
+            chunk_map = self.store.catalog.chunk_map(txn, point, disk)
+        return DiskReader(self, point, disk, chunk_map)
 
     def read(self, point: RestorePoint, disk: int, offset: int, length: int) -> bytes:
         return self.disk(point, disk).read(offset, length)

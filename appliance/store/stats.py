@@ -1,12 +1,24 @@
-"""Space accounting: what the store holds, and what dedup and compression saved."""
+"""Space accounting: what the store holds, and what dedup and compression saved.
+
+The bytes every point references (before dedup) are counted once per point, when it is
+committed (`referenced_bytes`, kept in the point's stats), so the figures need no pass
+over the chunk maps: 32 bytes per chunk of every disk of every point, 128 MiB of maps
+for 1 TiB of logical points at 256 KiB chunks, which a serving appliance's metrics would
+otherwise read every time they are refreshed. Points committed before they carried it
+have their maps read.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from appliance.store.catalog import map_entries
-from appliance.store.formats import ZERO_CHUNK_ID
+from appliance.store.catalog import DiskInfo, map_entries
+from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
 from appliance.store.repository import Store
+
+#: The key of a point's stats that holds `referenced_bytes` of its maps.
+REFERENCED_BYTES = "referenced_bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +55,40 @@ class StoreStatistics:
         return doc
 
 
+def referenced_bytes(disks: Sequence[DiskInfo], maps: Sequence[bytes], chunk_size: int) -> int:
+    """The bytes of the non-zero slots of a point's disks: each a whole chunk but a disk's last, which may be short.
+
+    A chunk's id is the hash of its bytes, so a stored chunk is as long as every slot it fills.
+    """
+    total = 0
+    for disk, chunk_map in zip(disks, maps):
+        slots = len(chunk_map) // CHUNK_ID_SIZE
+        stored = slots - list(map_entries(chunk_map)).count(ZERO_CHUNK_ID)
+        total += stored * chunk_size
+        if slots and chunk_map[-CHUNK_ID_SIZE:] != ZERO_CHUNK_ID:
+            total -= slots * chunk_size - disk.size
+    return total
+
+
 def store_statistics(store: Store) -> StoreStatistics:
+    chunk_size = store.config.chunk_size
     with store.env.begin() as txn:
-        raw_lengths = {cid: loc.raw_length for cid, loc in store.index.chunks(txn)}
+        raw_lengths = [loc.raw_length for _, loc in store.index.chunks(txn)]
         points = store.catalog.points(txn)
         referenced = 0
-        for _, _, chunk_map in store.catalog.chunk_maps(txn):
-            referenced += sum(raw_lengths.get(cid, 0) for cid in map_entries(chunk_map) if cid != ZERO_CHUNK_ID)
+        for point in points:
+            known = point.stats.get(REFERENCED_BYTES)
+            if known is None:
+                maps = [store.catalog.chunk_map(txn, point, disk) for disk in range(len(point.disks))]
+                known = referenced_bytes(point.disks, maps, chunk_size)
+            referenced += int(known)
         packs = store.index.packs(txn)
         return StoreStatistics(
             vms=len(store.catalog.vms(txn)),
             points=len(points),
             logical_bytes=sum(d.size for p in points for d in p.disks),
             referenced_bytes=referenced,
-            unique_bytes=sum(raw_lengths.values()),
+            unique_bytes=sum(raw_lengths),
             stored_bytes=sum(p.size for p in packs),
             chunks=len(raw_lengths),
             packs=len(packs),

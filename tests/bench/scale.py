@@ -111,12 +111,18 @@ class Serve:
             sys.stderr.write(self.log_path.read_text(errors="replace")[-4000:])
             raise SystemExit(f"bench: serve exited with {rc}")
 
-    def rss_mib(self, field: str = "VmRSS") -> float:
+    def status(self, field: str) -> float:
+        """A memory figure of /proc/PID/status, in MiB."""
         assert self.proc is not None
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
         raise SystemExit(f"bench: no {field} in /proc/{self.proc.pid}/status")
+
+    def memory(self, stage: str) -> dict[str, float]:
+        """RSS at a stage, and its anonymous part (the process's own memory: the rest is mapped
+        files, mostly the LMDB index's pages, which the kernel may take back at any time)."""
+        return {f"rss_{stage}_mib": self.status("VmRSS"), f"anon_{stage}_mib": self.status("RssAnon")}
 
     def events(self, name: str) -> int:
         return self.log_path.read_text(errors="replace").count(f"event={name} ")
@@ -131,6 +137,13 @@ class Serve:
     def metrics(self) -> bytes:
         with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=120) as response:
             return bytes(response.read())
+
+
+def cache_bytes(exposition: bytes) -> float:
+    for line in exposition.decode().splitlines():
+        if line.startswith("appliance_chunk_cache_bytes "):
+            return float(line.split()[1])
+    raise SystemExit("bench: /metrics has no appliance_chunk_cache_bytes")
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -169,8 +182,7 @@ def first_serve(store: Path, logs: Path, points: int) -> dict[str, float]:
             raise SystemExit(f"bench: the indexer did not visit all {points} points")
         time.sleep(0.5)
     fig["first_index_all_s"] = round(time.perf_counter() - started, 1)
-    fig["first_rss_mib"] = serve.rss_mib()
-    fig["first_rss_peak_mib"] = serve.rss_mib("VmHWM")
+    fig.update(serve.memory("first"), first_rss_peak_mib=serve.status("VmHWM"))
     serve.stop()
     log(f"first serve: {fig}")
     return fig
@@ -182,11 +194,11 @@ def measure(store: Path, logs: Path, newest: dict[str, tuple[str, SyntheticDisk]
     must_drop_page_cache()
     fig = {"start_cold_s": round(serve.start(), 3)}
     serve.until(lambda: bool(serve.api("/api/v1/status")), time.perf_counter())
-    fig["rss_start_mib"] = serve.rss_mib()
+    fig.update(serve.memory("start"))
     fig["list_vms_s"] = round(timed(lambda: [nfs_ls(serve, f"/restore-points/{vm}") for vm in sorted(newest)]), 3)
-    fig["rss_listed_vms_mib"] = serve.rss_mib()
+    fig.update(serve.memory("listed_vms"))
     fig["list_all_s"] = round(timed(lambda: nfs_ls(serve, "/restore-points", recursive=True)), 3)
-    fig["rss_listed_all_mib"] = serve.rss_mib()
+    fig.update(serve.memory("listed_all"))
 
     disks = flat_paths(newest, args.read_disks)
     handles = {path: serve.handle(path) for path, _ in disks}
@@ -199,7 +211,7 @@ def measure(store: Path, logs: Path, newest: dict[str, tuple[str, SyntheticDisk]
     for path, disk in disks:
         if before[path] != disk.read(0, length):
             raise SystemExit(f"bench: {path} served other bytes than the synthesized disk")
-    fig["rss_read_mib"] = serve.rss_mib()
+    fig.update(serve.memory("read"))
 
     vm = vm_name(0)
     cli = {"points": ["points"], "points_vm": ["points", "--vm", vm], "stats": ["stats"]}
@@ -211,8 +223,9 @@ def measure(store: Path, logs: Path, newest: dict[str, tuple[str, SyntheticDisk]
         fig[f"api_{name}_s"] = median_of(args.calls, lambda: serve.api(path))
     fig["api_metrics_first_s"] = round(timed(serve.metrics), 4)
     fig["api_metrics_s"] = median_of(args.calls, serve.metrics)
-    fig["rss_calls_mib"] = serve.rss_mib()
-    fig["rss_peak_mib"] = serve.rss_mib("VmHWM")
+    fig.update(serve.memory("calls"))
+    fig["rss_peak_mib"] = serve.status("VmHWM")
+    fig["chunk_cache_mib"] = round(cache_bytes(serve.metrics()) / (1 << 20), 1)
 
     point_dir, name = disks[0][0].rsplit("/", 1)
     directory = serve.handle(point_dir)
@@ -229,7 +242,7 @@ def measure(store: Path, logs: Path, newest: dict[str, tuple[str, SyntheticDisk]
             raise SystemExit("bench: after the restart, LOOKUP in a folder's old handle gives another handle")
     finally:
         connection.close()
-    fig["rss_restarted_mib"] = serve.rss_mib()
+    fig.update(serve.memory("restarted"))
     serve.stop()
     fig["rss_max_mib"] = max(value for key, value in fig.items() if key.startswith("rss_"))
     log(f"run: {fig}")
