@@ -10,7 +10,8 @@ descriptor per disk (generated) and one flat extent per disk (read through the r
 Restore points never change, so what is read of them is kept: the points themselves and
 the small files' bytes. A directory found in line with the catalog in one LMDB snapshot is
 not compared again until another transaction commits: every NFS LOOKUP in a VM's folder
-asks for a sync, and comparing reads every restore point of the catalog.
+asks for a sync. Comparing a VM's folder lists the ids of every point of the catalog and
+reads only the points it has not seen before.
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ class CatalogMirror:
         point = self._points.get(point_id)
         if point is None:
             with self.store.env.begin() as txn:
-                point = self.store.catalog.get_point(txn, point_id)
+                point = self._point_in(txn, point_id)
+        return point
+
+    def _point_in(self, txn: lmdb.Transaction, point_id: str) -> RestorePoint:
+        point = self._points.get(point_id)
+        if point is None:
+            point = self.store.catalog.get_point(txn, point_id)
             with self._lock:
                 self._points[point_id] = point
         return point
@@ -81,8 +88,9 @@ class CatalogMirror:
                 return
             if directory.role is Role.RP_ROOT:
                 wanted = set(self.store.catalog.vms(txn))
-            else:
-                wanted = {p.id for p in self.store.catalog.points(txn, directory.ref_text("vm"))}
+            else:  # the points of every VM are listed, but only those never seen before are read
+                vm = directory.ref_text("vm")
+                wanted = {p for p in self.store.catalog.point_ids(txn) if self._point_in(txn, p).vm == vm}
             present = {name: inode for inode, name in self.namespace.children(txn, directory.inode)}
         if wanted == present.keys():
             with self._lock:

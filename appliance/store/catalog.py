@@ -206,6 +206,11 @@ class Catalog:
             raise NotFound(f"unknown VM {vm!r}")
         return self.points(txn, vm)
 
+    def point_ids(self, txn: lmdb.Transaction) -> list[str]:
+        """Every point's id, in no useful order: a scan of keys, with no point read."""
+        with txn.cursor(db=self._points) as cursor:
+            return [bytes(key).decode() for key in cursor.iternext(keys=True, values=False)]
+
     def has_point(self, txn: lmdb.Transaction, point_id: str) -> bool:
         return txn.get(POINT_REF.check(point_id).encode(), db=self._points) is not None
 
