@@ -24,7 +24,6 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from appliance.api.access import RuntimeInfo, load_token, remove_runtime, token_path, write_runtime
-from appliance.api.app import build_app
 from appliance.api.tls import api_identity
 from appliance.protection.scheduler import BackupScheduler, PolicyBackups
 from appliance.protection.service import BackupService
@@ -157,8 +156,7 @@ async def _serve_api(recovery: Recovery, replication: ReplicationService, backup
         config.certfile, config.keyfile = str(identity.cert_file), str(identity.key_file)
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        app = cast(Any, build_app(recovery.control, token, recovery, replication,  # hypercorn types ASGI apps its own way
-                                  backups=backups))
+        app = await trio.to_thread.run_sync(partial(_api_app, recovery, replication, backups, token))
         await hypercorn_serve(app, config, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
@@ -171,6 +169,16 @@ async def _serve_api(recovery: Recovery, replication: ReplicationService, backup
             await trio.sleep_forever()
         finally:
             remove_runtime(store_path)
+
+
+def _api_app(recovery: Recovery, replication: ReplicationService, backups: BackupService, token: str) -> Any:
+    """The API's ASGI app, its modules imported only now, in a worker thread, while NFS already answers:
+    FastAPI and pydantic are a third of the start-up's imports, and a restarted appliance's NFS clients
+    wait for their handles to work again, not for the API."""
+    from appliance.api.app import build_app
+
+    return cast(Any, build_app(recovery.control, token, recovery, replication,  # hypercorn types ASGI apps its own way
+                               backups=backups))
 
 
 async def _replicate_on_schedule(replication: ReplicationService) -> None:
