@@ -26,6 +26,7 @@ from appliance.names import VM_NAME
 from appliance.protection.retention import Retention, dropped
 from appliance.store.catalog import RestorePoint, referenced_chunks
 from appliance.store.chunks import ChunkLoader
+from appliance.store.commits import remove_points
 from appliance.store.index import ChunkLocation
 from appliance.store.repository import Store
 from appliance.store.writer import PackSink
@@ -43,19 +44,17 @@ class GcReport:
 
 
 def prune(store: Store, vm: str, rule: Retention) -> tuple[list[RestorePoint], GcReport]:
-    """Delete the points of `vm` that `rule` does not keep, in one transaction, then collect garbage.
+    """Delete the points of `vm` that `rule` does not keep (`remove_points`), then collect garbage.
 
     Points with holders (sessions running from them, replication) are kept whatever the
     rule says; the rule counts them like any other point, so holding one keeps no more.
     """
     VM_NAME.check(vm)
     with store.writer_lock():
-        with store.env.begin(write=True) as txn:
+        with store.env.begin() as txn:
             points = store.catalog.vm_points(txn, vm)
             doomed = [p for p in dropped(points, rule) if not store.catalog.holders(txn, p.id)]
-            for point in doomed:
-                store.catalog.delete_point(txn, point)
-        return doomed, _collect(store)
+        return remove_points(store, doomed), _collect(store)
 
 
 def collect_garbage(store: Store) -> GcReport:

@@ -31,6 +31,7 @@ from appliance.errors import StoreBusy, StoreError
 from appliance.store import formats
 from appliance.store.catalog import Catalog
 from appliance.store.index import ChunkIndex
+from appliance.store.manifests import ManifestShelf
 from appliance.store.packs import LocalPackDirectory, PackBackend
 from appliance.store.s3 import S3Location, S3PackBackend, read_credentials
 
@@ -140,6 +141,7 @@ class Store:
         self._meta = self.env.open_db(b"meta")
         self.index = ChunkIndex(self.env)
         self.catalog = Catalog(self.env)
+        self.manifests = ManifestShelf(self.packs)
 
     def close(self) -> None:
         self.packs.close()
