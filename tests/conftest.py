@@ -82,7 +82,7 @@ def store_factory(tmp_path: Path, store_backend: str, request: pytest.FixtureReq
         if store_backend == "s3":
             engine: SeaweedS3 = request.getfixturevalue("s3_engine")
             s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/")
-        init_store(path, chunk_size=chunk_size, s3=s3)
+        init_store(path, chunk_size=chunk_size, s3=s3, gc_grace_seconds=0.0)
         store = open_store(path)
         opened.append(store)
         return store

@@ -134,7 +134,7 @@ def test_opening_without_credentials_is_a_config_error(s3_engine: SeaweedS3, tmp
     init_store(tmp_path / "store", s3=location)
     assert '"access_key_env": "TEST_S3_ACCESS"' in (tmp_path / "store" / "config").read_text(errors="replace")
     assert SECRET_KEY not in (tmp_path / "store" / "config").read_text(errors="replace")
-    with pytest.raises(StoreError, match="already holds packs"):
+    with pytest.raises(StoreError, match="already holds a store: give another prefix, or --join it"):
         with open_store(tmp_path / "store") as store:
             sealed_pack(store.packs, 1, b"x")  # type: ignore[arg-type]
         init_store(tmp_path / "again", s3=location)

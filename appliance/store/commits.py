@@ -17,19 +17,52 @@ from collections.abc import Mapping, Sequence
 from appliance.store.catalog import RestorePoint
 from appliance.store.index import ChunkLocation, PackInfo
 from appliance.store.manifests import Manifest, manifest_of
+from appliance.store.gateways import condemned_packs
 from appliance.store.repository import Store
+from appliance.store.writer import PackSink, copy_records
 
 
 def commit_point(store: Store, manifest: Manifest, packs: Sequence[PackInfo] = (),
                  locations: Mapping[bytes, ChunkLocation] | None = None) -> None:
     """Publish `manifest`, then make the point, its new packs and their chunks visible at once."""
+    packs, locations = list(packs), dict(locations or {})
+    rescued = _rescue_condemned(store, manifest, locations)
+    packs += rescued.sealed
+    locations.update(rescued.locations)
     store.manifests.put(manifest)
     with store.env.begin(write=True) as txn:
         for info in packs:
             store.index.add_pack(txn, info)
-        for cid, location in (locations or {}).items():
+        for cid, location in locations.items():
             store.index.add(txn, cid, location)
         store.catalog.add_point(txn, manifest.point, list(manifest.maps), manifest.files)
+
+
+def _rescue_condemned(store: Store, manifest: Manifest, locations: dict[bytes, ChunkLocation]) -> PackSink:
+    """Copy the chunks this point would read from packs another gateway's GC has condemned.
+
+    Checked just before the manifest is published: a collection that condemned a pack
+    after this check deletes it a grace period later, by when it sees this manifest.
+    """
+    sink = PackSink(store)
+    if store.config.backend != "s3":
+        return sink
+    doomed = condemned_packs(store.packs)
+    if not doomed:
+        return sink
+    with store.env.begin() as txn:
+        at_risk = []
+        for cid in sorted(manifest.chunk_ids()):
+            location = locations.get(cid) or store.index.lookup(txn, cid)
+            if location is not None and location.pack_id in doomed:
+                at_risk.append((cid, location))
+    try:
+        copy_records(store, sink, at_risk)
+        sink.seal()
+    except BaseException:
+        sink.discard()
+        raise
+    return sink
 
 
 def remove_points(store: Store, points: list[RestorePoint]) -> list[RestorePoint]:
