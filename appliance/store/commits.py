@@ -81,7 +81,7 @@ def remove_points(store: Store, points: list[RestorePoint]) -> list[RestorePoint
         for point in points:
             if point.id not in manifests:
                 continue
-            if store.catalog.holders(txn, point.id):
+            if store.catalog.holders(txn, point.id) or store.held_elsewhere(point.id):
                 kept.append(manifests[point.id])
             else:
                 store.catalog.delete_point(txn, point)

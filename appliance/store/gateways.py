@@ -59,6 +59,17 @@ def register_gateway(packs: PackBackend, store_id: str) -> int:
     raise StoreError(f"the bucket already has {MAX_GATEWAYS} gateways")
 
 
+def hold_name(point_id: str, gateway: int, holder: str) -> str:
+    return f"holds/{point_id}/{gateway:05d}-{holder}"
+
+
+def holders_elsewhere(packs: PackBackend, point_id: str, gateway: int) -> list[str]:
+    """Who on *other* gateways holds a point (a session running from it): prune anywhere keeps it."""
+    folder = f"holds/{point_id}/"
+    own = f"{gateway:05d}-"
+    return [name[len(folder):] for name in packs.list_objects(folder) if not name[len(folder):].startswith(own)]
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     epoch: int

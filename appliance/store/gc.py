@@ -112,7 +112,7 @@ def _collect_once(store: Store, already_condemned: set[int], grace: float) -> Gc
                 by_pack[location.pack_id].append((cid, location))
             else:
                 dead.append(cid)
-            packs = [info for info in store.index.packs(txn) if info.pack_id not in already_condemned]
+        packs = [info for info in store.index.packs(txn) if info.pack_id not in already_condemned]
 
     emptied = [p for p in packs if p.pack_id not in by_pack and not _maybe_being_written(store, p.pack_id, grace)]
     sparse = [

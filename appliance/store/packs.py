@@ -213,7 +213,7 @@ class LocalPackDirectory:
         fsync_directory(path.parent)
 
     def _object_path(self, name: str) -> Path:
-        if name.startswith(("/", "packs/", "index/")) or ".." in name.split("/"):
+        if name.startswith(("/", "index/", "packs/tmp/")) or name.endswith(".pack") or ".." in name.split("/"):
             raise StoreError(f"{name!r} is not a name for a store object")
         return self._objects / name
 

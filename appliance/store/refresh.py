@@ -17,8 +17,11 @@ collection (`appliance.store.gateways`).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from appliance.errors import IntegrityError
 from appliance.events import event
 from appliance.store.catalog import referenced_chunks
 from appliance.store.formats import PACK_HEADER_SIZE
@@ -26,7 +29,7 @@ from appliance.store.gateways import condemned_packs, gateway_of
 from appliance.store.index import ChunkLocation, PackInfo
 from appliance.store.manifests import manifest_of
 from appliance.store.pack_index import pack_records
-from appliance.store.repository import Store
+from appliance.store.repository import Store, gc_lock, open_store, writer_lock
 
 _PUBLISHED_KEY = b"manifests-published"
 
@@ -40,12 +43,15 @@ class RefreshReport:
     manifests_published: int = 0
     #: Points whose manifest names chunks no pack holds (a writer still at work, or damage): not added.
     incomplete: list[str] = field(default_factory=list)
+    #: Manifests that failed their checks (named with the reason): their points are not added.
+    damaged: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{self.points_added} points added, {self.points_dropped} dropped; {self.packs_added} packs added, "
                 f"{self.packs_dropped} dropped" + (f"; {self.manifests_published} manifests published"
                                                    if self.manifests_published else "")
-                + (f"; incomplete: {', '.join(self.incomplete)}" if self.incomplete else ""))
+                + (f"; incomplete: {', '.join(self.incomplete)}" if self.incomplete else "")
+                + (f"; damaged: {'; '.join(self.damaged)}" if self.damaged else ""))
 
 
 def publish_missing_manifests(store: Store) -> int:
@@ -79,7 +85,12 @@ def refresh(store: Store) -> RefreshReport:
     gone = known - listed
     added = {pack_id: pack_records(store.packs, pack_id) for pack_id in sorted(listed - known)}
     published = store.manifests.point_ids()
-    arriving = [store.manifests.get(point_id) for point_id in sorted(published - local_points)]
+    arriving = []
+    for point_id in sorted(published - local_points):
+        try:
+            arriving.append(store.manifests.get(point_id))
+        except IntegrityError as exc:
+            report.damaged.append(str(exc))
     with store.env.begin(write=True) as txn:
         if gone or condemned:
             for cid, location in list(store.index.chunks(txn)):
@@ -113,6 +124,22 @@ def refresh(store: Store) -> RefreshReport:
         store.skip_pack_ids_through(max(own))
     report.packs_added, report.packs_dropped = len(added), len(gone)
     return report
+
+
+def rebuild_index(path: Path) -> tuple[RefreshReport, Path | None]:
+    """Build the store's index afresh from the packs and manifests; the old one (if any) is kept aside.
+
+    Refused while anything else uses the store. What the old index alone held is not
+    carried over: sessions (their overlays stay on disk) and file indexes (built again).
+    """
+    with writer_lock(path), gc_lock(path):
+        index = path / "index"
+        aside = None
+        if index.exists():
+            aside = path / f"index.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+            index.rename(aside)
+        with open_store(path) as store:
+            return refresh(store), aside
 
 
 def _pack_size(records: list[tuple[bytes, ChunkLocation]]) -> int:

@@ -32,7 +32,13 @@ from appliance.durable import write_durably
 from appliance.errors import StoreBusy, StoreError
 from appliance.store import formats
 from appliance.store.catalog import Catalog
-from appliance.store.gateways import DEFAULT_GRACE_SECONDS, pack_id_base, register_gateway
+from appliance.store.gateways import (
+    DEFAULT_GRACE_SECONDS,
+    hold_name,
+    holders_elsewhere,
+    pack_id_base,
+    register_gateway,
+)
 from appliance.store.index import ChunkIndex
 from appliance.store.manifests import ManifestShelf
 from appliance.store.packs import LocalPackDirectory, PackBackend
@@ -123,6 +129,8 @@ def init_store(
         s3=s3,
         gc_grace_seconds=gc_grace_seconds,
     )
+    if gc_grace_seconds < 0:
+        raise StoreError(f"the GC grace period {gc_grace_seconds} s must not be negative")
     if join and s3 is None:
         raise StoreError("only a store in S3 can be joined: give its --s3-endpoint and --s3-bucket")
     if s3 is not None:
@@ -197,28 +205,54 @@ class Store:
             current = pack_id_base(self.config.gateway) if raw is None else struct.unpack("<Q", raw)[0]
             txn.put(_NEXT_PACK_KEY, struct.pack("<Q", max(current, pack_id + 1)))
 
-    @contextlib.contextmanager
-    def _flock(self, name: str, mode: int, what: str) -> Iterator[None]:
-        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreBusy(f"store {self.path} is busy: {what}") from None
-            yield
-        finally:
-            os.close(fd)
+    def share_hold(self, point_id: str, holder: str) -> None:
+        """Tell the other gateways of a shared bucket that `holder` here needs the point (before holding it)."""
+        if self.config.backend == "s3":
+            self.packs.put_object(hold_name(point_id, self.config.gateway, holder), b"")
+
+    def unshare_hold(self, point_id: str, holder: str) -> None:
+        if self.config.backend == "s3":
+            self.packs.delete_object(hold_name(point_id, self.config.gateway, holder))
+
+    def held_elsewhere(self, point_id: str) -> list[str]:
+        """The holders of a point on other gateways of a shared bucket."""
+        if self.config.backend != "s3":
+            return []
+        return holders_elsewhere(self.packs, point_id, self.config.gateway)
 
     def writer_lock(self) -> contextlib.AbstractContextManager[None]:
         """Held by backup, prune and gc: one writer at a time."""
-        return self._flock("write.lock", fcntl.LOCK_EX, "another backup, prune or gc is running")
+        return writer_lock(self.path)
 
     def reader_lock(self) -> contextlib.AbstractContextManager[None]:
         """Held by anything that reads packs, so GC never deletes a pack under it."""
-        return self._flock("gc.lock", fcntl.LOCK_SH, "garbage collection is deleting packs")
+        return _flock(self.path, "gc.lock", fcntl.LOCK_SH, "garbage collection is deleting packs")
 
     def gc_lock(self) -> contextlib.AbstractContextManager[None]:
-        return self._flock("gc.lock", fcntl.LOCK_EX, "readers (restore, verify, serve) are using it")
+        return gc_lock(self.path)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, name: str, mode: int, what: str) -> Iterator[None]:
+    fd = os.open(path / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreBusy(f"store {path} is busy: {what}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def writer_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """The store's writer lock, which needs no open index (a rebuild takes it before there is one)."""
+    return _flock(path, "write.lock", fcntl.LOCK_EX, "another backup, prune or gc is running")
+
+
+def gc_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Exclusive against every reader of packs: GC deleting them, or the index being replaced."""
+    return _flock(path, "gc.lock", fcntl.LOCK_EX, "readers (restore, verify, serve) are using it")
 
 
 def _s3_packs(path: Path, location: S3Location) -> S3PackBackend:
