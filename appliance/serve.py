@@ -220,16 +220,16 @@ async def _refresh_from_bucket(store: Store) -> None:
     """
     interval = min(REFRESH_MAX_SECONDS, max(REFRESH_MIN_SECONDS, store.config.gc_grace_seconds / 4))
     while True:
-        await trio.sleep(interval)
         try:
             report = await trio.to_thread.run_sync(_refresh_now, store)
         except StoreBusy:
-            continue  # a backup or GC of this appliance holds the writer lock: next round
+            pass  # a backup or GC of this appliance holds the writer lock: next round
         except ApplianceError as exc:
             event("store.refresh_failed", logging.WARNING, reason=str(exc))
-            continue
-        if report.points_added or report.points_dropped or report.packs_dropped or report.incomplete:
-            event("store.refreshed", detail=report.summary())
+        else:
+            if report.points_added or report.points_dropped or report.packs_dropped or report.incomplete:
+                event("store.refreshed", detail=report.summary())
+        await trio.sleep(interval)
 
 
 def _refresh_now(store: Store) -> RefreshReport:

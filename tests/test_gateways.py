@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from appliance.store.verify import verify
 from tests.conftest import run_cli, sha256_of, write_image
 from tests.seaweed import SeaweedS3
 from tests.test_backup import mutate, restore_sha
+from tests.test_nfs_serve import Serve
 
 MIB = 1 << 20
 
@@ -215,3 +217,48 @@ def test_one_collector_at_a_time(s3_engine: SeaweedS3, tmp_path: Path) -> None:
     finally:
         second.close()
         first.close()
+
+
+@pytest.mark.slow
+def test_two_serving_gateways_show_each_others_points_over_nfs(s3_engine: SeaweedS3, tmp_path: Path) -> None:
+    """Each gateway runs `serve`; a point backed up through one appears over NFS on the other without a restart,
+    byte-identical, and goes when the first prunes it."""
+    prefix = f"{uuid.uuid4().hex[:12]}/"
+    flags = ["--s3-endpoint", s3_engine.endpoint, "--s3-bucket", "appliance", "--s3-prefix", prefix,
+             "--s3-credentials-file", str(s3_engine.credentials_file), "--gc-grace-minutes", "0"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    run_cli("--store", str(first), "init", *flags, check=True)
+    run_cli("--store", str(second), "init", "--join", *flags, check=True)
+    image = write_image(tmp_path / "disk.img", 2 * MIB, seed=11)
+    older = run_cli("--store", str(first), "backup", "--vm", "web", str(image), check=True).stdout.split()[-1]
+    servers = [Serve(first), Serve(second)]
+    for server in servers:
+        server.start()
+    try:
+        newer = run_cli("--store", str(first), "backup", "--vm", "web", str(image), check=True).stdout.split()[-1]
+        listing = _wait_for(lambda: _nfs_ls(servers[1], "/restore-points/web"), lambda names: newer in names)
+        assert older in listing
+        flat = subprocess.run(["nfs-cat", servers[1].url(f"/restore-points/web/{newer}/web-flat.vmdk")],
+                              capture_output=True, timeout=60, check=True)
+        assert flat.stdout == image.read_bytes()
+        run_cli("--store", str(first), "prune", "--vm", "web", "--keep-last", "1", check=True)
+        _wait_for(lambda: _nfs_ls(servers[1], "/restore-points/web"), lambda names: older not in names)
+    finally:
+        for server in servers:
+            assert server.stop() == 0
+
+
+def _nfs_ls(server: Serve, path: str) -> list[str]:
+    """The names in a directory; none while it does not exist yet."""
+    listed = subprocess.run(["nfs-ls", server.url(path)], capture_output=True, text=True, timeout=30)
+    return [line.split()[-1] for line in listed.stdout.splitlines() if line.strip()]
+
+
+def _wait_for(probe: Callable[[], list[str]], done: Callable[[list[str]], bool], seconds: float = 30) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while True:
+        found = probe()
+        if done(found) or time.monotonic() > deadline:
+            assert done(found), f"still {found} after {seconds} s"
+            return found
+        time.sleep(0.5)
