@@ -60,7 +60,7 @@ from nfs_export.rpc import CallOutcome
 
 log = logging.getLogger(__name__)
 
-#: How long a store scan is reused: it reads every chunk map, and space moves slowly.
+#: How long a store scan is reused: it reads every point and the whole chunk index, and space moves slowly.
 SPACE_TTL_SECONDS = 30.0
 #: Latency buckets from a cache hit answered on loopback (~50 µs) to the seconds of a
 #: cold read or an fsync on a busy disk; the client library's defaults start at 5 ms,

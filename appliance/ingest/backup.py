@@ -31,7 +31,9 @@ from appliance.ingest.sources import open_source
 from appliance.names import VM_NAME
 from appliance.store import formats
 from appliance.store.catalog import DiskInfo, RestorePoint, disk_name
+from appliance.store.commits import commit_point
 from appliance.store.index import ChunkLocation
+from appliance.store.manifests import Manifest
 from appliance.store.repository import Store
 from appliance.store.stats import REFERENCED_BYTES, referenced_bytes
 from appliance.store.writer import PackSink
@@ -250,26 +252,29 @@ def ingest(
                     )
             sink.seal()
             now = time.time()
-            maps = [bytes(m) for m, _ in plans]
+            maps = tuple(bytes(m) for m, _ in plans)
             disks = tuple(DiskInfo(disk_name(vm, n), s.size, s.format, len(m) // formats.CHUNK_ID_SIZE)
                           for n, (s, m) in enumerate(zip(sources, maps)))
-            stats = {
-                "scanned_bytes": float(scanned),  # slots visited, holes included
-                "read_bytes": float(read),  # bytes actually read from the source
-                "new_chunks": float(len(sink.locations)),
-                "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
-                "seconds": round(time.monotonic() - started, 3),
-                REFERENCED_BYTES: float(referenced_bytes(disks, maps, chunk_size)),
-            }
-            with store.env.begin(write=True) as txn:
-                point = RestorePoint(id=store.catalog.unused_point_id(txn, now), vm=vm, created=now,
-                                     parent=parent.id if parent else None, disks=disks, files=tuple(sorted(files)),
-                                     stats=stats, origin=dict(origin or {}))
-                for info in sink.sealed:
-                    store.index.add_pack(txn, info)
-                for cid, location in sink.locations.items():
-                    store.index.add(txn, cid, location)
-                store.catalog.add_point(txn, point, maps, files)
+            with store.env.begin() as txn:  # unused until the commit: this ingest holds the writer lock
+                point_id = store.catalog.unused_point_id(txn, now)
+            point = RestorePoint(
+                id=point_id,
+                vm=vm,
+                created=now,
+                parent=parent.id if parent else None,
+                disks=disks,
+                files=tuple(sorted(files)),
+                stats={
+                    "scanned_bytes": float(scanned),  # slots visited, holes included
+                    "read_bytes": float(read),  # bytes actually read from the source
+                    "new_chunks": float(len(sink.locations)),
+                    "new_stored_bytes": float(sum(p.size for p in sink.sealed)),
+                    "seconds": round(time.monotonic() - started, 3),
+                    REFERENCED_BYTES: float(referenced_bytes(disks, maps, chunk_size)),
+                },
+                origin=dict(origin or {}),
+            )
+            commit_point(store, Manifest(point, maps, files), sink.sealed, sink.locations)
             return point
         except BaseException:
             sink.discard()
