@@ -29,6 +29,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
+import lmdb
+
 from appliance.errors import StoreBusy
 from appliance.names import VM_NAME
 from appliance.protection.retention import Retention, dropped
@@ -102,9 +104,7 @@ def _collect(store: Store) -> GcReport:
 def _collect_once(store: Store, already_condemned: set[int], grace: float) -> GcReport:
     """Steps 1-3, then deletion now (a store of its own) or condemnation (a shared one)."""
     with store.env.begin() as txn:
-        live: set[bytes] = set()
-        for _, _, chunk_map in store.catalog.chunk_maps(txn):
-            live |= referenced_chunks(chunk_map)
+        live = _live_chunks(store, txn)
         by_pack: dict[int, list[tuple[bytes, ChunkLocation]]] = defaultdict(list)
         dead: list[bytes] = []
         for cid, location in store.index.chunks(txn):
@@ -124,9 +124,21 @@ def _collect_once(store: Store, already_condemned: set[int], grace: float) -> Gc
     if store.config.backend == "s3":
         # Before the copies exist: a gateway that sees a copy then always sees its source condemned.
         condemn(store.packs, store.config.gateway, {p.pack_id for p in emptied + sparse})
+    _relocate(store, [item for info in sparse for item in by_pack[info.pack_id]], dead,
+              [p.pack_id for p in emptied + sparse])
+    if store.config.backend == "s3":
+        return GcReport(len(dead), len(sparse), 0, 0, len(emptied) + len(sparse))
+    deleted, reclaimed, deferred = _delete_unlisted_packs(store)
+    return GcReport(len(dead), len(sparse), deleted, reclaimed, deferred)
+
+
+def _relocate(store: Store, moved: list[tuple[bytes, ChunkLocation]], dead: list[bytes],
+              dropped_packs: list[int]) -> None:
+    """Copy `moved` chunks into new packs, then in one transaction point them there, forget `dead`
+    chunks and unlist `dropped_packs` (whose files are deleted later, once no one can read them)."""
     sink = PackSink(store)
     try:
-        copy_records(store, sink, (item for info in sparse for item in by_pack[info.pack_id]))
+        copy_records(store, sink, moved)
         sink.seal()
         with store.env.begin(write=True) as txn:
             for new_pack in sink.sealed:
@@ -135,15 +147,19 @@ def _collect_once(store: Store, already_condemned: set[int], grace: float) -> Gc
                 store.index.add(txn, cid, location)
             for cid in dead:
                 store.index.remove(txn, cid)
-            for old_pack in emptied + sparse:
-                store.index.remove_pack(txn, old_pack.pack_id)
+            for pack_id in dropped_packs:
+                store.index.remove_pack(txn, pack_id)
     except BaseException:
         sink.discard()
         raise
-    if store.config.backend == "s3":
-        return GcReport(len(dead), len(sparse), 0, 0, len(emptied) + len(sparse))
-    deleted, reclaimed, deferred = _delete_unlisted_packs(store)
-    return GcReport(len(dead), len(sparse), deleted, reclaimed, deferred)
+
+
+def _live_chunks(store: Store, txn: lmdb.Transaction) -> set[bytes]:
+    """Every chunk some point's map references."""
+    live: set[bytes] = set()
+    for _, _, chunk_map in store.catalog.chunk_maps(txn):
+        live |= referenced_chunks(chunk_map)
+    return live
 
 
 def _delete_unsealed(store: Store) -> int:
@@ -182,27 +198,10 @@ def _delete_condemned(store: Store, grace: float) -> tuple[int, int]:
 def _delete_condemned_record(store: Store, record: Condemned) -> tuple[int, int]:
     """Copy out what live points still read only from the record's packs, then delete them."""
     with store.env.begin() as txn:
-        live: set[bytes] = set()
-        for _, _, chunk_map in store.catalog.chunk_maps(txn):
-            live |= referenced_chunks(chunk_map)
+        live = _live_chunks(store, txn)
         inside = [(cid, location) for cid, location in store.index.chunks(txn) if location.pack_id in record.packs]
-    sink = PackSink(store)
-    try:
-        copy_records(store, sink, ((cid, location) for cid, location in inside if cid in live))
-        sink.seal()
-        with store.env.begin(write=True) as txn:
-            for new_pack in sink.sealed:
-                store.index.add_pack(txn, new_pack)
-            for cid, location in sink.locations.items():
-                store.index.add(txn, cid, location)
-            for cid, _ in inside:
-                if cid not in live:
-                    store.index.remove(txn, cid)
-            for pack_id in record.packs:
-                store.index.remove_pack(txn, pack_id)
-    except BaseException:
-        sink.discard()
-        raise
+    _relocate(store, [(cid, location) for cid, location in inside if cid in live],
+              [cid for cid, _ in inside if cid not in live], sorted(record.packs))
     deleted = reclaimed = 0
     for pack_id in sorted(record.packs & set(store.packs.list_packs())):
         reclaimed += store.packs.pack_size(pack_id)
