@@ -132,9 +132,10 @@ class HydratedTier:
             elif header.strip(b"\0"):
                 event("hydrated.reset", logging.WARNING, directory=str(self.directory),
                       reason="made for another store or chunk size")
-        os.ftruncate(self._index, _HEADER.size)  # drops records past a smaller capacity
+        if not records:
+            os.ftruncate(self._index, 0)  # another store's records, or none: all slots empty
         os.pwrite(self._index, expected, 0)
-        os.ftruncate(self._index, _HEADER.size + self._slots * RECORD_SIZE)
+        os.ftruncate(self._index, _HEADER.size + self._slots * RECORD_SIZE)  # drops records past a smaller limit
         os.ftruncate(self._slab, self._slots * self.chunk_size)
         self._rebuild(records)
 
