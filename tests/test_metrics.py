@@ -412,5 +412,5 @@ def test_every_dashboard_query_uses_exported_metrics(appliance: Appliance) -> No
               "appliance_session_read_bytes_total", "appliance_session_written_bytes_total",
               "appliance_store_logical_bytes", "appliance_store_stored_bytes", "appliance_store_dedup_ratio",
               "appliance_checksum_failures_total", "appliance_rpc_errors_total", "appliance_sessions",
-              "appliance_session_overlay_bytes", "appliance_ingest_bytes_total"}
+              "appliance_session_overlay_bytes", "appliance_ingest_bytes_total", "appliance_hydration_chunks"}
     assert wanted <= queried, wanted - queried
