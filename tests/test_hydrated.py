@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.test_metrics import Scrape, scrape
 from tests.test_nfs_serve import Serve
 from tests.test_nfs_server import run
 from tests.test_vsphere_backup import Disks
+from tests.test_vsphere_backup_serve import wait_for
 from tests.vcsim import Vcsim, vcsim  # noqa: F401
 
 CHUNK = 4096
@@ -40,14 +40,6 @@ def chunk(number: int, length: int = CHUNK) -> tuple[bytes, bytes]:
     """A chunk id and bytes, distinct per number."""
     data = (number.to_bytes(4, "big") * (length // 4 + 1))[:length]
     return number.to_bytes(32, "big"), data
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return found
 
 
 def filled(tier: HydratedTier, cid: bytes) -> bool:
@@ -221,7 +213,8 @@ def hydrated_metrics(server: Serve, vm: str, timeout: float = 60) -> Scrape:
         found = scraped(server)
         chunks = "appliance_hydration_chunks"
         return found if found(chunks, vm=vm, state="done") > 0 and found(chunks, vm=vm, state="pending") == 0 else None
-    return wait_for(f"{vm} hydrated", done, timeout)
+    found: Scrape = wait_for(f"{vm} hydrated", done, timeout)
+    return found
 
 
 def test_serve_hydrates_then_answers_nfs_from_the_tier_after_a_restart(tmp_path: Path) -> None:
