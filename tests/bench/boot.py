@@ -131,7 +131,8 @@ def hydrate(work: Path, store: Path, tier: tuple[str, ...]) -> float:
     return time.perf_counter() - started
 
 
-def instant_boot(work: Path, name: str, store: Path, accel: str, used: set[str], *extra: str) -> dict[str, float]:
+def instant_boot(work: Path, name: str, store: Path, accel: str, used: set[str], query: str,
+                 *extra: str) -> dict[str, float]:
     """Session create + boot over NFS from a fresh serve (with `extra` flags), page cache dropped first."""
     fig: dict[str, float] = {}
     with serving(work, store, *extra):
@@ -140,7 +141,7 @@ def instant_boot(work: Path, name: str, store: Path, accel: str, used: set[str],
         run(appliance(store, "session", "create", "--vm", VM, "--point", "latest", "--name", name), cwd=REPO)
         fig["session_create_s"] = time.perf_counter() - started
         fig["nfs_boot_s"], fig["nfs_read_bytes"], fig["nfs_read_ops"] = boot_seconds(
-            work / f"nfs-{name}", session_disk_url(HOST, name, VM), accel, used)
+            work / f"nfs-{name}", session_disk_url(HOST, name, VM) + (f"?{query}" if query else ""), accel, used)
     fig["instant_boot_s"] = fig["session_create_s"] + fig["nfs_boot_s"]
     log(f"instant{' ' + ' '.join(extra[:1]) if extra else ''}: session in {fig['session_create_s']:.2f}s, "
         f"marker {fig['nfs_boot_s']:.2f}s later ({fig['nfs_read_bytes'] / 1e6:.1f} MB read over NFS in "
@@ -149,7 +150,7 @@ def instant_boot(work: Path, name: str, store: Path, accel: str, used: set[str],
 
 
 def measure(work: Path, number: int, disk: Path, store: Path, accel: str, used: set[str],
-            tier: tuple[str, ...]) -> dict[str, float]:
+            tier: tuple[str, ...], query: str) -> dict[str, float]:
     """One local boot of a copy of `disk`, then one instant boot from a fresh serve process and a fresh session,
     then (with a `tier`) one more from a fresh serve over the hydrated tier."""
     fig: dict[str, float] = {}
@@ -160,9 +161,9 @@ def measure(work: Path, number: int, disk: Path, store: Path, accel: str, used: 
         work / f"local-{number}", str(local), accel, used)
     log(f"local: marker after {fig['local_boot_s']:.2f}s ({fig['local_read_bytes'] / 1e6:.1f} MB read "
         f"in {fig['local_read_ops']} requests)")
-    fig.update(instant_boot(work, f"boot{number}", store, accel, used))
+    fig.update(instant_boot(work, f"boot{number}", store, accel, used, query))
     if tier:
-        hydrated = instant_boot(work, f"hydrated{number}", store, accel, used, *tier)
+        hydrated = instant_boot(work, f"hydrated{number}", store, accel, used, query, *tier)
         fig.update({f"hydrated_{key}": value for key, value in hydrated.items()})
     local.unlink()
     return fig
@@ -174,6 +175,8 @@ def main() -> int:
     parser.add_argument("--payload-mib", type=int, default=256, help="real files the guest reads while it boots")
     parser.add_argument("--accel", choices=ACCELERATORS, default="auto", help="QEMU accelerator (default auto)")
     parser.add_argument("--hydrated", action="store_true", help="also boot from a hydrated tier (see above)")
+    parser.add_argument("--nfs-query", default="", metavar="OPTIONS",
+                        help="options of QEMU's nfs:// driver for the instant boots, e.g. readahead-size=1048576")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: it drops the kernel page cache and enters a network namespace")
@@ -194,7 +197,7 @@ def main() -> int:
             hydrate_s = hydrate(work, store, tier) if tier else None
             for number in range(args.runs):
                 log(f"run {number + 1} of {args.runs}")
-                runs.append(measure(work, number, disk, store, args.accel, used, tier))
+                runs.append(measure(work, number, disk, store, args.accel, used, tier, args.nfs_query))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -202,7 +205,8 @@ def main() -> int:
     ratio = round(figures["instant_boot_s"] / figures["local_boot_s"], 3)
     result: dict[str, Any] = {
         "bench": "boot", "runs": args.runs, "accel": ",".join(sorted(used)), "memory_mib": MEMORY_MIB,
-        "payload_mib": args.payload_mib, "disk_bytes": disk_bytes, "boot": "disk bootloader", **figures,
+        "payload_mib": args.payload_mib, "nfs_query": args.nfs_query, "disk_bytes": disk_bytes,
+        "boot": "disk bootloader", **figures,
         "nfs_extra_ms_per_read": round(1000 * (figures["nfs_boot_s"] - figures["local_boot_s"])
                                        / max(figures["nfs_read_ops"], 1), 3),
         "ratio_instant_boot": ratio, "ratio_nfs_boot": round(figures["nfs_boot_s"] / figures["local_boot_s"], 3),
