@@ -200,6 +200,26 @@ def test_policies_mode_hydrates_only_the_marked_vms(hydrated_store: Any, tmp_pat
     assert set(hydrate(store, tmp_path / "h", "newest")[0]) == {"vm1", "vm2"}
 
 
+def test_discovery_marks_change_which_vms_policies_mode_hydrates(hydrated_store: Any, tmp_path: Path) -> None:
+    store, image, _ = hydrated_store
+    backup(store, "vm2", [write_image(tmp_path / "other.img", 1 << 20, seed=42)])
+    with hydrated_tier(store, tmp_path / "h", 64 << 20) as tier, ReadPath(store, tier=tier) as read_path:
+        assert tier is not None
+        hydrator = Hydrator(store, read_path, tier, "policies", ("vm2",))
+        hydrator.start()
+        try:
+            def hydrated(vms: set[str]) -> bool:
+                progress = hydrator.progress()
+                return set(progress) == vms and all(step.pending == 0 for step in progress.values())
+
+            wait_for("vm2 hydrated", lambda: hydrated({"vm2"}))
+            hydrator.mark({"vm1": True, "vm2": False})  # as a discovery round finds their policies
+            wait_for("only vm1 hydrated", lambda: hydrated({"vm1"}))
+            assert tier.statistics().pinned == hydrator.progress()["vm1"].done
+        finally:
+            hydrator.close()
+
+
 # ----- through `serve`: NFS reads, metrics, a restart, a backup job ---------------------------------
 
 
