@@ -26,6 +26,7 @@ from appliance.cli_protection import register as register_protection_commands
 from appliance.cli_recovery import register as register_recovery_commands
 from appliance.cli_replicate import register as register_replicate_commands
 from appliance.cli_sessions import register as register_session_commands
+from appliance.cli_store import register as register_store_commands
 from appliance.config_store import StoreConfig as StoreSettings
 from appliance.errors import ApplianceError, ConfigError, DamageFound, UsageError
 from appliance.hypervisor.accel import ACCELERATORS
@@ -66,10 +67,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     settings = _init_settings(args)
     location = settings.s3_location()
     config = init_store(settings.path, chunk_size=args.chunk_size, compression_level=args.compression_level,
-                        s3=location)
-    where = "" if location is None else f", packs in {location.url(location.prefix)}"
+                        s3=location, join=args.join, gc_grace_seconds=args.gc_grace_minutes * 60.0)
+    where = "" if location is None else f", packs in {location.url(location.prefix)}, gateway {config.gateway}"
     print(f"initialised store {settings.path} (id {config.store_id}, chunk size {human_bytes(config.chunk_size)}"
           f"{where})")
+    if args.join:
+        from appliance.store.refresh import refresh
+
+        with open_store(settings.path) as store, store.writer_lock():
+            print(f"joined: {refresh(store).summary()}")
     return 0
 
 
@@ -312,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes, power of two")
     sub.add_argument("--compression-level", type=int, default=DEFAULT_COMPRESSION_LEVEL, help="zstd level")
     sub.add_argument("--config", metavar="FILE", help="create the store its [store] section describes")
+    sub.add_argument("--join", action="store_true",
+                     help="become one more gateway of the store already in the S3 bucket and prefix")
+    sub.add_argument("--gc-grace-minutes", type=float, default=60.0, metavar="M",
+                     help="in a shared bucket, how long packs GC condemned stay readable (default 60)")
     for key in S3_INIT_FLAGS:
         sub.add_argument(f"--s3-{key.replace('_', '-')}", dest=f"s3_{key}",
                          help="keep packs in this S3 bucket (the [store] key of that name)" if key == "bucket" else
@@ -355,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_session_commands(command)
     register_file_commands(command)
+    register_store_commands(command)
 
     sub = command("mount", cmd_mount, "serve the datastore over FUSE until SIGINT/SIGTERM")
     sub.add_argument("mountpoint")

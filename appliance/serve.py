@@ -36,17 +36,18 @@ from appliance.datastore.datastore import Datastore
 from appliance.datastore.files_view import with_files
 from appliance.datastore.sessions import datastore_lock
 from appliance.durable import create_durably
-from appliance.errors import ApplianceError, StoreError
+from appliance.errors import ApplianceError, StoreBusy, StoreError
 from appliance.events import event
 from appliance.flr.index import build_index, unindexed
 from appliance.flr.parsers import ParsersMissing
 from appliance.fuse_adapter import serve_fuse
 from appliance.hydration import Hydrator, hydrated_tier, hydrating
-from appliance.store import ReadPath, open_store
+from appliance.store import ReadPath, Store, open_store
 from appliance.jobs import JobRunner
 from appliance.recovery.orchestrator import Recovery
 from appliance.recovery.targets import ConfiguredTargets
 from appliance.store.cache import MemoryChunkCache
+from appliance.store.refresh import RefreshReport, refresh
 from appliance.metrics import ApplianceMetrics, serve_metrics
 from appliance.vsphere.inventory import VmInfo
 from appliance.vsphere.tags import vm_tags, with_tags
@@ -57,6 +58,9 @@ from nfs_export import Export, serve_nfs
 DEFAULT_SERVE_CACHE_BYTES = 1 << 30
 #: How often a serving appliance looks for restore points whose files are not indexed yet.
 INDEX_CHECK_SECONDS = 30.0
+#: A shared bucket is re-read every quarter of the GC grace period, within these bounds.
+REFRESH_MIN_SECONDS = 2.0
+REFRESH_MAX_SECONDS = 300.0
 #: Seals NFS file handles; kept with the store so handles survive restarts (and moves).
 HANDLE_KEY_NAME = "nfs-handle.key"
 HANDLE_KEY_BYTES = 32
@@ -217,6 +221,30 @@ def _inventories(targets: ConfiguredTargets, connections: list[str], want_tags: 
     return found
 
 
+async def _refresh_from_bucket(store: Store) -> None:
+    """Learn the points and packs other gateways of a shared bucket made or removed.
+
+    More often than the GC grace period, so no reader here still uses a pack when it is deleted.
+    """
+    interval = min(REFRESH_MAX_SECONDS, max(REFRESH_MIN_SECONDS, store.config.gc_grace_seconds / 4))
+    while True:
+        try:
+            report = await trio.to_thread.run_sync(_refresh_now, store)
+        except StoreBusy:
+            pass  # a backup or GC of this appliance holds the writer lock: next round
+        except ApplianceError as exc:
+            event("store.refresh_failed", logging.WARNING, reason=str(exc))
+        else:
+            if report.points_added or report.points_dropped or report.packs_dropped or report.incomplete:
+                event("store.refreshed", detail=report.summary())
+        await trio.sleep(interval)
+
+
+def _refresh_now(store: Store) -> RefreshReport:
+    with store.writer_lock():
+        return refresh(store)
+
+
 async def _index_new_points(control: Control) -> None:
     """Index each restore point's files once, newest first, one at a time, in a worker thread.
 
@@ -279,6 +307,8 @@ async def _serve(recovery: Recovery, replication: ReplicationService, backups: B
             nursery.start_soon(_expire_periodically, control)
             nursery.start_soon(_index_new_points, control)
             nursery.start_soon(_replicate_on_schedule, replication)
+            if control.store.config.backend == "s3":
+                nursery.start_soon(_refresh_from_bucket, control.store)
             if backup_schedule is not None:
                 nursery.start_soon(backup_schedule)
             async for signum in signals:

@@ -15,7 +15,7 @@ import pytest
 
 from appliance.demo import make_demo_image, sha256_file
 from appliance.hypervisor import QemuGuest
-from appliance.store import Store, init_store, open_store
+from appliance.store import Store, formats, init_store, open_store
 from appliance.store.packs import LocalPackDirectory
 from appliance.store.s3 import S3PackBackend
 from tests.seaweed import SeaweedS3
@@ -82,7 +82,7 @@ def store_factory(tmp_path: Path, store_backend: str, request: pytest.FixtureReq
         if store_backend == "s3":
             engine: SeaweedS3 = request.getfixturevalue("s3_engine")
             s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/")
-        init_store(path, chunk_size=chunk_size, s3=s3)
+        init_store(path, chunk_size=chunk_size, s3=s3, gc_grace_seconds=0.0)
         store = open_store(path)
         opened.append(store)
         return store
@@ -90,6 +90,11 @@ def store_factory(tmp_path: Path, store_backend: str, request: pytest.FixtureReq
     yield make
     for store in opened:
         store.close()
+
+
+def record_holding(data: bytes) -> bytes:
+    """A pack record of `data`, uncompressed: what a test appends to a pack of its own."""
+    return formats.encode_record(formats.chunk_id(data), formats.COMPRESSION_NONE, data, len(data))
 
 
 def pack_bytes(store: Store, pack_id: int) -> bytes:

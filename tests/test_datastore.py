@@ -34,6 +34,9 @@ from appliance.protection.retention import Retention
 from appliance.store.gc import prune
 from tests.conftest import write_image
 
+#: The datastore reads restore points through the store: every test runs on local packs and on S3.
+pytestmark = pytest.mark.store_backends
+
 
 @pytest.fixture
 def datastore(store: Store, tmp_path: Path) -> Iterator[Datastore]:

@@ -15,7 +15,7 @@ from appliance.protection.retention import Retention
 from appliance.store.gc import collect_garbage, prune
 from appliance.store.stats import store_statistics
 from appliance.store.verify import verify
-from tests.conftest import sha256_of, write_image
+from tests.conftest import record_holding, sha256_of, write_image
 from tests.test_backup import mutate, restore_sha
 
 pytestmark = pytest.mark.store_backends
@@ -52,10 +52,10 @@ def test_prune_keeps_survivors_identical_and_reclaims(store: Store, tmp_path: Pa
 def test_gc_removes_leftovers_of_a_crashed_ingest(store: Store, tmp_path: Path) -> None:
     point = backup(store, "vm", [write_image(tmp_path / "d.img", 1 << 20)])
     orphan = store.packs.open_writer(store.allocate_pack_id())
-    orphan.append(b"x" * 100)
+    orphan.append(record_holding(b"x" * 100))
     orphan.seal()
     unsealed = store.packs.open_writer(store.allocate_pack_id())
-    unsealed.append(b"y" * 100)
+    unsealed.append(record_holding(b"y" * 100))
     report = collect_garbage(store)
     assert report.deleted_packs == 1
     assert list(store.packs.list_unsealed()) == []

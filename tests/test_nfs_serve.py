@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,15 @@ class Serve:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Path]:
+def store(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A store with one point of VM vm1 and a session s1 of it; packs in SeaweedFS for the "s3" backend."""
     store = tmp_path / "store"
-    run_cli("--store", str(store), "init", check=True)
+    flags: list[str] = []
+    if store_backend == "s3":
+        engine = request.getfixturevalue("s3_engine")
+        flags = ["--s3-endpoint", engine.endpoint, "--s3-bucket", "appliance", "--s3-prefix",
+                 f"{uuid.uuid4().hex[:12]}/", "--s3-credentials-file", str(engine.credentials_file)]
+    run_cli("--store", str(store), "init", *flags, check=True)
     image = write_image(tmp_path / "disk.img", 2 << 20, seed=5)
     run_cli("--store", str(store), "backup", "--vm", "vm1", str(image), check=True)
     run_cli("--store", str(store), "session", "create", "--vm", "vm1", "--point", "latest", "--name", "s1",
@@ -169,6 +176,7 @@ def test_metrics_count_the_traffic_of_a_live_serve(store: Path) -> None:
     assert samples[("appliance_session_read_bytes_total", (("session", "s1"),))] >= 3 * 10
 
 
+@pytest.mark.store_backends
 def test_fuse_writes_are_visible_over_nfs(store: Path, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     server = serve_with_mount(store, mountpoint)
@@ -189,6 +197,7 @@ def test_fuse_writes_are_visible_over_nfs(store: Path, tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.store_backends
 def test_kill_9_after_commit_loses_nothing(store: Path, tmp_path: Path) -> None:
     """UNSTABLE writes covered by a successful COMMIT survive SIGKILL of the server."""
     server = Serve(store)
@@ -218,6 +227,7 @@ def test_kill_9_after_commit_loses_nothing(store: Path, tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.store_backends
 def test_handles_survive_a_process_restart(store: Path) -> None:
     server = Serve(store, "--export-path", "/datastore")
     server.start()

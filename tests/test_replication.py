@@ -238,7 +238,7 @@ def test_a_chunk_that_does_not_match_its_id_is_refused(target: Site) -> None:
 
 def test_a_point_whose_chunks_are_absent_is_not_committed(tmp_path: Path, source: Path, target: Site) -> None:
     from appliance.replication.local import LocalSource
-    from appliance.replication.wire import encode_manifest
+    from appliance.store.manifests import encode_manifest
     from appliance.store import open_store
 
     point = backup(source, make_disk(tmp_path / "disk.img"))

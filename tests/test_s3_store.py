@@ -16,10 +16,10 @@ import pytest
 from appliance.errors import ConfigError, IntegrityError, StoreError
 from appliance.ingest.backup import backup
 from appliance.restore import restore_disk
-from appliance.store import init_store, open_store, writer
+from appliance.store import formats, init_store, open_store, writer
 from appliance.store.s3 import S3Location, S3PackBackend, S3Retry, read_credentials
 from appliance.store.verify import verify
-from tests.conftest import SMALL_CHUNK, run_cli, sha256_of, write_image
+from tests.conftest import SMALL_CHUNK, record_holding, run_cli, sha256_of, write_image
 from tests.test_nfs_serve import Serve
 from tests.s3_proxy import FaultyProxy
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedS3
@@ -40,10 +40,11 @@ def backend(engine: SeaweedS3, tmp_path: Path, endpoint: str | None = None, retr
 
 
 def sealed_pack(packs: S3PackBackend, pack_id: int, payload: bytes) -> int:
+    """Seal a pack of one uncompressed record of `payload`; returns where the payload starts."""
     pack = packs.open_writer(pack_id)
-    offset = pack.append(payload)
+    offset = pack.append(record_holding(payload))
     pack.seal()
-    return offset
+    return offset + formats.RECORD_HEADER_SIZE
 
 
 def test_objects_are_immutable_and_reads_exact(s3_engine: SeaweedS3, tmp_path: Path) -> None:
@@ -56,7 +57,7 @@ def test_objects_are_immutable_and_reads_exact(s3_engine: SeaweedS3, tmp_path: P
     with pytest.raises(IntegrityError, match=r"truncated.*s3://|s3://.*truncated"):
         packs.read_range(7, offset + len(payload) - 10, 20)
     second = packs.open_writer(7)
-    second.append(b"other bytes")
+    second.append(record_holding(b"other bytes"))
     with pytest.raises(StoreError, match="already exists"):
         second.seal()
     assert packs.read_range(7, offset, len(payload)) == payload  # the first writer's bytes stand
@@ -133,7 +134,7 @@ def test_opening_without_credentials_is_a_config_error(s3_engine: SeaweedS3, tmp
     init_store(tmp_path / "store", s3=location)
     assert '"access_key_env": "TEST_S3_ACCESS"' in (tmp_path / "store" / "config").read_text(errors="replace")
     assert SECRET_KEY not in (tmp_path / "store" / "config").read_text(errors="replace")
-    with pytest.raises(StoreError, match="already holds packs"):
+    with pytest.raises(StoreError, match="already holds a store: give another prefix, or --join it"):
         with open_store(tmp_path / "store") as store:
             sealed_pack(store.packs, 1, b"x")  # type: ignore[arg-type]
         init_store(tmp_path / "again", s3=location)

@@ -22,7 +22,8 @@ from appliance.api.responses import documented
 from appliance.control import Control
 from appliance.replication.local import LocalSource, LocalTarget
 from appliance.replication.service import ReplicationService
-from appliance.replication.wire import decode_ids, decode_manifest, decode_pairs, encode_ids, encode_manifest
+from appliance.replication.wire import decode_ids, decode_pairs, encode_ids
+from appliance.store.manifests import decode_manifest, encode_manifest
 
 #: A record stream of one batch is at most `run.BATCH_BYTES` plus headers; this leaves room.
 MAX_BODY_BYTES = 256 << 20

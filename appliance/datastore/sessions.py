@@ -128,6 +128,7 @@ def create_session(store: Store, namespace: Namespace, read_path: ReadPath, vm: 
             disks.append(flat.inode)
         info = SessionInfo(name, vm, point.id, time.time(), directory.inode, tuple(disks), expires)
         table.put(txn, info)
+        store.share_hold(point.id, _holder(name))
         store.catalog.add_hold(txn, point.id, _holder(name))
     return info
 
@@ -182,6 +183,7 @@ def remove_released_session(store: Store, namespace: Namespace, name: str) -> No
             namespace.forget(txn, info.inode)
         SessionTable(namespace).delete(txn, name)
         store.catalog.release_hold(txn, info.point, _holder(name))
+    store.unshare_hold(info.point, _holder(name))
     shutil.rmtree(area_of(store, info.inode), ignore_errors=True)
 
 

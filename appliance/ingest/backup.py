@@ -31,7 +31,9 @@ from appliance.ingest.sources import open_source
 from appliance.names import VM_NAME
 from appliance.store import formats
 from appliance.store.catalog import DiskInfo, RestorePoint, disk_name, new_point_id
+from appliance.store.commits import commit_point
 from appliance.store.index import ChunkLocation
+from appliance.store.manifests import Manifest
 from appliance.store.repository import Store
 from appliance.store.writer import PackSink
 
@@ -268,12 +270,8 @@ def ingest(
                 },
                 origin=dict(origin or {}),
             )
-            with store.env.begin(write=True) as txn:
-                for info in sink.sealed:
-                    store.index.add_pack(txn, info)
-                for cid, location in sink.locations.items():
-                    store.index.add(txn, cid, location)
-                store.catalog.add_point(txn, point, [bytes(m) for m, _ in plans], files)
+            commit_point(store, Manifest(point, tuple(bytes(m) for m, _ in plans), files),
+                         sink.sealed, sink.locations)
             return point
         except BaseException:
             sink.discard()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from appliance.replication.wire import Manifest, StoreIdentity
+from appliance.replication.wire import StoreIdentity
 from appliance.store.catalog import RestorePoint
+from appliance.store.manifests import Manifest
 
 
 class SourceEnd(Protocol):

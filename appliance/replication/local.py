@@ -19,11 +19,13 @@ import zstandard
 from appliance.errors import ChunkRefused, ChunksMissing, IntegrityError, InvalidRequest, NotFound
 from appliance.names import POINT_REF, VM_NAME
 from appliance.replication.delta import WORTH_IT, decode_delta, encode_delta
-from appliance.replication.wire import Manifest, StoreIdentity, split_frames
+from appliance.replication.wire import StoreIdentity, split_frames
 from appliance.store import formats
 from appliance.store.formats import ZERO_CHUNK_ID
 from appliance.store.catalog import RestorePoint, disk_name
 from appliance.store.chunks import ChunkLoader
+from appliance.store.commits import commit_point, remove_points
+from appliance.store.manifests import Manifest, manifest_of
 from appliance.store.repository import Store
 from appliance.store.writer import PackSink
 
@@ -58,10 +60,7 @@ class LocalSource:
 
     def manifest(self, point_id: str) -> Manifest:
         with self._store.env.begin() as txn:
-            point = self._store.catalog.get_point(txn, point_id)
-            maps = tuple(self._store.catalog.chunk_map(txn, point, disk) for disk in range(len(point.disks)))
-            files = {name: self._store.catalog.file(txn, point, name) for name in point.files}
-        return Manifest(point, maps, files)
+            return manifest_of(txn, self._store.catalog, point_id)
 
     def records(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
         with self._store.env.begin() as txn:
@@ -186,26 +185,23 @@ class LocalTarget:
         self._check(manifest)
         point = manifest.point
         needed = manifest.chunk_ids()
-        with self._commit_turn, self._store.writer_lock(), self._store.env.begin(write=True) as txn:
-            if self._store.catalog.has_point(txn, point.id):
-                return False
-            absent = sum(1 for cid in needed if self._store.index.lookup(txn, cid) is None)
-            if absent:
-                raise ChunksMissing(f"restore point {point.id} of VM {point.vm!r} names {absent} chunks this "
-                                    "store does not hold: send them, then commit again")
-            parent = point.parent
-            if parent is not None and not self._store.catalog.has_point(txn, parent):
-                parent = None
-            kept = dataclasses.replace(point, parent=parent)
-            self._store.catalog.add_point(txn, kept, list(manifest.maps), manifest.files)
+        with self._commit_turn, self._store.writer_lock():
+            with self._store.env.begin() as txn:
+                if self._store.catalog.has_point(txn, point.id):
+                    return False
+                absent = sum(1 for cid in needed if self._store.index.lookup(txn, cid) is None)
+                if absent:
+                    raise ChunksMissing(f"restore point {point.id} of VM {point.vm!r} names {absent} chunks this "
+                                        "store does not hold: send them, then commit again")
+                parent = point.parent
+                if parent is not None and not self._store.catalog.has_point(txn, parent):
+                    parent = None
+            commit_point(self._store, dataclasses.replace(manifest, point=dataclasses.replace(point, parent=parent)))
         return True
 
     def remove(self, point_ids: list[str]) -> list[str]:
-        removed = []
-        with self._commit_turn, self._store.writer_lock(), self._store.env.begin(write=True) as txn:
-            for point_id in point_ids:
-                if not self._store.catalog.has_point(txn, point_id) or self._store.catalog.holders(txn, point_id):
-                    continue
-                self._store.catalog.delete_point(txn, self._store.catalog.get_point(txn, point_id))
-                removed.append(point_id)
-        return removed
+        with self._commit_turn, self._store.writer_lock():
+            with self._store.env.begin() as txn:
+                points = [self._store.catalog.get_point(txn, point_id) for point_id in point_ids
+                          if self._store.catalog.has_point(txn, point_id)]
+            return [point.id for point in remove_points(self._store, points)]

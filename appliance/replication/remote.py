@@ -16,16 +16,9 @@ from dataclasses import dataclass, field
 from appliance.api.client import ApiClient
 from appliance.api.tls import pinned_context
 from appliance.errors import ApplianceError, RemoteRefused, StoreBusy
-from appliance.replication.wire import (
-    Manifest,
-    StoreIdentity,
-    decode_ids,
-    decode_manifest,
-    encode_ids,
-    encode_manifest,
-    encode_pairs,
-)
+from appliance.replication.wire import StoreIdentity, decode_ids, encode_ids, encode_pairs
 from appliance.store.catalog import RestorePoint
+from appliance.store.manifests import Manifest, decode_manifest, encode_manifest
 
 BUSY_RETRIES = 8
 BUSY_BACKOFF_SECONDS = 0.5

@@ -31,9 +31,10 @@ from appliance.errors import ChunksMissing, RemoteRefused
 from appliance.replication.ends import SourceEnd, TargetEnd
 from appliance.replication.local import LocalSource, LocalTarget
 from appliance.replication.remote import Link, RemoteAppliance, RemoteSettings
-from appliance.replication.wire import MAX_IDS, Manifest
+from appliance.replication.wire import MAX_IDS
 from appliance.store.catalog import RestorePoint, map_entries
 from appliance.store.formats import ZERO_CHUNK_ID
+from appliance.store.manifests import Manifest
 from appliance.store.repository import Store
 
 COMMIT_ATTEMPTS = 3

@@ -9,30 +9,19 @@
   record is the chunk exactly as stored (still compressed, with its checksum); with a
   base it is a delta: zstd with the base chunk's bytes as its dictionary, so the blocks
   the two share cost almost nothing.
-- A manifest is a restore point with everything but its chunks::
-
-      u32 (big-endian)  length of the JSON document
-      JSON              {"point": RestorePoint.to_json(), "files": [names]}
-      maps              one chunk map per disk, in disk order (32 bytes per chunk)
-      files             each named file, u32 length then its bytes, in the JSON's order
-
-  The maps' lengths follow from the point's disks (`chunks` entries each), so a manifest
-  whose sizes disagree with its point is refused as a whole.
+- A manifest is a restore point with everything but its chunks, encoded as the store
+  keeps it (`appliance.store.manifests.encode_manifest`).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from typing import Iterator
 
 from appliance.errors import IntegrityError, InvalidRequest
 from appliance.store import formats
-from appliance.store.catalog import RestorePoint, referenced_chunks
 
 MAX_IDS = 16384
-_LENGTH = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -45,22 +34,6 @@ class StoreIdentity:
 
     def to_json(self) -> dict[str, object]:
         return {"store_id": self.store_id, "chunk_size": self.chunk_size, "chunk_id": self.chunk_id}
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A restore point, its chunk maps and its small files: everything but the chunks."""
-
-    point: RestorePoint
-    maps: tuple[bytes, ...]
-    files: dict[str, bytes]
-
-    def chunk_ids(self) -> set[bytes]:
-        """The distinct stored chunks the point needs (zero slots need none)."""
-        found: set[bytes] = set()
-        for chunk_map in self.maps:
-            found |= referenced_chunks(chunk_map)
-        return found
 
 
 def encode_ids(ids: list[bytes]) -> bytes:
@@ -102,45 +75,3 @@ def split_frames(body: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]
             raise IntegrityError(f"chunk stream offset {offset}: record truncated")
         yield base, view[start:end]
         offset = end
-
-
-def encode_manifest(manifest: Manifest) -> bytes:
-    names = sorted(manifest.files)
-    doc = json.dumps({"point": manifest.point.to_json(), "files": names}).encode()
-    parts = [_LENGTH.pack(len(doc)), doc, *manifest.maps]
-    for name in names:
-        parts += [_LENGTH.pack(len(manifest.files[name])), manifest.files[name]]
-    return b"".join(parts)
-
-
-def decode_manifest(body: bytes) -> Manifest:
-    """The manifest in `body`; any disagreement between its parts is an InvalidRequest."""
-    try:
-        (length,) = _LENGTH.unpack_from(body)
-        doc = json.loads(body[4 : 4 + length])
-        point = RestorePoint.from_json(doc["point"])
-        names = [str(name) for name in doc["files"]]
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise InvalidRequest(f"not a restore point manifest: {type(exc).__name__}: {exc}") from None
-    offset = 4 + length
-    maps = []
-    for disk in point.disks:
-        size = disk.chunks * formats.CHUNK_ID_SIZE
-        maps.append(body[offset : offset + size])
-        offset += size
-        if len(maps[-1]) != size:
-            raise InvalidRequest(f"manifest of point {point.id}: the map of disk {disk.name!r} is truncated")
-    files = {}
-    for name in names:
-        if offset + 4 > len(body):
-            raise InvalidRequest(f"manifest of point {point.id}: file {name!r} is truncated")
-        (size,) = _LENGTH.unpack_from(body, offset)
-        files[name] = body[offset + 4 : offset + 4 + size]
-        offset += 4 + size
-        if len(files[name]) != size:
-            raise InvalidRequest(f"manifest of point {point.id}: file {name!r} is truncated")
-    if offset != len(body):
-        raise InvalidRequest(f"manifest of point {point.id}: {len(body) - offset} bytes after its last part")
-    if sorted(names) != sorted(point.files):
-        raise InvalidRequest(f"manifest of point {point.id}: its files {names} are not the point's {list(point.files)}")
-    return Manifest(point, tuple(maps), files)

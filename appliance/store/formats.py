@@ -85,6 +85,12 @@ def check_pack_header(data: bytes, pack_id: int, where: str) -> None:
         raise IntegrityError(f"{where}: header names pack {found_id:016x}")
 
 
+def pack_created(data: bytes, pack_id: int, where: str) -> float:
+    """When a pack was begun (UNIX seconds), from its checked header."""
+    check_pack_header(data, pack_id, where)
+    return float(_PACK_HEADER.unpack_from(data)[4]) / 1e9
+
+
 @dataclass(frozen=True, slots=True)
 class RecordHeader:
     kind: int

@@ -18,13 +18,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Protocol
 
-from appliance.durable import fsync_directory
+from appliance.durable import create_durably, fsync_directory, write_durably
 from appliance.errors import IntegrityError, StoreError
 from appliance.store import formats
 
 
 class PackBackend(Protocol):
-    """Where sealed packs live; every method may be called from several threads at once."""
+    """Where sealed packs live; every method may be called from several threads at once.
+
+    Beside packs, a backend keeps the store's small objects (restore-point manifests, pack
+    indexes, gateway records), named by paths relative to the store such as
+    ``manifests/<point>.manifest``: they are what rebuilds an index from the packs alone.
+    """
 
     def open_writer(self, pack_id: int) -> "PackWriter": ...
     def read_range(self, pack_id: int, offset: int, length: int) -> bytes: ...
@@ -33,11 +38,19 @@ class PackBackend(Protocol):
     def list_unsealed(self) -> Iterator[Path]: ...
     def delete(self, pack_id: int) -> None: ...
     def name_of(self, pack_id: int) -> str: ...
+    def put_object(self, name: str, data: bytes, create_only: bool = False) -> bool:
+        """Store `data` durably under `name`; with `create_only`, False (and nothing written) if it exists."""
+        ...
+    def get_object(self, name: str) -> bytes | None: ...
+    def list_objects(self, under: str) -> list[str]:
+        """The names of the objects below the folder `under` (e.g. ``manifests/``), sorted."""
+        ...
+    def delete_object(self, name: str) -> None: ...
     def close(self) -> None: ...
 
 
-#: Makes a written temporary pack (open file, its path) the sealed pack; raises if it cannot.
-Publish = Callable[[BinaryIO, Path], None]
+#: Makes a written temporary pack (open file, its path, its records) the sealed pack; raises if it cannot.
+Publish = Callable[[BinaryIO, Path, list[tuple[int, formats.RecordHeader]]], None]
 
 
 def pack_name(pack_id: int) -> str:
@@ -55,6 +68,9 @@ class PackWriter:
         self._publish = publish
         self._file = open(temp_path, "xb", buffering=0)
         self._size = 0
+        #: (offset, record header) of each record: the pack's index, written beside it where
+        #: reading the records back one by one would be slow (`appliance.store.pack_index`).
+        self.records: list[tuple[int, formats.RecordHeader]] = []
         self._write(formats.encode_pack_header(pack_id))
 
     @property
@@ -72,13 +88,14 @@ class PackWriter:
     def append(self, record: bytes) -> int:
         """Append one encoded record; returns its offset in the pack."""
         offset = self._size
+        self.records.append((offset, formats.decode_record_header(record, self._temp_path.name)))
         self._write(record)
         return offset
 
     def seal(self) -> int:
         """Make the pack durable under its final name; returns its size."""
         try:
-            self._publish(self._file, self._temp_path)
+            self._publish(self._file, self._temp_path, self.records)
         finally:
             self._file.close()
         return self._size
@@ -114,6 +131,7 @@ class LocalPackDirectory:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._objects = root.parent
         self._temp_dir = root / "tmp"
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -127,7 +145,7 @@ class LocalPackDirectory:
     def open_writer(self, pack_id: int) -> PackWriter:
         final_path = self.path_of(pack_id)
 
-        def publish(file: BinaryIO, temp_path: Path) -> None:
+        def publish(file: BinaryIO, temp_path: Path, records: list[tuple[int, formats.RecordHeader]]) -> None:
             os.fsync(file.fileno())
             final_path.parent.mkdir(parents=True, exist_ok=True)
             os.rename(temp_path, final_path)
@@ -191,6 +209,39 @@ class LocalPackDirectory:
     def delete(self, pack_id: int) -> None:
         self._forget(pack_id)
         path = self.path_of(pack_id)
+        path.unlink(missing_ok=True)
+        fsync_directory(path.parent)
+
+    def _object_path(self, name: str) -> Path:
+        if name.startswith(("/", "index/", "packs/tmp/")) or name.endswith(".pack") or ".." in name.split("/"):
+            raise StoreError(f"{name!r} is not a name for a store object")
+        return self._objects / name
+
+    def put_object(self, name: str, data: bytes, create_only: bool = False) -> bool:
+        path = self._object_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if create_only:
+            return create_durably(path, data, 0o644)
+        write_durably(path, data)
+        return True
+
+    def get_object(self, name: str) -> bytes | None:
+        try:
+            return self._object_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._object_path(name)}: {exc.strerror}") from None
+
+    def list_objects(self, under: str) -> list[str]:
+        folder = self._object_path(under)
+        if not folder.is_dir():
+            return []
+        return sorted(str(path.relative_to(self._objects)) for path in folder.rglob("*")
+                      if path.is_file() and not path.name.endswith(".tmp"))
+
+    def delete_object(self, name: str) -> None:
+        path = self._object_path(name)
         path.unlink(missing_ok=True)
         fsync_directory(path.parent)
 

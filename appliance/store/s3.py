@@ -33,6 +33,8 @@ from obstore.store import S3Store
 
 from appliance.config_checks import Invalid, read_secret, secret_file
 from appliance.errors import ConfigError, IntegrityError, StoreError
+from appliance.store.formats import RecordHeader
+from appliance.store.pack_index import encode_pack_index, index_object_name
 from appliance.store.packs import PackWriter, pack_name, unsealed_in, unsealed_path
 
 DEFAULT_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
@@ -166,7 +168,7 @@ class S3PackBackend:
     def open_writer(self, pack_id: int) -> PackWriter:
         key = self.key_of(pack_id)
 
-        def publish(file: BinaryIO, temp_path: Path) -> None:
+        def publish(file: BinaryIO, temp_path: Path, records: list[tuple[int, RecordHeader]]) -> None:
             data = temp_path.read_bytes()
             try:
                 self._call("PUT", key, lambda: obstore.put(self.client, key, data, mode="create",
@@ -175,6 +177,7 @@ class S3PackBackend:
                 if not self._holds(key, data):
                     raise StoreError(f"pack object {self.location.url(key)} already exists: another writer "
                                      "uses this bucket and prefix") from None
+            self.put_object(index_object_name(pack_id), encode_pack_index(records))
             temp_path.unlink()
 
         return PackWriter(unsealed_path(self._temp_dir, pack_id), pack_id, publish)
@@ -217,9 +220,33 @@ class S3PackBackend:
     def list_unsealed(self) -> Iterator[Path]:
         return unsealed_in(self._temp_dir)
 
+    def put_object(self, name: str, data: bytes, create_only: bool = False) -> bool:
+        key = f"{self._prefix}{name}"
+        try:
+            self._call("PUT", key, lambda: obstore.put(self.client, key, data, mode="create" if create_only
+                                                       else "overwrite", use_multipart=False))
+        except AlreadyExistsError:
+            return self._holds(key, data)  # our own first try, whose answer was lost, counts as made
+        return True
+
+    def get_object(self, name: str) -> bytes | None:
+        key = f"{self._prefix}{name}"
+        try:
+            return bytes(self._call("GET", key, lambda: obstore.get(self.client, key).bytes()))
+        except IntegrityError:
+            return None
+
+    def list_objects(self, under: str) -> list[str]:
+        return sorted(key[len(self._prefix):] for key in self.list_keys(under))
+
+    def delete_object(self, name: str) -> None:
+        key = f"{self._prefix}{name}"
+        self._call("DELETE", key, lambda: obstore.delete(self.client, key))
+
     def delete(self, pack_id: int) -> None:
         key = self.key_of(pack_id)
         self._call("DELETE", key, lambda: obstore.delete(self.client, key))
+        self.delete_object(index_object_name(pack_id))  # left behind by a crash, it names no listed pack: harmless
 
     def close(self) -> None:
         """Nothing to release: connections close with the client."""

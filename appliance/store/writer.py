@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+from appliance.store.chunks import ChunkLoader
 
 from appliance.store.index import ChunkLocation, PackInfo
 from appliance.store.packs import PackWriter
@@ -71,6 +74,14 @@ class PackSink:
             self._sealer.shutdown(wait=True)
             self._sealer = None
         return failures[0] if failures else None
+
+
+def copy_records(store: Store, sink: PackSink, chunks: Iterable[tuple[bytes, ChunkLocation]]) -> None:
+    """Copy chunks' records, each verified on the way, into `sink`'s packs (a repack, or a rescue)."""
+    loader = ChunkLoader(store)
+    for cid, location in chunks:
+        header, record = loader.load_record(cid, location)
+        sink.add(cid, record, header.raw_length)
 
 
 def _sealed(writer: PackWriter, records: int) -> PackInfo:
