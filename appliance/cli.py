@@ -227,6 +227,9 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("root_squash", "--root-squash/--no-root-squash", "nfs.root_squash"),
     ("mount", "--mount", "fuse.mountpoint"),
     ("cache_mib", "--cache-mib", "cache.chunk_cache_mib"),
+    ("hydrated_dir", "--hydrated-dir", "cache.hydrated_dir"),
+    ("hydrated_gib", "--hydrated-gib", "cache.hydrated_gib"),
+    ("hydrate", "--hydrate", "cache.hydrate"),
     ("metrics", "--no-metrics", "metrics.enabled"),
     ("metrics_port", "--metrics-port", "metrics.port"),
     ("api", "--no-api", "api.enabled"),
@@ -235,7 +238,7 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("accel", "--accel", "qemu.accel"),
 )
 #: Flags that name paths: made absolute here, as the configuration only takes absolute ones.
-PATH_FLAGS = frozenset({"store", "mount"})
+PATH_FLAGS = frozenset({"store", "mount", "hydrated_dir"})
 
 
 def _serve_config(args: argparse.Namespace) -> ApplianceConfig:
@@ -397,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-portmap", dest="portmap", action="store_false", default=None,
                      help="neither register with rpcbind nor serve a portmapper on port 111")
     sub.add_argument("--cache-mib", type=int, help="decompressed-chunk cache size (MiB, default 1024)")
+    sub.add_argument("--hydrated-dir", metavar="DIR", help="a local disk tier of decompressed chunks (default none)")
+    sub.add_argument("--hydrated-gib", type=float, help="the hydrated tier's size limit (GiB, default 64)")
+    sub.add_argument("--hydrate", choices=("newest", "policies", "off"),
+                     help="the points kept hydrated in the tier (default newest: each VM's newest)")
     sub.add_argument("--no-metrics", dest="metrics", action="store_false", default=None,
                      help="do not serve Prometheus metrics")
     sub.add_argument("--metrics-port", type=int, help="port of http://BIND:PORT/metrics (default 9750)")

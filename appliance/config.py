@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config_cache import CacheConfig
 from appliance.config_store import StoreConfig
 from appliance.errors import ConfigError
 from appliance.hypervisor.accel import ACCELERATORS, QEMU
@@ -64,12 +65,6 @@ from appliance.config_checks import (
 
 
 # --- the schema --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CacheConfig:
-    #: Decompressed chunks kept in memory: a boot storm reads the same OS blocks from every VM.
-    chunk_cache_mib: int = option(1024, integer(16, 1 << 20))
-
 
 @dataclass(frozen=True)
 class NfsConfig:
@@ -223,6 +218,8 @@ class PolicyConfig:
     folders: tuple[str, ...] = option((), folder_paths)
     tags: tuple[str, ...] = option((), tag_names)
     all: bool = option(False, boolean)
+    #: Keep the newest point of these VMs hydrated (with `[cache] hydrate = "policies"`).
+    hydrate: bool = option(False, boolean)
 
     def __post_init__(self) -> None:
         if (self.every_hours is None) == (self.cron is None):
@@ -443,5 +440,6 @@ def summary(config: ApplianceConfig) -> str:
     metrics = f"metrics on {config.metrics.bind}:{config.metrics.port}" if config.metrics.enabled else "metrics off"
     api = f"API on {config.api.bind}:{config.api.port}" if config.api.enabled else "API off"
     count = len(config.vsphere.connections)
-    return (f"store {config.store.path}; {served}; {fuse}; {metrics}; {api}; cache {config.cache.chunk_cache_mib} MiB; "
+    return (f"store {config.store.path}; {served}; {fuse}; {metrics}; {api}; {config.cache.describe()}; "
             f"{count} vSphere connection{'' if count == 1 else 's'}")
+

@@ -11,9 +11,9 @@ kinds of source, each reported exactly once:
   datastore's `SessionIo`), bytes read by an ingest (`count_ingest`, ingest's
   `ReadCounter`) and each replication job's figures (`replicated`, the replication
   service's `ReplicationObserver`).
-- Counters the store keeps anyway (chunk-cache hits and misses, chunk loads, loads
-  refused by a failed checksum: `ReadPath.statistics()`), read at scrape time by a
-  custom collector instead of being mirrored into second counters.
+- Counters the store keeps anyway (chunk-cache hits and misses by tier, chunk loads, loads
+  refused by a failed checksum: `ReadPath.statistics()`; hydration progress), read at scrape
+  time by custom collectors (`metrics_reads`) instead of being mirrored into second counters.
 - Space: `store_statistics` scans the LMDB index, so its result is kept for
   `space_ttl` seconds; sessions and their overlay sizes are cheap and read every time.
 
@@ -42,12 +42,14 @@ from urllib.parse import urlsplit
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from appliance.datastore.datastore import Datastore
 from appliance.datastore.layout import overlay_path
 from appliance.datastore.sessions import SessionInfo, list_sessions
+from appliance.hydration import Hydrator
 from appliance.jobs import JobRunner
+from appliance.metrics_reads import ReadPathCollector
 from appliance.protection.job import BackupResult
 from appliance.replication.remote import Link
 from appliance.replication.run import ReplicationReport
@@ -114,13 +116,14 @@ class ApplianceMetrics:
         self._backup_seconds = Gauge("appliance_backup_last_duration_seconds", "How long the last backup of a VM "
                                      "took, snapshot to snapshot removal.", ["vm"], registry=self.registry)
 
-    def watch(self, datastore: Datastore) -> None:
+    def watch(self, datastore: Datastore, hydrator: Hydrator | None = None) -> None:
         """Export the store's cache, integrity and space figures and the datastore's sessions.
 
         Once per datastore: the collector declares no names, so the registry cannot
         refuse a second one, whose series would appear twice.
         """
         self.registry.register(_DatastoreCollector(datastore, self._space_ttl))
+        self.registry.register(ReadPathCollector(datastore.read_path, hydrator))
 
     def watch_jobs(self, jobs: JobRunner) -> None:
         """Export how many jobs (instant boots, recovery groups, migrations, stops) are in each state."""
@@ -250,20 +253,6 @@ class _DatastoreCollector:
             return self._space.statistics
 
     def collect(self) -> Iterator[Metric]:
-        reads = self._datastore.read_path.statistics()
-        yield CounterMetricFamily("appliance_chunk_cache_hits", "Chunk lookups answered by the decompressed-chunk "
-                                  "cache.", value=reads.cache.hits)
-        yield CounterMetricFamily("appliance_chunk_cache_misses", "Chunk lookups the decompressed-chunk cache "
-                                  "could not answer.", value=reads.cache.misses)
-        yield GaugeMetricFamily("appliance_chunk_cache_bytes", "Decompressed bytes held by the chunk cache.",
-                                value=reads.cache.bytes)
-        yield GaugeMetricFamily("appliance_chunk_cache_capacity_bytes", "The chunk cache's size limit.",
-                                value=reads.cache.capacity)
-        yield CounterMetricFamily("appliance_chunk_loads", "Chunks read from packs, verified and decompressed "
-                                  "(cache misses and read-ahead).", value=reads.loads.chunks_loaded)
-        yield CounterMetricFamily("appliance_checksum_failures", "Chunk loads refused because the stored record "
-                                  "failed verification (checksum, header, identity); the reader got an I/O error.",
-                                  value=reads.loads.integrity_failures)
         yield from _space_metrics(self._store_space())
         yield from _session_metrics(self._datastore.store, list_sessions(self._datastore.namespace))
         yield _newest_point_ages(self._datastore.store)

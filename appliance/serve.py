@@ -40,6 +40,7 @@ from appliance.events import event
 from appliance.flr.index import build_index, unindexed
 from appliance.flr.parsers import ParsersMissing
 from appliance.fuse_adapter import serve_fuse
+from appliance.hydration import Hydrator, hydrated_tier, hydrating
 from appliance.store import ReadPath, Store, open_store
 from appliance.jobs import JobRunner
 from appliance.recovery.orchestrator import Recovery
@@ -88,6 +89,9 @@ class ServeOptions:
     policies: tuple[PolicyConfig, ...] = ()  # which VMs are backed up when, and kept how long
     qemu: QemuConfig = QemuConfig()  # how guests run on this host (instant-boot --qemu)
     remotes: tuple[RemoteConfig, ...] = ()  # other appliances to replicate with, on demand or on schedule
+    hydrated_dir: Path | None = None  # the hydrated tier of decompressed chunks on a local disk; None: none
+    hydrated_bytes: int = 64 << 30
+    hydrate: str = "newest"  # which points the tier keeps hydrated: newest, policies or off
 
 
 def serve_options(config: ApplianceConfig) -> ServeOptions:
@@ -103,7 +107,8 @@ def serve_options(config: ApplianceConfig) -> ServeOptions:
                         tls_key=config.api.tls_key,
                         limits=config.limits, vsphere=config.vsphere.connections, protection=config.protection,
                         policies=config.policies,
-                        qemu=config.qemu, remotes=config.remotes)
+                        qemu=config.qemu, remotes=config.remotes, hydrated_dir=config.cache.hydrated_dir,
+                        hydrated_bytes=int(config.cache.hydrated_gib * (1 << 30)), hydrate=config.cache.hydrate)
 
 
 def _logging() -> None:
@@ -193,13 +198,16 @@ async def _replicate_on_schedule(replication: ReplicationService) -> None:
 
 
 async def _back_up_on_schedule(scheduler: BackupScheduler, targets: ConfiguredTargets, control: Control,
-                               options: ServeOptions) -> None:
+                               options: ServeOptions, hydrator: Hydrator | None) -> None:
     """Start the backup of every VM whose policy says it is due: discovery each round, so a new VM is
-    backed up (by the default policy if no other names it) without anyone announcing it."""
+    backed up (by the default policy if no other names it) without anyone announcing it. The same round
+    tells the hydrator which VMs' policies keep them hydrated."""
     want_tags = any(policy.tags for policy in options.policies)
     names = [connection.name for connection in options.vsphere]
     while True:
         inventories = await trio.to_thread.run_sync(_inventories, targets, names, want_tags)
+        if hydrator is not None:
+            hydrator.mark(scheduler.hydration_marks(inventories))
         newest = {vm.name: vm.newest_created for vm in await trio.to_thread.run_sync(control.vms)}
         scheduler.start_due(inventories, newest.get)
         await trio.sleep(SCHEDULE_CHECK_SECONDS)
@@ -339,25 +347,28 @@ def serve_datastore(store_path: Path, options: ServeOptions) -> None:
         open_store(store_path) as store,
         store.reader_lock(),
         datastore_lock(store),
-        ReadPath(store, cache=MemoryChunkCache(options.cache_bytes)) as read_path,
+        hydrated_tier(store, options.hydrated_dir, options.hydrated_bytes) as tier,
+        ReadPath(store, cache=MemoryChunkCache(options.cache_bytes), tier=tier) as read_path,
+        hydrating(store, read_path, tier, options.hydrate, options.policies) as hydrator,
     ):
         secret = handle_secret(store.path)
         token = load_token(token_path(store.path, options.token_file), create=options.token_file is None)
         metrics = ApplianceMetrics()
         datastore = Datastore(store, read_path, session_io=metrics)
-        metrics.watch(datastore)
+        metrics.watch(datastore, hydrator)
         control = Control(datastore, options.limits, JobRunner(store.path / "jobs"))
         metrics.watch_jobs(control.jobs)
         targets = ConfiguredTargets(control, options.bind, options.export.path, options.vsphere, options.qemu)
         recovery = Recovery(control, targets, options.protection, options.policies)
         control.set_session_ender(recovery.end_expired)
         replication = ReplicationService(store, control.jobs, options.remotes, metrics)
-        backups = BackupService(store, control.jobs, control.activities, targets.vsphere_settings, metrics)
+        backups = BackupService(store, control.jobs, control.activities, targets.vsphere_settings, metrics,
+                                committed=None if hydrator is None else lambda _: hydrator.request())
         schedule = None
         if options.vsphere and options.protection.scheduled_backups:
             scheduler = BackupScheduler(options.policies, default_policy(options.protection, options.policies),
                                         PolicyBackups(backups, store))
-            schedule = partial(_back_up_on_schedule, scheduler, targets, control, options)
+            schedule = partial(_back_up_on_schedule, scheduler, targets, control, options, hydrator)
         try:
             trio.run(_serve, recovery, replication, backups, schedule, metrics, secret, token, options)
         except BaseExceptionGroup as group:

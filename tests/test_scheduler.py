@@ -101,6 +101,16 @@ def test_every_hours_counts_from_the_newest_point_and_a_template_is_never_due() 
     ]
 
 
+def test_hydration_marks_follow_each_vms_policy() -> None:
+    """A policy's hydrate reaches the VMs it selects by name or folder; the default policy's the rest."""
+    gold = policy("gold", folders=("/DC0/vm/prod",), hydrate=True)
+    named = policy("named", vms=("db",))
+    chosen, _ = scheduler((gold, named), Clock("2024-05-10T12:00"))
+    inventory = [machine("db", "/DC0/vm/prod"), machine("web", "/DC0/vm/prod"), machine("app"),
+                 machine("image", "/DC0/vm/prod", template=True)]
+    assert chosen.hydration_marks({"vc1": inventory}) == {"db": False, "web": True, "app": False}
+
+
 def test_a_window_holds_back_until_it_opens() -> None:
     clock = Clock("2024-05-10T21:30")
     nightly = policy("nightly", every_hours=24.0, window="22:00-06:00", all=True)

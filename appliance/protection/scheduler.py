@@ -102,6 +102,11 @@ class BackupScheduler:
                 self._started[(connection, vm.name)] = now
         return started
 
+    def hydration_marks(self, inventories: Mapping[str, Sequence[VmInfo]]) -> dict[str, bool]:
+        """Whether each listed VM's policy keeps its newest point hydrated (templates left out)."""
+        return {vm.name: policy.hydrate for connection, vms in inventories.items() for vm in vms
+                if (policy := policy_for(vm, self._policies, self._default, connection)) is not None}
+
     def _scheduled(self, policy: PolicyConfig, newest: float | None, now: float) -> bool:
         cron = self._crons.get(policy.name)
         if cron is None:

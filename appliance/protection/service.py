@@ -42,9 +42,12 @@ class BackupObserver(Protocol):
 
 class BackupService:
     def __init__(self, store: Store, jobs: JobRunner, activities: VmActivities, settings_of: SettingsOf,
-                 observer: BackupObserver | None = None) -> None:
+                 observer: BackupObserver | None = None,
+                 committed: Callable[[BackupResult], None] | None = None) -> None:
+        """`committed` runs in each backup's job once its point is committed (before the policy's `after`):
+        the hydrator's cue to keep the new point hydrated."""
         self._store, self._jobs, self._activities = store, jobs, activities
-        self._settings_of, self._observer = settings_of, observer
+        self._settings_of, self._observer, self._committed = settings_of, observer, committed
         self.intents = Intents(store.path / "backup-intents")
         self._ingesting = threading.Lock()
 
@@ -77,6 +80,8 @@ class BackupService:
                     result = back_up_vm(self._store, session, connection, vm, options, job, self.intents, count)
                 finally:
                     session.close()
+            if self._committed is not None:
+                self._committed(result)
             if after is not None:
                 after(result)
             return result.to_json()

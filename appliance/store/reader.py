@@ -5,7 +5,9 @@
 kept in a bounded cache shared by all points, so chunks that many points or VMs share
 are decompressed once. A disk read sequentially gets read-ahead: the next chunks are
 fetched and decompressed by a small thread pool while the caller consumes the current
-one; zstd and pread release the GIL, so this uses every core.
+one; zstd and pread release the GIL, so this uses every core. With a hydrated tier
+(`hydrated.HydratedTier`) a chunk missing from memory is looked for on the local disk
+before the store, and what the store gives is queued for the tier.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from appliance.store.cache import CacheStatistics, ChunkCache, MemoryChunkCache
 from appliance.store.catalog import RestorePoint
 from appliance.store.chunks import ChunkLoader, LoaderStatistics
 from appliance.store.formats import CHUNK_ID_SIZE, ZERO_CHUNK_ID
+from appliance.store.hydrated import HydratedTier, TierStatistics
 from appliance.store.repository import Store
 
 DEFAULT_CACHE_BYTES = 256 << 20
@@ -120,6 +123,7 @@ class DiskReader:
 class ReadStatistics:
     cache: CacheStatistics
     loads: LoaderStatistics
+    tier: TierStatistics | None  # None without a hydrated tier
 
 
 class ReadPath:
@@ -131,8 +135,10 @@ class ReadPath:
         cache: ChunkCache | None = None,
         readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
         workers: int = 2,
+        tier: HydratedTier | None = None,
     ) -> None:
         self.store = store
+        self.tier = tier
         self.chunk_size = store.config.chunk_size
         self.cache: ChunkCache = cache if cache is not None else MemoryChunkCache(DEFAULT_CACHE_BYTES)
         self._loader = ChunkLoader(store)
@@ -142,13 +148,19 @@ class ReadPath:
         self._lock = threading.Lock()
         self._readers: dict[tuple[str, int], DiskReader] = {}
         self._zeros = bytes(self.chunk_size)
+        self._store_loads = 0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def statistics(self) -> ReadStatistics:
         """The cache's and the chunk loader's counters: what serving metrics report."""
-        return ReadStatistics(self.cache.statistics(), self._loader.statistics())
+        return ReadStatistics(self.cache.statistics(), self._loader.statistics(),
+                              None if self.tier is None else self.tier.statistics())
+
+    def store_loads(self) -> int:
+        """Chunks being loaded from the store for readers right now: background hydration waits while any are."""
+        return self._store_loads
 
     def __enter__(self) -> "ReadPath":
         return self
@@ -194,9 +206,26 @@ class ReadPath:
         dict read is atomic, and this runs for every READ answered on the loop)."""
         return self._readers.get((point_id, disk))
 
-    def _prefetch_task(self, cid: bytes) -> bytes:
+    def _load(self, cid: bytes) -> bytes:
+        """A chunk missing from memory: from the hydrated tier, else from the store (then queued for the tier)."""
+        if self.tier is not None:
+            data = self.tier.get(cid)
+            if data is not None:
+                return data
+        with self._lock:
+            self._store_loads += 1
         try:
             data = self._loader.load(cid)
+        finally:
+            with self._lock:
+                self._store_loads -= 1
+        if self.tier is not None:
+            self.tier.put(cid, data)
+        return data
+
+    def _prefetch_task(self, cid: bytes) -> bytes:
+        try:
+            data = self._load(cid)
             self.cache.put(cid, data)
             return data
         finally:
@@ -212,7 +241,7 @@ class ReadPath:
             future = self._inflight.get(cid)
         if future is not None:
             return future.result()
-        data = self._loader.load(cid)
+        data = self._load(cid)
         self.cache.put(cid, data)
         return data
 
