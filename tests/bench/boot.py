@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -79,8 +80,9 @@ TARGET_HYDRATED_RATIO = 1.15
 GUEST_SECONDS = 600  # the guest keeps running after its marker until the bench powers it off
 
 
-def boot_seconds(run_dir: Path, disk: str, accel: str, used: set[str]) -> tuple[float, int, int]:
-    """Seconds from boot_guest to the boot marker; the bytes and requests the guest read from its disk by then.
+def boot_seconds(run_dir: Path, disk: str, accel: str, used: set[str]) -> tuple[float, int, int, float]:
+    """Seconds from boot_guest to the boot marker; the bytes and requests the guest read from its disk by then,
+    and the CPU time its QEMU used (under TCG the guest's own work, which competes with the server's).
 
     The accelerator the guest ran under is added to `used`.
     """
@@ -90,11 +92,12 @@ def boot_seconds(run_dir: Path, disk: str, accel: str, used: set[str]) -> tuple[
     try:
         guest.wait_for_console(BOOTED_MARKER, BOOT_TIMEOUT)
         seconds = time.perf_counter() - started
+        cpu = process_cpu_seconds(guest.record.pid)
         with guest.qmp() as qmp:
             stats = [device["stats"] for device in qmp.execute("query-blockstats")]
     finally:
         guest.power_off(timeout=0)
-    return seconds, sum(s["rd_bytes"] for s in stats), sum(s["rd_operations"] for s in stats)
+    return seconds, sum(s["rd_bytes"] for s in stats), sum(s["rd_operations"] for s in stats), cpu
 
 
 @contextlib.contextmanager
@@ -109,22 +112,30 @@ def serving(work: Path, store: Path, *extra: str) -> Iterator[int]:
         yield metrics_port
 
 
-def serve_cpu_seconds(metrics_port: int) -> float:
-    """User + system CPU time of the serve process listening for metrics on `metrics_port`."""
-    pid = run(["pgrep", "-o", "-f", f"serve .*--metrics-port {metrics_port} "]).split()[0]
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def hydration_left(metrics_port: int) -> tuple[float, float]:
-    """(done, pending) chunks of the hydrated point, from serve's metrics."""
+def serve_cpu_seconds(metrics_port: int) -> float:
+    """CPU time of the serve process listening for metrics on `metrics_port`."""
+    return process_cpu_seconds(int(run(["pgrep", "-o", "-f", f"serve .*--metrics-port {metrics_port} "]).split()[0]))
+
+
+def metric_samples(metrics_port: int, family: str) -> list[Sample]:
+    """The samples of the metric family `family` that serve exposes now."""
     with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=30) as response:
         text = response.read().decode()
+    return [sample for found in text_string_to_metric_families(text) if found.name == family
+            for sample in found.samples]
+
+
+def hydration_left(metrics_port: int) -> tuple[float, float]:
+    """(done, pending) chunks of the hydrated point, from serve's metrics."""
     figures = {"done": 0.0, "pending": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "appliance_hydration_chunks":
-                figures[sample.labels["state"]] += sample.value
+    for sample in metric_samples(metrics_port, "appliance_hydration_chunks"):
+        figures[sample.labels["state"]] += sample.value
     return figures["done"], figures["pending"]
 
 
@@ -148,7 +159,7 @@ def instant_boot(work: Path, name: str, store: Path, accel: str, used: set[str],
         started = time.perf_counter()
         run(appliance(store, "session", "create", "--vm", VM, "--point", "latest", "--name", name), cwd=REPO)
         fig["session_create_s"] = time.perf_counter() - started
-        fig["nfs_boot_s"], fig["nfs_read_bytes"], fig["nfs_read_ops"] = boot_seconds(
+        fig["nfs_boot_s"], fig["nfs_read_bytes"], fig["nfs_read_ops"], fig["nfs_qemu_cpu_s"] = boot_seconds(
             work / f"nfs-{name}", session_disk_url(HOST, name, VM) + (f"?{query}" if query else ""), accel, used)
         fig["serve_cpu_s"] = serve_cpu_seconds(metrics_port) - cpu
     fig["instant_boot_s"] = fig["session_create_s"] + fig["nfs_boot_s"]
@@ -166,7 +177,7 @@ def measure(work: Path, number: int, disk: Path, store: Path, accel: str, used: 
     local = work / "local.img"
     shutil.copyfile(disk, local)
     must_drop_page_cache()
-    fig["local_boot_s"], fig["local_read_bytes"], fig["local_read_ops"] = boot_seconds(
+    fig["local_boot_s"], fig["local_read_bytes"], fig["local_read_ops"], fig["local_qemu_cpu_s"] = boot_seconds(
         work / f"local-{number}", str(local), accel, used)
     log(f"local: marker after {fig['local_boot_s']:.2f}s ({fig['local_read_bytes'] / 1e6:.1f} MB read "
         f"in {fig['local_read_ops']} requests)")
