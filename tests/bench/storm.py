@@ -13,8 +13,10 @@ What is measured, and why:
   a serving appliance does after a backup); not timed. The appliance's modules are byte-compiled
   once, as an installed package's are.
 * A storm: ``--guests`` guests (two per VM at six) released together by a barrier; guest i boots
-  VM i mod 3. Its time is from the release to the last guest's boot marker; each guest's own time
-  (release to its marker) is reported as median and max. Ours: every guest first makes its own
+  VM i mod 3. Its time (``storm_s``, which the targets apply to) is from the release to the last
+  guest's boot marker; ``boots_s`` is from the first ``boot_guest`` call to the last marker (for
+  ours, after the first session was made); each guest's own time (release to its marker) is
+  reported as median and max. Ours: every guest first makes its own
   session of its VM's newest point (``session create``, a CLI process, through the serving
   appliance's API, as an instant boot does), then boots the session's flat extent over
   ``nfs://``; the session's time counts. ganesha: ``--guests`` raw copies of the VM disks (two
@@ -207,9 +209,11 @@ def storm(guests: int, guest: Callable[[int], GuestRun], servers: dict[str, str]
     busy = busy_cpu_seconds() - busy
     cpu = {name: processes_cpu_seconds(pattern) - cpu[name] for name, pattern in servers.items()}
     seconds = [one.seconds for one in done]
-    storm_s = max(one.released + one.seconds for one in done) - min(one.released for one in done)
+    last_marker = max(one.released + one.seconds for one in done)
+    storm_s = last_marker - min(one.released for one in done)
     qemu = sum(one.qemu_cpu_s for one in done)
-    return {"storm_s": storm_s, "guest_median_s": statistics.median(seconds), "guest_max_s": max(seconds),
+    return {"storm_s": storm_s, "boots_s": last_marker - min(one.released + one.session_s for one in done),
+            "guest_median_s": statistics.median(seconds), "guest_max_s": max(seconds),
             "session_median_s": statistics.median(one.session_s for one in done),
             "read_MB": sum(one.read_bytes for one in done) / 1e6, "read_ops": sum(one.read_ops for one in done),
             "cpu_busy": busy / (storm_s * (os.cpu_count() or 1)), "qemu_cpu_s": qemu, **cpu,
@@ -323,8 +327,9 @@ def measure(work: Path, number: int, variants: list[str], disks: list[Path], eng
 
 def summary(figures: dict[str, float], variants: list[str]) -> dict[str, Any]:
     """Each of our variants' storm against ganesha's, and the issue's targets."""
-    ratios = {f"ratio_{variant}": round(figures[f"{variant}_storm_s"] / figures["ganesha_storm_s"], 3)
-              for variant in variants if variant != "ganesha"}
+    ratios = {f"ratio_{variant}{suffix}": round(figures[f"{variant}_{key}"] / figures[f"ganesha_{key}"], 3)
+              for variant in variants if variant != "ganesha"
+              for key, suffix in (("storm_s", ""), ("boots_s", "_boots"))}
     met = {f"{variant}_le_{target}x_ganesha": ratios[f"ratio_{variant}"] <= target
            for variant, target in TARGETS.items() if variant in variants}
     return {**ratios, "targets_met": met, "all_targets_met": all(met.values())}
