@@ -34,8 +34,8 @@ What is measured, and why:
   In each run the variants go one after the other in that order, rotated by one per run.
 * Bounds: ``cpu_busy`` is the share of the machine's CPU time (all cores, /proc/stat) not idle
   during the storm; of it, ``qemu_cpu_s`` the guests' QEMUs used, ``server_cpu_s`` serve or
-  ganesha, ``engine_cpu_s`` SeaweedFS, and ``other_cpu_s`` the rest (session commands, the
-  kernel, and other work on this shared machine). With several TCG guests on two cores the storm
+  ganesha, ``engine_cpu_s`` SeaweedFS, ``commands_cpu_s`` the session commands, and ``other_cpu_s``
+  the rest (the kernel, and other work on this shared machine). With several TCG guests on two cores the storm
   is CPU-bound: what the servers spend is taken from the guests. ``store_loads`` counts the chunks
   serve read from the store (packs or S3) rather than from memory or the hydrated tier.
 * Namespaces: everything runs in a private network namespace (``appliance/hypervisor/netns.py``),
@@ -56,6 +56,7 @@ import ctypes
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -167,6 +168,12 @@ def busy_cpu_seconds() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds() -> float:
+    """CPU time of this process's children that ended (and were waited for) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def processes_cpu_seconds(pattern: str) -> float:
     """CPU time so far of the processes whose command line matches `pattern` (pgrep -f)."""
     return sum(process_cpu_seconds(int(pid)) for pid in run(["pgrep", "-f", pattern], ok=(0, 1)).split())
@@ -190,8 +197,9 @@ def storm(guests: int, guest: Callable[[int], GuestRun], servers: dict[str, str]
     together; the storm's figures once every guest is done.
 
     `servers` names figures of the CPU time the processes matching a pattern used meanwhile;
-    `other_cpu_s` is what the machine's CPUs did beyond the guests and those (session commands,
-    the kernel, and anyone else's work on this shared machine).
+    `commands_cpu_s` is that of the commands the guests ran (the session commands, QEMU before it
+    daemonizes), and `other_cpu_s` what the machine's CPUs did beyond all those (the kernel, and
+    anyone else's work on this shared machine).
     """
     barrier = threading.Barrier(guests)
 
@@ -203,11 +211,12 @@ def storm(guests: int, guest: Callable[[int], GuestRun], servers: dict[str, str]
         settle(pattern)
     must_drop_page_cache()
     cpu = {name: processes_cpu_seconds(pattern) for name, pattern in servers.items()}
-    busy = busy_cpu_seconds()
+    busy, commands = busy_cpu_seconds(), children_cpu_seconds()
     with ThreadPoolExecutor(guests) as pool:
         done = [future.result() for future in [pool.submit(released, index) for index in range(guests)]]
-    busy = busy_cpu_seconds() - busy
+    busy, commands = busy_cpu_seconds() - busy, children_cpu_seconds() - commands
     cpu = {name: processes_cpu_seconds(pattern) - cpu[name] for name, pattern in servers.items()}
+    cpu["commands_cpu_s"] = commands
     seconds = [one.seconds for one in done]
     last_marker = max(one.released + one.seconds for one in done)
     storm_s = last_marker - min(one.released for one in done)
