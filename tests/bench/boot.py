@@ -27,7 +27,8 @@ What is measured, and why:
   ``query-blockstats``) are reported for both: they say how much of the boot was disk
   I/O at all, and ``nfs_extra_ms_per_read`` = (nfs_boot - local_boot) / nfs_read_ops
   is what each read cost over NFS beyond a local read: the guest reads mostly one
-  request at a time, so that latency, not bandwidth, decides the ratio.
+  request at a time, so that latency, not bandwidth, decides the ratio. ``*_qemu_cpu_s`` is
+  the CPU time the guest's QEMU used until the marker (under TCG, the guest's own work).
 * serve and QEMU run in a private network namespace (``appliance/hypervisor/netns.py``) where serve
   answers as the portmapper on port 111, so no other NFS server on the machine can
   take QEMU's requests.

@@ -299,7 +299,7 @@ def our_storm(work: Path, variant: str, number: int, store: Path, guests: int, a
             released = time.perf_counter()
             run(appliance(store, "session", "create", "--vm", vm, "--point", "latest", "--name", name), cwd=REPO)
             session_s = time.perf_counter() - released
-            return boot_one(work / "guests" / f"{name}", session_disk_url(HOST, name, vm), accel, used, released,
+            return boot_one(work / "guests" / name, session_disk_url(HOST, name, vm), accel, used, released,
                             session_s)
 
         servers = {"server_cpu_s": f"serve .*--metrics-port {metrics_port} "}
