@@ -27,6 +27,8 @@ class Faults:
 class FaultyProxy:
     def __init__(self, upstream: str) -> None:
         self.faults = Faults()
+        #: Each request forwarded or spoiled: method, path, Range header ("" without one).
+        self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         target = urlsplit(upstream)
         proxy = self
@@ -48,6 +50,8 @@ class FaultyProxy:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, self.headers.get("Range", "")))
                 time.sleep(proxy.faults.delay)
                 if self._take("unavailable"):
                     error = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"

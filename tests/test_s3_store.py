@@ -16,7 +16,7 @@ import pytest
 from appliance.errors import ConfigError, IntegrityError, StoreError
 from appliance.ingest.backup import backup
 from appliance.restore import restore_disk
-from appliance.store import formats, init_store, open_store, writer
+from appliance.store import ReadPath, formats, init_store, open_store, writer
 from appliance.store.s3 import S3Location, S3PackBackend, S3Retry, read_credentials
 from appliance.store.verify import verify
 from tests.conftest import SMALL_CHUNK, record_holding, run_cli, sha256_of, write_image
@@ -97,6 +97,25 @@ def test_slow_and_cut_reads_are_retried_or_fail_never_short(s3_engine: SeaweedS3
 
 
 @pytest.mark.slow
+def test_sequential_reads_merge_neighbouring_chunks_into_one_get(s3_engine: SeaweedS3, proxy: FaultyProxy,
+                                                                 tmp_path: Path) -> None:
+    """Read-ahead asks for a run of chunks at once; records side by side in a pack come in one ranged GET."""
+    init_store(tmp_path / "store", chunk_size=SMALL_CHUNK,
+               s3=s3_engine.location(f"{uuid.uuid4().hex[:12]}/", proxy.endpoint))
+    image = write_image(tmp_path / "disk.img", 8 << 20, seed=4)
+    with open_store(tmp_path / "store") as store:
+        point = backup(store, "vm", [image])
+        stored = int(point.stats["new_chunks"])
+        proxy.requests.clear()
+        with ReadPath(store) as read_path:
+            reader = read_path.disk(point, 0)
+            data = b"".join(reader.read(offset, 1 << 20) for offset in range(0, 8 << 20, 1 << 20))
+    assert data == image.read_bytes()
+    ranged = [request for request in proxy.requests if request[0] == "GET" and request[2]]
+    header_checks = sum(1 for _, _, byte_range in ranged if byte_range == f"bytes=0-{formats.PACK_HEADER_SIZE - 1}")
+    assert stored > 64 and len(ranged) - header_checks <= stored // 4, (stored, len(ranged), header_checks)
+
+
 def test_engine_restart_mid_backup_is_ridden_out(s3_engine: SeaweedS3, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine goes down and comes back while packs are being sealed; the backup waits it out
