@@ -21,6 +21,7 @@ class Faults:
     unavailable: int = 0  # answer 503 SlowDown to this many more requests
     delay: float = 0.0  # seconds before forwarding each request
     cut_bodies: int = 0  # send half the body of this many more responses, then close
+    lost_answers: int = 0  # forward this many more PUTs, then close without answering (the object landed)
     spoiled: int = 0  # requests spoiled so far
 
 
@@ -67,12 +68,17 @@ class FaultyProxy:
                     data = answer.read()
                 finally:
                     upstream.close()
+                if self.command == "PUT" and self._take("lost_answers"):
+                    self.close_connection = True
+                    return
                 cut = self.command == "GET" and len(data) > 1 and self._take("cut_bodies")
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's answer has no body but the object's length.
+                self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     try:

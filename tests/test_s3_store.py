@@ -97,6 +97,21 @@ def test_slow_and_cut_reads_are_retried_or_fail_never_short(s3_engine: SeaweedS3
 
 
 @pytest.mark.slow
+def test_a_put_whose_answer_is_lost_is_sent_again_and_finds_itself(s3_engine: SeaweedS3, proxy: FaultyProxy,
+                                                                    tmp_path: Path) -> None:
+    """As when the engine restarts under a PUT: the object landed but no answer came. obstore gives up on such
+    a PUT; the store sends it again, and a create-only PUT that finds its own bytes has succeeded."""
+    packs = backend(s3_engine, tmp_path, proxy.endpoint)
+    proxy.faults.lost_answers = 2
+    offset = sealed_pack(packs, 3, b"landed before the connection dropped")
+    assert proxy.faults.spoiled == 2
+    assert packs.read_range(3, offset, 6) == b"landed"
+    other = packs.open_writer(3)
+    other.append(record_holding(b"a second writer's bytes"))
+    with pytest.raises(StoreError, match="already exists"):
+        other.seal()
+
+
 def test_sequential_reads_merge_neighbouring_chunks_into_one_get(s3_engine: SeaweedS3, proxy: FaultyProxy,
                                                                  tmp_path: Path) -> None:
     """Read-ahead asks for a run of chunks at once; records side by side in a pack come in one ranged GET."""
