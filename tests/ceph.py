@@ -15,6 +15,9 @@ they avoid:
 - One replica, one placement group per pool, and short monitor and report intervals: RGW creates
   its pools at first start and waits for each to become active, which takes seconds per pool at
   Ceph's defaults.
+- RGW's beast frontend with `tcp_nodelay=1`: without it, LIST and DELETE answers wait out Nagle's
+  algorithm against the client's delayed ACK (about 40 ms each on loopback), which made the store
+  tests several times slower than on SeaweedFS.
 - No ceph-mgr: nothing here needs it (pools are created by the monitor).
 
 `restart` restarts RGW alone (the S3 service a store talks to); the monitor and the OSD keep running.
