@@ -16,8 +16,7 @@ they avoid:
   its pools at first start and waits for each to become active, which takes seconds per pool at
   Ceph's defaults.
 - RGW's beast frontend with `tcp_nodelay=1`: without it, LIST and DELETE answers wait out Nagle's
-  algorithm against the client's delayed ACK (about 40 ms each on loopback), which made the store
-  tests several times slower than on SeaweedFS.
+  algorithm against the client's delayed ACK (the README's S3 section says what that cost).
 - No ceph-mgr: nothing here needs it (pools are created by the monitor).
 
 `restart` restarts RGW alone (the S3 service a store talks to); the monitor and the OSD keep running.
@@ -25,6 +24,7 @@ they avoid:
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 import uuid
@@ -34,6 +34,7 @@ from tests.s3_engines import ACCESS_KEY, SECRET_KEY, S3Engine, free_ports, start
 
 OSD_SIZE = 16 << 30  # sparse: the block file holds only what was written
 TOOL_TIMEOUT = 120.0
+TOOLS = ("monmaptool", "ceph-mon", "ceph", "ceph-osd", "radosgw", "radosgw-admin")
 
 
 class CephRgw(S3Engine):
@@ -112,6 +113,10 @@ rgw data = {root}/rgw
                                            self.root / "log" / f"{name}.out")
 
     def start(self) -> None:
+        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+        if missing:
+            raise RuntimeError(f"no {', '.join(missing)}: run deploy/dev-setup.sh "
+                               "(Debian's ceph-mon, ceph-osd and radosgw)")
         fresh = not (self.root / "osd" / "whoami").exists()
         try:
             if fresh:

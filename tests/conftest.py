@@ -53,10 +53,15 @@ def mixed_image(seed: int) -> bytes:
     return bytes(image)
 
 
+#: The fixture of each S3 engine, by the parameter that names it in test ids: "s3" is SeaweedFS (the
+#: normal suite's engine, named before there was a second), "ceph" is Ceph RGW.
+ENGINE_FIXTURES = {"s3": "seaweedfs_engine", "ceph": "ceph_engine"}
+
+
 def engine_params(config: pytest.Config) -> list[ParameterSet]:
     """SeaweedFS always; Ceph only when `-m` names the `ceph` marker (the slower CI job), so the normal
     suite neither starts a Ceph cluster nor lists its tests as deselected."""
-    params = [pytest.param("seaweedfs")]
+    params = [pytest.param("s3")]
     if "ceph" in (config.option.markexpr or ""):
         params.append(pytest.param("ceph", marks=pytest.mark.ceph))
     return params
@@ -75,6 +80,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def store_backend(request: pytest.FixtureRequest) -> str:
     """Where `store_factory` puts packs: "local" unless a `store_backends` test asks for an S3 engine too."""
     return str(getattr(request, "param", "local"))
+
+
+def engine_of(request: pytest.FixtureRequest, store_backend: str) -> S3Engine | None:
+    """The running engine a `store_backend` value names (None for "local"); an unknown name is a KeyError,
+    never a silent fall back to local packs."""
+    if store_backend == "local":
+        return None
+    engine: S3Engine = request.getfixturevalue(ENGINE_FIXTURES[store_backend])
+    return engine
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +112,7 @@ def _running(engine: S3Engine) -> Iterator[S3Engine]:
 @pytest.fixture
 def s3_engine(request: pytest.FixtureRequest) -> S3Engine:
     """The engine this test's parameter names (SeaweedFS when it has none)."""
-    engine: S3Engine = request.getfixturevalue(f"{getattr(request, 'param', 'seaweedfs')}_engine")
+    engine: S3Engine = request.getfixturevalue(ENGINE_FIXTURES[getattr(request, "param", "s3")])
     return engine
 
 
@@ -110,10 +124,8 @@ def store_factory(tmp_path: Path, store_backend: str, request: pytest.FixtureReq
 
     def make(name: str = "store", chunk_size: int = SMALL_CHUNK) -> Store:
         path = tmp_path / name
-        s3 = None
-        if store_backend != "local":
-            engine: S3Engine = request.getfixturevalue(f"{store_backend}_engine")
-            s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/")
+        engine = engine_of(request, store_backend)
+        s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/") if engine else None
         init_store(path, chunk_size=chunk_size, s3=s3, gc_grace_seconds=0.0)
         store = open_store(path)
         opened.append(store)

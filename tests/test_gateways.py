@@ -220,7 +220,7 @@ def test_one_collector_at_a_time(s3_engine: S3Engine, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_serving_gateways_show_each_others_points_over_nfs(s3_engine: SeaweedS3, tmp_path: Path) -> None:
+def test_two_serving_gateways_show_each_others_points_over_nfs(s3_engine: S3Engine, tmp_path: Path) -> None:
     """Each gateway runs `serve`; a point backed up through one appears over NFS on the other without a restart,
     byte-identical, and goes when the first prunes it."""
     prefix = f"{uuid.uuid4().hex[:12]}/"
