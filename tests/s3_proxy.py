@@ -1,5 +1,5 @@
-"""A fault-injecting HTTP proxy in front of the real S3 engine (not a fake S3: every answer it does
-not spoil comes from SeaweedFS).
+"""A fault-injecting HTTP proxy in front of a real S3 engine (not a fake S3: every answer it does
+not spoil comes from SeaweedFS or Ceph RGW).
 
 It forwards each request as it came, Host header included, so the client's SigV4
 signature still holds; `faults` says what to spoil: answer 503 to the next N requests,
