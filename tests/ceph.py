@@ -7,7 +7,7 @@ bluestore: there is no block device to give it (no loop devices either). Choices
 they avoid:
 
 - `auth none` for the daemons (cephx keyrings buy nothing on loopback). With it the monitor's client
-  mode must be `crc`: otherwise RGW's connection to the monitor waits out a 300 s timeout.
+  mode must be `crc`: otherwise RGW's connection to the monitor hangs in authentication.
 - RGW still authenticates S3 requests against its own users, so `radosgw-admin user create` makes
   one with the shared test keys.
 - `bluestore block path` lies outside the OSD's data directory: mkfs links `<data>/block` to that
