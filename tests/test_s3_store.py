@@ -96,7 +96,6 @@ def test_slow_and_cut_reads_are_retried_or_fail_never_short(s3_engine: S3Engine,
         packs.read_range(2, offset, 1000)
 
 
-@pytest.mark.slow
 def test_a_put_whose_answer_is_lost_is_sent_again_and_finds_itself(s3_engine: S3Engine, proxy: FaultyProxy,
                                                                     tmp_path: Path) -> None:
     """As when the engine restarts under a PUT: the object landed but no answer came. obstore gives up on such
@@ -131,6 +130,7 @@ def test_sequential_reads_merge_neighbouring_chunks_into_one_get(s3_engine: S3En
     assert stored > 64 and len(ranged) - header_checks <= stored // 4, (stored, len(ranged), header_checks)
 
 
+@pytest.mark.slow
 def test_engine_restart_mid_backup_is_ridden_out(s3_engine: S3Engine, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine goes down and comes back while packs are being sealed (SeaweedFS whole, Ceph its RGW);
