@@ -262,3 +262,20 @@ def _wait_for(probe: Callable[[], list[str]], done: Callable[[list[str]], bool],
             assert done(found), f"still {found} after {seconds} s"
             return found
         time.sleep(0.5)
+
+
+@pytest.mark.store_backends
+def test_points_made_before_manifests_get_theirs_at_the_next_commit(store_factory: Callable[..., Store],
+                                                                     tmp_path: Path) -> None:
+    store = store_factory()
+    old = backup(store, "vm", [write_image(tmp_path / "a.img", 1 * MIB, seed=1)])
+    store.packs.delete_object(ManifestShelf.name_of(old.id))  # as a store written by an earlier version
+    with store.env.begin(write=True, db=store.env.open_db(b"meta")) as txn:
+        txn.delete(b"manifests-published")
+    assert store.manifests.point_ids() == set()
+    new = backup(store, "vm", [write_image(tmp_path / "b.img", 1 * MIB, seed=2)])
+    assert store.manifests.point_ids() == {old.id, new.id}
+    path = store.path
+    store.close()
+    report, _ = rebuild_index(path)
+    assert report.points_added == 2
