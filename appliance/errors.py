@@ -41,6 +41,10 @@ class StoreError(ApplianceError):
     """The store is missing, not initialised, of another version, or busy."""
 
 
+class StoreUnreachable(StoreError):
+    """The engine holding the packs did not answer (a dropped connection, a timeout, a 5xx after retries)."""
+
+
 class StoreBusy(StoreError):
     """Another process holds the lock this operation needs."""
 

@@ -14,20 +14,27 @@ debs=(qemu-utils qemu-block-extra borgbackup restic e2fsprogs zstd fuse3 libfuse
       exfatprogs exfat-fuse gcc libc6-dev                 # ... and exFAT ones (mkfs.exfat, exfat-fuse + a compiled shim)
       lvm2                                                # tests/test_flr_lvm.py checks its PVs with pvck, vgcfgrestore
       openssh-server)                                     # tests/bench/replicate.py runs its own sshd: restic's sftp peer
-missing=()
-for pkg in "${debs[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# The Ceph job's S3 engine (tests/ceph.py: monitor, OSD and RGW, no mgr); installed without their
+# Recommends, which would add 48 packages nothing here uses (ceph-mgr, ceph-mds, their Python modules).
+bare_debs=(ceph-mon ceph-osd radosgw)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+install_missing() {  # install_missing [apt-get option...] -- package...
+  local options=() missing=()
+  while [ "$1" != "--" ]; do options+=("$1"); shift; done
+  shift
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${options[@]}" "${missing[@]}" >/dev/null
+  fi
+}
+install_missing -- "${debs[@]}"
+install_missing --no-install-recommends -- "${bare_debs[@]}"
 # The QEMU boot tests `apt-get download` Debian's current kernel: they need package lists.
 if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
 fi
 

@@ -12,12 +12,15 @@ from typing import Callable, Iterator
 
 import obstore
 import pytest
+from _pytest.mark.structures import ParameterSet
 
 from appliance.demo import make_demo_image, sha256_file
 from appliance.hypervisor import QemuGuest
 from appliance.store import Store, formats, init_store, open_store
 from appliance.store.packs import LocalPackDirectory
 from appliance.store.s3 import S3PackBackend
+from tests.ceph import CephRgw
+from tests.s3_engines import S3Engine
 from tests.seaweed import SeaweedS3
 
 BLOCK = 64 << 10
@@ -50,38 +53,79 @@ def mixed_image(seed: int) -> bytes:
     return bytes(image)
 
 
+#: The fixture of each S3 engine, by the parameter that names it in test ids: "s3" is SeaweedFS (the
+#: normal suite's engine, named before there was a second), "ceph" is Ceph RGW.
+ENGINE_FIXTURES = {"s3": "seaweedfs_engine", "ceph": "ceph_engine"}
+
+
+def engine_params(config: pytest.Config) -> list[ParameterSet]:
+    """SeaweedFS always; Ceph only when `-m` names the `ceph` marker (the slower CI job), so the normal
+    suite neither starts a Ceph cluster nor lists its tests as deselected."""
+    params = [pytest.param("s3")]
+    if "ceph" in (config.option.markexpr or ""):
+        params.append(pytest.param("ceph", marks=pytest.mark.ceph))
+    return params
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests marked `store_backends` that use a store run once per pack backend: the same test, not a copy."""
+    """Tests marked `store_backends` that use a store run once per pack backend, and tests that use an S3
+    engine once per engine: the same test, not a copy."""
     if "store_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("store_backends"):
-        metafunc.parametrize("store_backend", ["local", "s3"], indirect=True)
+        metafunc.parametrize("store_backend", ["local", *engine_params(metafunc.config)], indirect=True)
+    elif "s3_engine" in metafunc.fixturenames:
+        metafunc.parametrize("s3_engine", engine_params(metafunc.config), indirect=True)
 
 
 @pytest.fixture
 def store_backend(request: pytest.FixtureRequest) -> str:
-    """Where `store_factory` puts packs: "local" unless a `store_backends` test asks for "s3" too."""
+    """Where `store_factory` puts packs: "local" unless a `store_backends` test asks for an S3 engine too."""
     return str(getattr(request, "param", "local"))
 
 
+def engine_of(request: pytest.FixtureRequest, store_backend: str) -> S3Engine | None:
+    """The running engine a `store_backend` value names (None for "local"); an unknown name is a KeyError,
+    never a silent fall back to local packs."""
+    if store_backend == "local":
+        return None
+    engine: S3Engine = request.getfixturevalue(ENGINE_FIXTURES[store_backend])
+    return engine
+
+
 @pytest.fixture(scope="session")
-def s3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    """One real SeaweedFS for the whole session (it takes seconds to start); each store takes a fresh prefix."""
-    engine = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+def seaweedfs_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Engine]:
+    yield from _running(SeaweedS3(tmp_path_factory.mktemp("seaweedfs")))
+
+
+@pytest.fixture(scope="session")
+def ceph_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Engine]:
+    yield from _running(CephRgw(tmp_path_factory.mktemp("ceph")))
+
+
+def _running(engine: S3Engine) -> Iterator[S3Engine]:
+    """One engine for the whole session (they take seconds to start), started by the first test that
+    needs it; each store takes a fresh prefix."""
     engine.start()
     yield engine
     engine.stop()
 
 
 @pytest.fixture
+def s3_engine(request: pytest.FixtureRequest) -> S3Engine:
+    """The engine this test's parameter names (SeaweedFS when it has none)."""
+    engine: S3Engine = request.getfixturevalue(ENGINE_FIXTURES[getattr(request, "param", "s3")])
+    return engine
+
+
+@pytest.fixture
 def store_factory(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Store]]:
-    """Builds initialised stores under tmp_path (packs in SeaweedFS for "s3"); closes them at teardown."""
+    """Builds initialised stores under tmp_path (packs in the named S3 engine unless "local"); closes them
+    at teardown."""
     opened: list[Store] = []
 
     def make(name: str = "store", chunk_size: int = SMALL_CHUNK) -> Store:
         path = tmp_path / name
-        s3 = None
-        if store_backend == "s3":
-            engine: SeaweedS3 = request.getfixturevalue("s3_engine")
-            s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/")
+        engine = engine_of(request, store_backend)
+        s3 = engine.location(f"{uuid.uuid4().hex[:12]}/{name}/") if engine else None
         init_store(path, chunk_size=chunk_size, s3=s3, gc_grace_seconds=0.0)
         store = open_store(path)
         opened.append(store)

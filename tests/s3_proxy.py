@@ -1,5 +1,5 @@
-"""A fault-injecting HTTP proxy in front of the real S3 engine (not a fake S3: every answer it does
-not spoil comes from SeaweedFS).
+"""A fault-injecting HTTP proxy in front of a real S3 engine (not a fake S3: every answer it does
+not spoil comes from SeaweedFS or Ceph RGW).
 
 It forwards each request as it came, Host header included, so the client's SigV4
 signature still holds; `faults` says what to spoil: answer 503 to the next N requests,
@@ -21,12 +21,15 @@ class Faults:
     unavailable: int = 0  # answer 503 SlowDown to this many more requests
     delay: float = 0.0  # seconds before forwarding each request
     cut_bodies: int = 0  # send half the body of this many more responses, then close
+    lost_answers: int = 0  # forward this many more PUTs, then close without answering (the object landed)
     spoiled: int = 0  # requests spoiled so far
 
 
 class FaultyProxy:
     def __init__(self, upstream: str) -> None:
         self.faults = Faults()
+        #: Each request forwarded or spoiled: method, path, Range header ("" without one).
+        self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         target = urlsplit(upstream)
         proxy = self
@@ -48,6 +51,8 @@ class FaultyProxy:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, self.headers.get("Range", "")))
                 time.sleep(proxy.faults.delay)
                 if self._take("unavailable"):
                     error = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
@@ -63,12 +68,17 @@ class FaultyProxy:
                     data = answer.read()
                 finally:
                     upstream.close()
+                if self.command == "PUT" and self._take("lost_answers"):
+                    self.close_connection = True
+                    return
                 cut = self.command == "GET" and len(data) > 1 and self._take("cut_bodies")
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's answer has no body but the object's length.
+                self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     try:

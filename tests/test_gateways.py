@@ -22,7 +22,7 @@ from appliance.store.manifests import ManifestShelf
 from appliance.store.refresh import rebuild_index, refresh
 from appliance.store.verify import verify
 from tests.conftest import run_cli, sha256_of, write_image
-from tests.seaweed import SeaweedS3
+from tests.s3_engines import S3Engine
 from tests.test_backup import mutate, restore_sha
 from tests.test_nfs_serve import Serve
 
@@ -100,7 +100,7 @@ def test_a_damaged_manifest_is_named_and_its_point_left_out(store_factory: Calla
         assert list(points_of(rebuilt)) == [good.id]
 
 
-def _gateway(engine: SeaweedS3, prefix: str, path: Path, grace: float = 0.0, join: bool = False) -> Store:
+def _gateway(engine: S3Engine, prefix: str, path: Path, grace: float = 0.0, join: bool = False) -> Store:
     init_store(path, chunk_size=64 << 10, s3=engine.location(prefix), join=join, gc_grace_seconds=grace)
     store = open_store(path)
     if join:
@@ -109,7 +109,7 @@ def _gateway(engine: SeaweedS3, prefix: str, path: Path, grace: float = 0.0, joi
     return store
 
 
-def test_two_gateways_share_one_bucket(s3_engine: SeaweedS3, tmp_path: Path) -> None:
+def test_two_gateways_share_one_bucket(s3_engine: S3Engine, tmp_path: Path) -> None:
     prefix = f"{uuid.uuid4().hex[:12]}/"
     first = _gateway(s3_engine, prefix, tmp_path / "a")
     image_a = write_image(tmp_path / "a.img", 3 * MIB, seed=1)
@@ -161,7 +161,7 @@ def _ids(store: Store) -> set[int]:
     return {info.pack_id for info in _packs(store)}
 
 
-def test_gc_deletes_after_the_grace_period_and_a_late_commit_keeps_its_chunks(s3_engine: SeaweedS3,
+def test_gc_deletes_after_the_grace_period_and_a_late_commit_keeps_its_chunks(s3_engine: S3Engine,
                                                                                tmp_path: Path) -> None:
     """The first gateway condemns the only pack of an image; the second, not yet refreshed, backs the same
     image up by reference to that pack. Its commit copies the chunks out, so deleting the pack a grace
@@ -202,7 +202,7 @@ def test_gc_deletes_after_the_grace_period_and_a_late_commit_keeps_its_chunks(s3
         first.close()
 
 
-def test_one_collector_at_a_time(s3_engine: SeaweedS3, tmp_path: Path) -> None:
+def test_one_collector_at_a_time(s3_engine: S3Engine, tmp_path: Path) -> None:
     from appliance.store.gateways import release_gc_lease, take_gc_lease
 
     prefix = f"{uuid.uuid4().hex[:12]}/"
@@ -220,7 +220,7 @@ def test_one_collector_at_a_time(s3_engine: SeaweedS3, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_serving_gateways_show_each_others_points_over_nfs(s3_engine: SeaweedS3, tmp_path: Path) -> None:
+def test_two_serving_gateways_show_each_others_points_over_nfs(s3_engine: S3Engine, tmp_path: Path) -> None:
     """Each gateway runs `serve`; a point backed up through one appears over NFS on the other without a restart,
     byte-identical, and goes when the first prunes it."""
     prefix = f"{uuid.uuid4().hex[:12]}/"
@@ -262,3 +262,20 @@ def _wait_for(probe: Callable[[], list[str]], done: Callable[[list[str]], bool],
             assert done(found), f"still {found} after {seconds} s"
             return found
         time.sleep(0.5)
+
+
+@pytest.mark.store_backends
+def test_points_made_before_manifests_get_theirs_at_the_next_commit(store_factory: Callable[..., Store],
+                                                                     tmp_path: Path) -> None:
+    store = store_factory()
+    old = backup(store, "vm", [write_image(tmp_path / "a.img", 1 * MIB, seed=1)])
+    store.packs.delete_object(ManifestShelf.name_of(old.id))  # as a store written by an earlier version
+    with store.env.begin(write=True, db=store.env.open_db(b"meta")) as txn:
+        txn.delete(b"manifests-published")
+    assert store.manifests.point_ids() == set()
+    new = backup(store, "vm", [write_image(tmp_path / "b.img", 1 * MIB, seed=2)])
+    assert store.manifests.point_ids() == {old.id, new.id}
+    path = store.path
+    store.close()
+    report, _ = rebuild_index(path)
+    assert report.points_added == 2

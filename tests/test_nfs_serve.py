@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nfs_export import NfsService
 from nfs_export.portmap import PMAP_PORT
-from tests.conftest import run_cli, write_image
+from tests.conftest import engine_of, run_cli, write_image
 from tests.test_nfs3 import COMMIT, GETATTR, OK, UNSTABLE, NfsClient, fattr
 from tests.test_nfs_server import with_client
 
@@ -109,11 +109,11 @@ class Serve:
 
 @pytest.fixture
 def store(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A store with one point of VM vm1 and a session s1 of it; packs in SeaweedFS for the "s3" backend."""
+    """A store with one point of VM vm1 and a session s1 of it; packs in the S3 engine `store_backend` names."""
     store = tmp_path / "store"
     flags: list[str] = []
-    if store_backend == "s3":
-        engine = request.getfixturevalue("s3_engine")
+    engine = engine_of(request, store_backend)
+    if engine is not None:
         flags = ["--s3-endpoint", engine.endpoint, "--s3-bucket", "appliance", "--s3-prefix",
                  f"{uuid.uuid4().hex[:12]}/", "--s3-credentials-file", str(engine.credentials_file)]
     run_cli("--store", str(store), "init", *flags, check=True)

@@ -21,10 +21,34 @@ from appliance.store.gateways import condemned_packs
 from appliance.store.repository import Store
 from appliance.store.writer import PackSink, copy_records
 
+#: Set in the `meta` table once every point committed before manifests existed has one.
+_PUBLISHED_KEY = b"manifests-published"
+
+
+def publish_missing_manifests(store: Store) -> int:
+    """Write the manifest of every point that has none (points committed before manifests existed); once."""
+    meta = store.env.open_db(b"meta")
+    with store.env.begin(db=meta) as txn:
+        if txn.get(_PUBLISHED_KEY) is not None:
+            return 0
+        points = store.catalog.points(txn)
+    published = store.manifests.point_ids()
+    count = 0
+    for point in points:
+        if point.id not in published:
+            with store.env.begin() as txn:
+                manifest = manifest_of(txn, store.catalog, point.id)
+            store.manifests.put(manifest)
+            count += 1
+    with store.env.begin(write=True, db=meta) as txn:
+        txn.put(_PUBLISHED_KEY, b"1")
+    return count
+
 
 def commit_point(store: Store, manifest: Manifest, packs: Sequence[PackInfo] = (),
                  locations: Mapping[bytes, ChunkLocation] | None = None) -> None:
     """Publish `manifest`, then make the point, its new packs and their chunks visible at once."""
+    publish_missing_manifests(store)
     packs, locations = list(packs), dict(locations or {})
     rescued = _rescue_condemned(store, manifest, locations)
     packs += rescued.sealed

@@ -221,7 +221,7 @@ class LocalPackDirectory:
         path = self._object_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         if create_only:
-            return create_durably(path, data, 0o644)
+            return create_durably(path, data, 0o644) or path.read_bytes() == data
         write_durably(path, data)
         return True
 

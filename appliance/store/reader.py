@@ -30,6 +30,9 @@ from appliance.store.repository import Store
 
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_READAHEAD_BYTES = 16 << 20
+#: Read-ahead chunks loaded by one task: neighbours in a pack come in one request, and the
+#: window still spreads over both workers.
+READAHEAD_BATCH_CHUNKS = 8
 
 
 class DiskReader:
@@ -91,6 +94,9 @@ class DiskReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset`; short only at the end of the disk."""
+        if length > self._chunk_size and 0 <= offset < self.size:
+            last = (min(offset + length, self.size) - 1) // self._chunk_size
+            self._path.load_together([self.chunk_id_at(index) for index in range(offset // self._chunk_size, last + 1)])
         parts = self._read(offset, length, self._chunk)
         assert parts is not None
         return b"".join(parts)
@@ -223,14 +229,45 @@ class ReadPath:
             self.tier.put(cid, data)
         return data
 
-    def _prefetch_task(self, cid: bytes) -> bytes:
+    def _prefetch_batch(self, batch: list[tuple[bytes, Future[bytes]]]) -> None:
+        """Load a run of chunks (read-ahead, or one read's): from the tier, else from the store in as
+        few requests as the packs allow (`ChunkLoader.load_many`); each future gets its bytes or its error."""
         try:
-            data = self._load(cid)
-            self.cache.put(cid, data)
-            return data
+            found: dict[bytes, bytes | IntegrityError] = {}
+            missing = []
+            for cid, _ in batch:
+                data = None if self.tier is None else self.tier.get(cid)
+                if data is None:
+                    missing.append(cid)
+                else:
+                    found[cid] = data
+            if missing:
+                with self._lock:
+                    self._store_loads += len(missing)
+                try:
+                    loaded = self._loader.load_many(missing)
+                finally:
+                    with self._lock:
+                        self._store_loads -= len(missing)
+                for cid, result in loaded.items():
+                    if self.tier is not None and isinstance(result, bytes):
+                        self.tier.put(cid, result)
+                found.update(loaded)
+            for cid, future in batch:
+                result = found[cid]
+                if isinstance(result, IntegrityError):
+                    future.set_exception(result)
+                else:
+                    self.cache.put(cid, result)
+                    future.set_result(result)
+        except BaseException as exc:  # a store error (S3 unreachable...): every waiting reader hears it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
         finally:
             with self._lock:
-                self._inflight.pop(cid, None)
+                for cid, _ in batch:
+                    self._inflight.pop(cid, None)
 
     def fetch(self, cid: bytes) -> bytes:
         """A chunk's bytes: from the cache, from a read-ahead in flight, or loaded now."""
@@ -245,6 +282,23 @@ class ReadPath:
         self.cache.put(cid, data)
         return data
 
+    def load_together(self, cids: list[bytes]) -> None:
+        """Load, on this thread and as one batch, the chunks of one read that are neither in memory nor
+        on their way, so neighbours in a pack come in one request; errors surface when each is fetched."""
+        missing = [cid for cid in cids if cid != ZERO_CHUNK_ID and not self.cache.contains(cid)]
+        if len(missing) > 1:
+            self._prefetch_batch(self._claim(missing))
+
+    def _claim(self, cids: list[bytes]) -> list[tuple[bytes, Future[bytes]]]:
+        """Futures for the chunks no one is loading yet, registered so that other readers wait for them."""
+        batch: list[tuple[bytes, Future[bytes]]] = []
+        with self._lock:
+            for cid in cids:
+                if cid not in self._inflight:
+                    future = self._inflight[cid] = Future()
+                    batch.append((cid, future))
+        return batch
+
     def prefetch(self, reader: DiskReader, first_index: int, planned: int = 0) -> int:
         """Start loading the chunks after a sequential read, up to the read-ahead window;
         returns the index the window ends at, the `planned` of the next read in the run.
@@ -254,12 +308,9 @@ class ReadPath:
         tenth of a warm 1 MiB NFS READ's time on the event loop.
         """
         last = min(first_index + self._readahead_chunks, -(-reader.size // self.chunk_size))
-        for index in range(max(first_index, planned), last):
-            cid = reader.chunk_id_at(index)
-            if cid == ZERO_CHUNK_ID or self.cache.contains(cid):
-                continue
-            with self._lock:
-                if cid in self._inflight:
-                    continue
-                self._inflight[cid] = self._pool.submit(self._prefetch_task, cid)
+        wanted = [cid for cid in map(reader.chunk_id_at, range(max(first_index, planned), last))
+                  if cid != ZERO_CHUNK_ID and not self.cache.contains(cid)]
+        batch = self._claim(wanted)
+        for start in range(0, len(batch), READAHEAD_BATCH_CHUNKS):
+            self._pool.submit(self._prefetch_batch, batch[start : start + READAHEAD_BATCH_CHUNKS])
         return last

@@ -27,11 +27,10 @@ from appliance.store.catalog import referenced_chunks
 from appliance.store.formats import PACK_HEADER_SIZE
 from appliance.store.gateways import condemned_packs, gateway_of
 from appliance.store.index import ChunkLocation, PackInfo
-from appliance.store.manifests import manifest_of
+from appliance.store.commits import publish_missing_manifests
 from appliance.store.pack_index import pack_records
 from appliance.store.repository import Store, gc_lock, open_store, writer_lock
 
-_PUBLISHED_KEY = b"manifests-published"
 
 
 @dataclass(slots=True)
@@ -52,26 +51,6 @@ class RefreshReport:
                                                    if self.manifests_published else "")
                 + (f"; incomplete: {', '.join(self.incomplete)}" if self.incomplete else "")
                 + (f"; damaged: {'; '.join(self.damaged)}" if self.damaged else ""))
-
-
-def publish_missing_manifests(store: Store) -> int:
-    """Write the manifest of every point that has none (points committed before manifests existed); once."""
-    meta = store.env.open_db(b"meta")
-    with store.env.begin(db=meta) as txn:
-        if txn.get(_PUBLISHED_KEY) is not None:
-            return 0
-        points = store.catalog.points(txn)
-    published = store.manifests.point_ids()
-    count = 0
-    for point in points:
-        if point.id not in published:
-            with store.env.begin() as txn:
-                manifest = manifest_of(txn, store.catalog, point.id)
-            store.manifests.put(manifest)
-            count += 1
-    with store.env.begin(write=True, db=meta) as txn:
-        txn.put(_PUBLISHED_KEY, b"1")
-    return count
 
 
 def refresh(store: Store) -> RefreshReport:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,11 +29,19 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, BaseError
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    InvalidPathError,
+    NotSupportedError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
 from obstore.store import S3Store
 
 from appliance.config_checks import Invalid, read_secret, secret_file
-from appliance.errors import ConfigError, IntegrityError, StoreError
+from appliance.errors import ConfigError, IntegrityError, StoreError, StoreUnreachable
 from appliance.store.formats import RecordHeader
 from appliance.store.pack_index import encode_pack_index, index_object_name
 from appliance.store.packs import PackWriter, pack_name, unsealed_in, unsealed_path
@@ -120,6 +129,7 @@ class S3PackBackend:
         self.location = location
         self._temp_dir = temp_dir
         self._prefix = location.prefix
+        self._retry = retry
         client: dict[str, Any] = {
             "allow_http": location.endpoint.startswith("http://"),
             "timeout": timedelta(seconds=retry.request_timeout),
@@ -163,20 +173,18 @@ class S3PackBackend:
         except (BaseError, OSError) as exc:
             if " 416 " in str(exc):  # a range wholly past the end: the object is shorter than the index says
                 raise IntegrityError(f"pack object {self.location.url(key)} is truncated ({what})") from None
-            raise StoreError(f"S3 {what} of {self.location.url(key)} failed: {_reason(exc)}") from None
+            refused = StoreError if isinstance(exc, (PermissionDeniedError, UnauthenticatedError, InvalidPathError,
+                                                     PreconditionError, NotSupportedError)) else StoreUnreachable
+            raise refused(f"S3 {what} of {self.location.url(key)} failed: {_reason(exc)}") from None
 
     def open_writer(self, pack_id: int) -> PackWriter:
         key = self.key_of(pack_id)
 
         def publish(file: BinaryIO, temp_path: Path, records: list[tuple[int, RecordHeader]]) -> None:
             data = temp_path.read_bytes()
-            try:
-                self._call("PUT", key, lambda: obstore.put(self.client, key, data, mode="create",
-                                                           use_multipart=False))
-            except AlreadyExistsError:
-                if not self._holds(key, data):
-                    raise StoreError(f"pack object {self.location.url(key)} already exists: another writer "
-                                     "uses this bucket and prefix") from None
+            if not self._put(key, data, create_only=True):
+                raise StoreError(f"pack object {self.location.url(key)} already exists: another writer "
+                                 "uses this bucket and prefix")
             self.put_object(index_object_name(pack_id), encode_pack_index(records))
             temp_path.unlink()
 
@@ -221,13 +229,30 @@ class S3PackBackend:
         return unsealed_in(self._temp_dir)
 
     def put_object(self, name: str, data: bytes, create_only: bool = False) -> bool:
-        key = f"{self._prefix}{name}"
-        try:
-            self._call("PUT", key, lambda: obstore.put(self.client, key, data, mode="create" if create_only
-                                                       else "overwrite", use_multipart=False))
-        except AlreadyExistsError:
-            return self._holds(key, data)  # our own first try, whose answer was lost, counts as made
-        return True
+        return self._put(f"{self._prefix}{name}", data, create_only)
+
+    def _put(self, key: str, data: bytes, create_only: bool) -> bool:
+        """PUT `data`; with `create_only`, False if another object is there already.
+
+        obstore does not retry a PUT whose connection dropped (an engine restart): it cannot
+        know whether the object landed. Here it can: a create-only PUT that finds an object
+        holding exactly `data` is our own earlier try, and an overwrite may simply be sent
+        again. So a PUT is retried with backoff for as long as reads would be.
+        """
+        deadline = time.monotonic() + self._retry.give_up_after
+        backoff = self._retry.first_backoff
+        while True:
+            try:
+                self._call("PUT", key, lambda: obstore.put(self.client, key, data, mode="create" if create_only
+                                                           else "overwrite", use_multipart=False))
+                return True
+            except AlreadyExistsError:
+                return self._holds(key, data)
+            except StoreUnreachable:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(2 * backoff, self._retry.max_backoff)
 
     def get_object(self, name: str) -> bytes | None:
         key = f"{self._prefix}{name}"

@@ -41,7 +41,8 @@ from appliance.demo import make_demo_image  # noqa: E402
 from appliance.ingest.backup import backup  # noqa: E402
 from appliance.restore import restore_disk  # noqa: E402
 from appliance.store import init_store, open_store  # noqa: E402
-from tests.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedS3  # noqa: E402
+from tests.s3_engines import ACCESS_KEY, BUCKET, SECRET_KEY, S3Engine  # noqa: E402
+from tests.seaweed import SeaweedS3  # noqa: E402
 
 GET_SIZE = 256 << 10
 OBJECT_SIZE = 64 << 20
@@ -68,7 +69,7 @@ def gets_per_second(get: Callable[[int], bytes], gets: int, threads: int) -> flo
     return gets / (time.perf_counter() - started)
 
 
-def client_runs(engine: SeaweedS3, runs: int, gets: int, threads: int) -> dict[str, list[float]]:
+def client_runs(engine: S3Engine, runs: int, gets: int, threads: int) -> dict[str, list[float]]:
     key = f"bench/{uuid.uuid4().hex}.pack"
     store = engine.client()
     obstore.put(store, key, random.randbytes(OBJECT_SIZE), use_multipart=False)
@@ -91,7 +92,7 @@ def client_runs(engine: SeaweedS3, runs: int, gets: int, threads: int) -> dict[s
     return results
 
 
-def store_runs(engine: SeaweedS3, work: Path, runs: int, size_mib: int) -> dict[str, dict[str, list[float]]]:
+def store_runs(engine: S3Engine, work: Path, runs: int, size_mib: int) -> dict[str, dict[str, list[float]]]:
     image = work / "disk.img"
     make_demo_image(image, size_mib << 20, 7)
     expected = image.read_bytes()

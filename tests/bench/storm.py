@@ -89,7 +89,8 @@ from tests.bench.boot import (
 from tests.bench.fuse import PYTHON, appliance, must_drop_page_cache
 from tests.bench.ingest import add_run_arguments, log, medians, run, stage_files, work_directory
 from tests.bench.nfs import GANESHA_CONF, free_port, portmapper, server, url
-from tests.seaweed import BUCKET, SeaweedS3
+from tests.s3_engines import BUCKET
+from tests.seaweed import SeaweedS3
 
 VMS = 3
 UNIQUE_MIB = 4
