@@ -29,6 +29,9 @@ class ChunkCache(Protocol):
         ask again the ordinary way counts its chunks once, with `count_hits` or `get`."""
         ...
     def count_hits(self, count: int) -> None: ...
+    def count_misses(self, count: int) -> None:
+        """Chunks a read found missing and had loaded together, before asking for each (`ReadPath.load_together`)."""
+        ...
     def put(self, chunk_id: bytes, data: bytes) -> None: ...
     def contains(self, chunk_id: bytes) -> bool: ...
     def statistics(self) -> CacheStatistics: ...
@@ -65,6 +68,10 @@ class MemoryChunkCache:
     def count_hits(self, count: int) -> None:
         with self._lock:
             self._hits += count
+
+    def count_misses(self, count: int) -> None:
+        with self._lock:
+            self._misses += count
 
     def contains(self, chunk_id: bytes) -> bool:
         """Presence without counting a hit or miss (read-ahead planning)."""

@@ -94,10 +94,17 @@ class DiskReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset`; short only at the end of the disk."""
+        loaded: dict[bytes, bytes] = {}
         if length > self._chunk_size and 0 <= offset < self.size:
             last = (min(offset + length, self.size) - 1) // self._chunk_size
-            self._path.load_together([self.chunk_id_at(index) for index in range(offset // self._chunk_size, last + 1)])
-        parts = self._read(offset, length, self._chunk)
+            loaded = self._path.load_together([self.chunk_id_at(index)
+                                               for index in range(offset // self._chunk_size, last + 1)])
+
+        def chunk(index: int) -> bytes:
+            """A chunk loaded together above (its miss counted there), else the ordinary way."""
+            return loaded.get(self.chunk_id_at(index)) or self._chunk(index)
+
+        parts = self._read(offset, length, chunk)
         assert parts is not None
         return b"".join(parts)
 
@@ -282,12 +289,17 @@ class ReadPath:
         self.cache.put(cid, data)
         return data
 
-    def load_together(self, cids: list[bytes]) -> None:
+    def load_together(self, cids: list[bytes]) -> dict[bytes, bytes]:
         """Load, on this thread and as one batch, the chunks of one read that are neither in memory nor
-        on their way, so neighbours in a pack come in one request; errors surface when each is fetched."""
-        missing = [cid for cid in cids if cid != ZERO_CHUNK_ID and not self.cache.contains(cid)]
-        if len(missing) > 1:
-            self._prefetch_batch(self._claim(missing))
+        on their way, so neighbours in a pack come in one request; returns those it loaded, each
+        counted as a cache miss. A chunk that failed is left out: asked for again, it says why."""
+        missing = [cid for cid in dict.fromkeys(cids) if cid != ZERO_CHUNK_ID and not self.cache.contains(cid)]
+        if len(missing) < 2:
+            return {}
+        batch = self._claim(missing)
+        self._prefetch_batch(batch)
+        self.cache.count_misses(len(batch))
+        return {cid: future.result() for cid, future in batch if future.exception() is None}
 
     def _claim(self, cids: list[bytes]) -> list[tuple[bytes, Future[bytes]]]:
         """Futures for the chunks no one is loading yet, registered so that other readers wait for them."""
