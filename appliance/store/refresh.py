@@ -60,7 +60,7 @@ def refresh(store: Store) -> RefreshReport:
     condemned = condemned_packs(store.packs)
     with store.env.begin() as txn:
         known = {info.pack_id for info in store.index.packs(txn)}
-        local_points = {point.id for point in store.catalog.points(txn)}
+        local_points = set(store.catalog.point_ids(txn))
     gone = known - listed
     added = {pack_id: pack_records(store.packs, pack_id) for pack_id in sorted(listed - known)}
     published = store.manifests.point_ids()
